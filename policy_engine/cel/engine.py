@@ -1,0 +1,193 @@
+"""The one CEL engine adapter: compile once, evaluate many.
+
+The engine is Google's C++ CEL runtime through `cel-expr-python` (chosen on measurements,
+see docs/BENCHMARKS.md). Everything engine-specific stays in this module: the rest of the
+project sees `Environment`, `Program`, `Activation` and the two error types.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cel_expr_python import cel
+from cel_expr_python.ext import ext_math, ext_optional, ext_strings
+from google.protobuf import message_factory
+from google.protobuf.message import Message
+
+from policy_engine.cel.schema import (
+    MESSAGES,
+    VARIABLES,
+    Variable,
+    descriptor_pool_for_env,
+    full_name,
+)
+
+Activation = Any  # cel.Activation: opaque to callers
+
+_POSITION = re.compile(r"<input>:(\d+):(\d+): (.*?)(?:\n|$)")
+_UNDECLARED = re.compile(r"undeclared reference to '([^']+)'")
+
+
+class CelError(Exception):
+    """Base of the errors this adapter raises."""
+
+
+class CelCompileError(CelError):
+    """Parse or type error; line and column are 1-based within the expression."""
+
+    def __init__(self, message: str, line: int = 1, column: int = 1, detail: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.line = line
+        self.column = column
+        self.detail = detail
+
+
+class CelEvalError(CelError):
+    """The expression evaluated to an error (no such key, division by zero, ...)."""
+
+
+@dataclass(frozen=True)
+class Overload:
+    id: str
+    params: tuple[str, ...]
+    returns: str
+    impl: Callable[..., Any]
+    member: bool = False
+
+
+@dataclass(frozen=True)
+class FunctionDef:
+    """A custom function: `name` may be namespaced (`pii.any`)."""
+
+    name: str
+    overloads: tuple[Overload, ...]
+    doc: str
+
+
+def cel_type(type_name: str) -> Any:
+    """Map the schema's type notation to an engine type."""
+    scalar = {
+        "string": cel.Type.STRING,
+        "int": cel.Type.INT,
+        "double": cel.Type.DOUBLE,
+        "bool": cel.Type.BOOL,
+        "timestamp": cel.Type.TIMESTAMP,
+        "duration": cel.Type.DURATION,
+        "dyn": cel.Type.DYN,
+    }
+    if type_name in scalar:
+        return scalar[type_name]
+    if type_name.startswith("list<"):
+        return cel.Type.List(cel_type(type_name[5:-1]))
+    if type_name.startswith("map<string,"):
+        return cel.Type.Map(cel.Type.STRING, cel_type(type_name[len("map<string,") : -1]))
+    return cel.Type(full_name(type_name))
+
+
+_RESULT_KINDS: dict[str, frozenset[str]] = {
+    "bool": frozenset({"bool"}),
+    "string": frozenset({"string"}),
+    "number": frozenset({"int", "uint", "double"}),
+    "int": frozenset({"int", "uint"}),
+    "list<string>": frozenset({"list(string)", "list"}),
+    "any": frozenset(),
+}
+
+
+def _parse_engine_error(text: str) -> CelCompileError:
+    match = _POSITION.search(text)
+    if match is None:
+        return CelCompileError(text.strip().removeprefix("INVALID_ARGUMENT: "), detail=text)
+    message = match.group(3).removesuffix(" [INVALID_ARGUMENT]")
+    return CelCompileError(message, int(match.group(1)), int(match.group(2)), detail=text)
+
+
+def _located(error: CelCompileError, source: str) -> CelCompileError:
+    """Point an undeclared dotted reference at its first character, not at a dot inside it."""
+    match = _UNDECLARED.match(error.message)
+    if match is None:
+        return error
+    name = match.group(1)
+    error.message = f"undeclared reference to '{name}'"
+    lines = source.split("\n")
+    for number, line in enumerate(lines, start=1):
+        column = line.find(name)
+        if column >= 0:
+            error.line, error.column = number, column + 1
+            break
+    return error
+
+
+class Program:
+    """A compiled, type-checked expression."""
+
+    __slots__ = ("_compiled", "result_type", "source")
+
+    def __init__(self, source: str, compiled: Any, result_type: str) -> None:
+        self.source = source
+        self._compiled = compiled
+        self.result_type = result_type
+
+    def eval(self, activation: Activation) -> Any:
+        value = self._compiled.eval(activation)
+        if value.type() == cel.Type.ERROR:
+            raise CelEvalError(str(value.value()))
+        return value.plain_value()
+
+
+class Environment:
+    """Declared variables, message types and functions; compiles expressions against them."""
+
+    def __init__(self, functions: Sequence[FunctionDef], variables: Sequence[Variable] = VARIABLES) -> None:
+        pool = descriptor_pool_for_env()
+        declared = {v.name: cel_type(v.type) for v in variables}
+        decls = [
+            cel.FunctionDecl(
+                f.name,
+                [
+                    cel.Overload(
+                        o.id,
+                        cel_type(o.returns),
+                        [cel_type(p) for p in o.params],
+                        is_member=o.member,
+                        impl=o.impl,
+                    )
+                    for o in f.overloads
+                ],
+            )
+            for f in functions
+        ]
+        self._env = cel.NewEnv(
+            descriptor_pool=pool,
+            variables=declared,
+            functions=decls,
+            extensions=[ext_strings.ExtStrings(), ext_optional.ExtOptional(), ext_math.ExtMath()],
+        )
+
+    def compile(self, source: str, result: str = "any") -> Program:
+        """Parse and type-check; `result` is the kind of value the caller needs."""
+        try:
+            compiled = self._env.compile(source)
+        except RuntimeError as error:
+            raise _located(_parse_engine_error(str(error)), source) from None
+        type_name = compiled.return_type().name().lower()
+        allowed = _RESULT_KINDS[result]
+        if allowed and type_name not in allowed and type_name != "dyn":
+            raise CelCompileError(f"expression must be {result}, but it is {type_name}")
+        return Program(source, compiled, type_name)
+
+    def activation(self, values: Mapping[str, Any]) -> Activation:
+        return self._env.Activation(dict(values))
+
+
+def message_classes() -> dict[str, type[Message]]:
+    """Python classes of the environment's message types, by short name."""
+    pool = descriptor_pool_for_env()
+    return {
+        m.name: message_factory.GetMessageClass(pool.FindMessageTypeByName(full_name(m.name)))
+        for m in MESSAGES
+    }
