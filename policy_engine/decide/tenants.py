@@ -1,0 +1,96 @@
+"""Who is calling: API keys (stored as salted SHA-256, compared in constant time) and principals."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from policy_engine.policy.schema import ApiKey, TenantEntry, TenantSet
+
+_PREFIX_LENGTH = 8
+
+
+@dataclass(frozen=True)
+class Tenant:
+    id: str = ""
+    tier: str = ""
+    authenticated: bool = False
+    key_id: str = ""
+    credential: str = "none"  # none | api_key | invalid_key | principal
+    models: tuple[str, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+ANONYMOUS = Tenant()
+
+
+def hash_key(key: str, salt: str | None = None) -> ApiKey:
+    """The stored form of an API key: its prefix (lookup index) and a salted digest."""
+    if len(key) < _PREFIX_LENGTH + 8:
+        raise ValueError(f"API keys must be at least {_PREFIX_LENGTH + 8} characters")
+    salt = salt or secrets.token_hex(16)
+    digest = hashlib.sha256(bytes.fromhex(salt) + key.encode()).hexdigest()
+    return ApiKey(id="key", hash=f"sha256${salt}${digest}", prefix=key[:_PREFIX_LENGTH])
+
+
+def _verify(key: str, stored: str) -> bool:
+    _, salt, digest = stored.split("$")
+    actual = hashlib.sha256(bytes.fromhex(salt) + key.encode()).hexdigest()
+    return hmac.compare_digest(actual, digest)
+
+
+def _tenant(entry: TenantEntry, credential: str, key_id: str = "") -> Tenant:
+    return Tenant(
+        id=entry.id,
+        tier=entry.tier,
+        authenticated=True,
+        key_id=key_id,
+        credential=credential,
+        models=tuple(entry.models),
+        labels=dict(entry.labels),
+    )
+
+
+class TenantRegistry:
+    """Resolves a tenant from request headers or the mTLS principal."""
+
+    def __init__(self, sets: Iterable[TenantSet]) -> None:
+        self._by_prefix: dict[str, list[tuple[ApiKey, TenantEntry]]] = {}
+        self._by_principal: dict[str, TenantEntry] = {}
+        headers: list[str] = []
+        for tenant_set in sets:
+            for name in tenant_set.spec.key_headers:
+                if name not in headers:
+                    headers.append(name)
+            for entry in tenant_set.spec.tenants:
+                for key in entry.api_keys:
+                    self._by_prefix.setdefault(key.prefix[:_PREFIX_LENGTH], []).append((key, entry))
+                for principal in entry.principals:
+                    self._by_principal[principal] = entry
+        self._key_headers = tuple(headers) or ("authorization", "x-api-key")
+
+    def presented_key(self, headers: Mapping[str, str]) -> str:
+        for name in self._key_headers:
+            value = headers.get(name, "")
+            if name == "authorization":
+                scheme, _, token = value.partition(" ")
+                value = token.strip() if scheme.lower() == "bearer" else ""
+            if value:
+                return value
+        return ""
+
+    def resolve(self, headers: Mapping[str, str], principal: str) -> Tenant:
+        key = self.presented_key(headers)
+        if key:
+            for stored, entry in self._by_prefix.get(key[:_PREFIX_LENGTH], ()):
+                if _verify(key, stored.hash):
+                    return _tenant(entry, "api_key", stored.id)
+            # A wrong key is not silently downgraded to the principal's identity.
+            return Tenant(credential="invalid_key")
+        known = self._by_principal.get(principal) if principal else None
+        if known is not None:
+            return _tenant(known, "principal")
+        return ANONYMOUS

@@ -1,0 +1,167 @@
+"""A compiled, immutable policy bundle: what the decision pipeline runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from policy_engine.cel.engine import Environment, Program
+from policy_engine.decide.tenants import TenantRegistry
+from policy_engine.policy.schema import Mode, OnError, Rollout
+from policy_engine.policy.source import Position
+
+
+@dataclass(frozen=True)
+class Expr:
+    program: Program
+    position: Position
+
+    @property
+    def source(self) -> str:
+        return self.program.source
+
+
+@dataclass(frozen=True)
+class Denial:
+    status: int
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    when: Expr
+
+
+@dataclass(frozen=True)
+class AccessRule(Rule):
+    effect: Literal["allow", "deny"]
+    denial: Denial
+
+
+@dataclass(frozen=True)
+class ModerationRule(Rule):
+    action: Literal["deny", "flag"]
+    denial: Denial
+
+
+@dataclass(frozen=True)
+class ShedRule(Rule):
+    denial: Denial
+    retry_after: float
+
+
+@dataclass(frozen=True)
+class Route(Rule):
+    candidates: tuple[str, ...]
+    require: Expr
+    score: Expr | None
+    fallback: tuple[str, ...]
+    headers: tuple[tuple[str, Expr], ...]
+
+
+@dataclass(frozen=True)
+class Budget:
+    kind: Literal["requests", "input_tokens", "output_tokens", "total_tokens"]
+    limit: int
+    window: float
+
+
+@dataclass(frozen=True)
+class QuotaLimit(Rule):
+    key: Expr
+    budgets: tuple[Budget, ...]
+    algorithm: Literal["sliding", "fixed"]
+    denial: Denial
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    kind: str
+    mode: Mode
+    on_error: OnError
+    when: Expr | None
+    position: Position
+
+    @property
+    def dry_run(self) -> bool:
+        return self.mode is Mode.dry_run
+
+    def rule_ids(self) -> tuple[str, ...]:
+        return ()
+
+
+@dataclass(frozen=True)
+class AccessPolicy(Policy):
+    rules: tuple[AccessRule, ...]
+    default: Literal["allow", "deny"]
+    default_denial: Denial
+
+    def rule_ids(self) -> tuple[str, ...]:
+        return tuple(f"{self.name}/{r.name}" for r in self.rules)
+
+
+@dataclass(frozen=True)
+class ModerationPolicy(Policy):
+    rules: tuple[ModerationRule, ...]
+
+    def rule_ids(self) -> tuple[str, ...]:
+        return tuple(f"{self.name}/{r.name}" for r in self.rules)
+
+
+@dataclass(frozen=True)
+class RoutingPolicy(Policy):
+    routes: tuple[Route, ...]
+    shedding: tuple[ShedRule, ...]
+    unavailable: Denial
+    unavailable_retry_after: float
+
+    def rule_ids(self) -> tuple[str, ...]:
+        return tuple(f"{self.name}/{r.name}" for r in (*self.shedding, *self.routes))
+
+
+@dataclass(frozen=True)
+class QuotaPolicy(Policy):
+    limits: tuple[QuotaLimit, ...]
+
+    def rule_ids(self) -> tuple[str, ...]:
+        return tuple(f"{self.name}/{r.name}" for r in self.limits)
+
+
+@dataclass(frozen=True)
+class CanaryPolicy(Policy):
+    stable: str
+    canary: str
+    weight: int
+    eligible: Expr
+    sticky_key: Expr
+    header: str
+    rollout: Rollout | None
+    analysis: Expr | None
+
+    def rule_ids(self) -> tuple[str, ...]:
+        return (f"{self.name}/canary", f"{self.name}/stable")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    version: str  # content hash of the policy files
+    directory: str
+    files: tuple[str, ...]
+    access: tuple[AccessPolicy, ...]
+    moderation: tuple[ModerationPolicy, ...]
+    routing: tuple[RoutingPolicy, ...]
+    quota: tuple[QuotaPolicy, ...]
+    canary: tuple[CanaryPolicy, ...]
+    tenants: TenantRegistry
+    env: Environment = field(repr=False)
+    backend_env: Environment = field(repr=False)
+    uses_body: bool = True  # some expression reads request.body: worth converting it
+
+    def policies(self) -> tuple[Policy, ...]:
+        return (*self.access, *self.moderation, *self.routing, *self.quota, *self.canary)
+
+    def rule_ids(self) -> tuple[str, ...]:
+        return tuple(rule for policy in self.policies() for rule in policy.rule_ids())
