@@ -1,0 +1,189 @@
+"""What a decision is made on: the request as Envoy saw it, and what it asks of a model.
+
+Everything here tolerates hostile input: a body that is not JSON, a field of the wrong type
+or a missing header gives empty values, never an exception.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from urllib.parse import parse_qsl
+
+from policy_engine.cel.library import estimate_tokens
+
+_SPIFFE = re.compile(r"^spiffe://[^/]+/ns/([^/]+)/sa/([^/]+)")
+_MULTIPART_MODEL = re.compile(rb'name="model"\r?\n\r?\n([^\r\n]{1,200})')
+
+
+@dataclass(frozen=True)
+class Peer:
+    principal: str = ""
+    address: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def namespace(self) -> str:
+        match = _SPIFFE.match(self.principal)
+        return match.group(1) if match else ""
+
+    @property
+    def service_account(self) -> str:
+        match = _SPIFFE.match(self.principal)
+        return match.group(2) if match else ""
+
+
+@dataclass(frozen=True)
+class RequestAttributes:
+    method: str = "GET"
+    path: str = "/"
+    host: str = ""
+    scheme: str = "http"
+    protocol: str = ""
+    id: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
+    body: bytes = b""
+    body_truncated: bool = False
+    size: int = -1  # announced size; -1 = unknown (use len(body))
+    time: datetime | None = None
+    source: Peer = field(default_factory=Peer)
+    destination: Peer = field(default_factory=Peer)
+    context: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def path_only(self) -> str:
+        return self.path.split("?", 1)[0]
+
+    @property
+    def query(self) -> dict[str, str]:
+        if "?" not in self.path:
+            return {}
+        return dict(parse_qsl(self.path.split("?", 1)[1], keep_blank_values=True))
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class LlmRequest:
+    model: str = ""
+    kind: str = "other"
+    stream: bool = False
+    max_tokens: int = 0
+    temperature: float = 0.0
+    user: str = ""
+    messages: tuple[ChatMessage, ...] = ()
+    prompt: str = ""
+    prompt_tokens: int = 0
+
+
+_KINDS = (
+    ("/chat/completions", "chat"),
+    ("/completions", "completion"),
+    ("/embeddings", "embedding"),
+    ("/images/", "image"),
+    ("/audio/", "audio"),
+    ("/responses", "chat"),
+    ("/messages", "chat"),
+)
+
+
+def request_kind(path: str) -> str:
+    for suffix, kind in _KINDS:
+        if suffix in path:
+            return kind
+    return "other"
+
+
+def parse_body(attrs: RequestAttributes) -> Any:
+    """The JSON body, or None when absent, truncated or not JSON."""
+    if not attrs.body or attrs.body_truncated:
+        return None
+    head = attrs.body.lstrip()[:1]
+    if head not in (b"{", b"["):
+        return None
+    try:
+        return json.loads(attrs.body)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _text(value: Any) -> str:
+    """Text of a message content: a string, or the text parts of a multi-part list."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        parts = []
+        for part in value:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, dict) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+        return "\n".join(parts)
+    return ""
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    if value != value or value in (float("inf"), float("-inf")):
+        return 0
+    return max(-(2**62), min(2**62, int(value)))
+
+
+def _float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    return float(value) if value == value else 0.0
+
+
+def llm_request(attrs: RequestAttributes, body: Any) -> LlmRequest:
+    """What the request asks of the model, from an OpenAI-compatible path and body."""
+    kind = request_kind(attrs.path_only)
+    if not isinstance(body, dict):
+        model = ""
+        match = _MULTIPART_MODEL.search(attrs.body[:65536]) if attrs.body else None
+        if match:
+            model = match.group(1).decode("utf-8", "replace").strip()
+        return LlmRequest(model=model, kind=kind)
+    messages: list[ChatMessage] = []
+    raw_messages = body.get("messages")
+    if isinstance(raw_messages, list):
+        for item in raw_messages:
+            if isinstance(item, dict):
+                role = item.get("role")
+                messages.append(
+                    ChatMessage(role if isinstance(role, str) else "", _text(item.get("content")))
+                )
+    texts = [m.content for m in messages]
+    for key in ("prompt", "input"):
+        value = body.get(key)
+        if isinstance(value, str):
+            texts.append(value)
+        elif isinstance(value, list):
+            texts.extend(v for v in value if isinstance(v, str))
+    system = body.get("system")
+    if isinstance(system, str | list):
+        texts.insert(0, _text(system))
+    prompt = "\n".join(t for t in texts if t)
+    model_value = body.get("model")
+    user_value = body.get("user")
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens", body.get("max_output_tokens")))
+    return LlmRequest(
+        model=model_value if isinstance(model_value, str) else "",
+        kind=kind,
+        stream=body.get("stream") is True,
+        max_tokens=_int(max_tokens),
+        temperature=_float(body.get("temperature")),
+        user=user_value if isinstance(user_value, str) else "",
+        messages=tuple(messages),
+        prompt=prompt,
+        prompt_tokens=estimate_tokens(prompt),
+    )

@@ -1,0 +1,429 @@
+"""The decision pipeline: attributes + telemetry + quota view → Decision, with no side effects.
+
+Stages run in a fixed order, access → moderation → shedding → quota → canary → routing; the
+first enforced denial ends the run (deny overrides allow). Policies in dry_run mode are
+evaluated in full, but what they would have done is only recorded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf.message import Message
+
+from policy_engine.cel.engine import Activation, CelEvalError
+from policy_engine.cel.library import stable_bucket
+from policy_engine.decide.activation import MessageBuilder, decision_time
+from policy_engine.decide.attributes import LlmRequest, RequestAttributes, llm_request, parse_body
+from policy_engine.decide.decision import Decision, FiredRule, QuotaCheck
+from policy_engine.decide.tenants import Tenant
+from policy_engine.policy import bundle as b
+from policy_engine.policy.schema import OnError
+from policy_engine.quota.view import CounterId, NoUsage, QuotaView
+from policy_engine.telemetry.snapshot import EMPTY_SNAPSHOT, TelemetrySnapshot
+
+ROUTE_HEADER = "x-pe-route"
+TENANT_HEADER = "x-pe-tenant"
+FLAGS_HEADER = "x-pe-flags"
+METADATA_NAMESPACE = "policy_engine"
+_CANARY_BUCKETS = 10_000
+
+
+class _Denied(Exception):
+    """Ends the run: an enforced denial."""
+
+    def __init__(self, denial: b.Denial, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(denial.reason)
+        self.denial = denial
+        self.headers = dict(headers or {})
+
+
+@dataclass
+class _Run:
+    values: dict[str, Any]
+    activation: Activation
+    backends: Mapping[str, Message]
+    llm: LlmRequest
+    tenant: Tenant
+    fired: list[FiredRule] = field(default_factory=list)
+    dry_run: list[FiredRule] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    upstream: dict[str, str] = field(default_factory=dict)
+    response: dict[str, str] = field(default_factory=dict)
+    flags: list[str] = field(default_factory=list)
+    quota: list[QuotaCheck] = field(default_factory=list)
+    canary: dict[str, str] = field(default_factory=dict)
+    route: str | None = None
+
+
+def _policy_error(policy: b.Policy, status: int) -> b.Denial:
+    return b.Denial(status, "policy_error", f"policy {policy.name} could not be evaluated")
+
+
+class Pipeline:
+    """Decides requests against one bundle; reuse it (it caches conversions) per bundle."""
+
+    def __init__(self, bundle: b.Bundle) -> None:
+        self.bundle = bundle
+        self._messages = MessageBuilder()
+
+    def decide(
+        self,
+        attrs: RequestAttributes,
+        telemetry: TelemetrySnapshot = EMPTY_SNAPSHOT,
+        quota: QuotaView | None = None,
+        canary_weights: Mapping[str, int] | None = None,
+    ) -> Decision:
+        try:
+            return self._decide(attrs, telemetry, quota or NoUsage(), canary_weights or {})
+        except Exception as error:  # the last line of defence: every input gets a decision
+            return Decision(
+                allowed=False,
+                status=500,
+                reason="internal_error",
+                message="the policy decision failed",
+                errors=(f"{type(error).__name__}: {error}",),
+                bundle_version=self.bundle.version,
+            )
+
+    def _decide(
+        self,
+        attrs: RequestAttributes,
+        telemetry: TelemetrySnapshot,
+        quota: QuotaView,
+        canary_weights: Mapping[str, int],
+    ) -> Decision:
+        bundle, messages = self.bundle, self._messages
+        body = parse_body(attrs)
+        llm = llm_request(attrs, body)
+        tenant = bundle.tenants.resolve(attrs.headers, attrs.source.principal)
+        telemetry_message, backends = messages.telemetry(telemetry)
+        values: dict[str, Any] = {
+            "request": messages.request(attrs, body, bundle.uses_body),
+            "llm": messages.llm(llm),
+            "source": messages.peer(attrs.source),
+            "destination": messages.peer(attrs.destination),
+            "tenant": messages.tenant(tenant),
+            "telemetry": telemetry_message,
+            "now": decision_time(attrs),
+            "context": dict(attrs.context),
+            "canary": {},
+        }
+        run = _Run(values, bundle.env.activation(values), backends, llm, tenant)
+        if tenant.authenticated:
+            run.upstream[TENANT_HEADER] = tenant.id
+        try:
+            self._access(run)
+            self._moderation(run)
+            self._shedding(run)
+            self._quota(run, quota)
+            self._canary(run, canary_weights)
+            self._routing(run)
+        except _Denied as denied:
+            run.response.update(denied.headers)
+            return self._finish(run, allowed=False, denial=denied.denial)
+        return self._finish(run, allowed=True, denial=None)
+
+    # --- evaluation helpers ---------------------------------------------------------------
+
+    def _eval(
+        self, run: _Run, policy: b.Policy, rule: str, expr: b.Expr, act: Activation | None = None
+    ) -> Any:
+        """The value, or None after recording a run-time error."""
+        try:
+            return expr.program.eval(run.activation if act is None else act)
+        except CelEvalError as error:
+            run.errors.append(f"{policy.name}/{rule}: {error}")
+            run.fired.append(FiredRule(policy.name, rule, "error", policy.dry_run, str(error)))
+            return None
+
+    def _test(
+        self, run: _Run, policy: b.Policy, rule: str, expr: b.Expr, act: Activation | None = None
+    ) -> bool | None:
+        value = self._eval(run, policy, rule, expr, act)
+        if value is None or isinstance(value, bool):
+            return value
+        run.errors.append(f"{policy.name}/{rule}: expected a bool, got {type(value).__name__}")
+        return None
+
+    def _applies(self, run: _Run, policy: b.Policy, error_status: int) -> bool:
+        if policy.when is None:
+            return True
+        value = self._test(run, policy, "when", policy.when)
+        if value is None:
+            self._failed(run, policy, error_status)
+            return False
+        return value
+
+    def _failed(self, run: _Run, policy: b.Policy, status: int) -> None:
+        """A run-time error: the policy's on_error decides."""
+        if policy.on_error is OnError.deny:
+            self._deny(run, policy, "error", _policy_error(policy, status))
+
+    def _deny(
+        self,
+        run: _Run,
+        policy: b.Policy,
+        rule: str,
+        denial: b.Denial,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        if policy.dry_run:
+            run.dry_run.append(FiredRule(policy.name, rule, "deny", True, f"{denial.status} {denial.reason}"))
+            return
+        raise _Denied(denial, headers)
+
+    def _fire(self, run: _Run, policy: b.Policy, rule: str, effect: str, detail: str = "") -> None:
+        run.fired.append(FiredRule(policy.name, rule, effect, policy.dry_run, detail))
+
+    # --- stages ---------------------------------------------------------------------------
+
+    def _access(self, run: _Run) -> None:
+        for policy in self.bundle.access:
+            if not self._applies(run, policy, 403):
+                continue
+            allowed = False
+            denial: tuple[str, b.Denial] | None = None
+            for rule in policy.rules:
+                value = self._test(run, policy, rule.name, rule.when)
+                if value is None:
+                    if policy.on_error is OnError.deny and denial is None:
+                        denial = (rule.name, _policy_error(policy, 403))
+                    continue
+                if value:
+                    self._fire(run, policy, rule.name, rule.effect)
+                    if rule.effect == "allow":
+                        allowed = True
+                    elif denial is None:
+                        denial = (rule.name, rule.denial)
+            if denial is None and not allowed and policy.default == "deny":
+                self._fire(run, policy, "default", "deny")
+                denial = ("default", policy.default_denial)
+            if denial is not None:
+                self._deny(run, policy, denial[0], denial[1])
+
+    def _moderation(self, run: _Run) -> None:
+        for policy in self.bundle.moderation:
+            if not self._applies(run, policy, 400):
+                continue
+            for rule in policy.rules:
+                value = self._test(run, policy, rule.name, rule.when)
+                if value is None:
+                    self._failed(run, policy, 400)
+                elif value:
+                    self._fire(run, policy, rule.name, rule.action)
+                    if rule.action == "deny":
+                        self._deny(run, policy, rule.name, rule.denial)
+                    elif not policy.dry_run:
+                        run.flags.append(f"{policy.name}/{rule.name}")
+
+    def _shedding(self, run: _Run) -> None:
+        for policy in self.bundle.routing:
+            if not policy.shedding or not self._applies(run, policy, 503):
+                continue
+            for rule in policy.shedding:
+                value = self._test(run, policy, rule.name, rule.when)
+                if value is None:
+                    self._failed(run, policy, 503)
+                elif value:
+                    self._fire(run, policy, rule.name, "shed")
+                    retry = {"retry-after": str(math.ceil(rule.retry_after))}
+                    self._deny(run, policy, rule.name, rule.denial, retry)
+
+    def _quota(self, run: _Run, view: QuotaView) -> None:
+        tightest: QuotaCheck | None = None
+        for policy in self.bundle.quota:
+            if not self._applies(run, policy, 500):
+                continue
+            for limit in policy.limits:
+                value = self._test(run, policy, limit.name, limit.when)
+                if value is None:
+                    self._failed(run, policy, 500)
+                    continue
+                if not value:
+                    continue
+                key = self._eval(run, policy, limit.name, limit.key)
+                if not isinstance(key, str):
+                    if key is not None:
+                        run.errors.append(f"{policy.name}/{limit.name}: key must be a string")
+                    self._failed(run, policy, 500)
+                    continue
+                checks = [self._check(run, policy, limit, budget, key, view) for budget in limit.budgets]
+                exceeded = [c for c in checks if c.exceeded]
+                self._fire(run, policy, limit.name, "deny" if exceeded else "quota", key)
+                if not policy.dry_run:
+                    run.quota.extend(checks)
+                for check in checks:
+                    if (
+                        tightest is None
+                        or check.remaining * tightest.limit < tightest.remaining * check.limit
+                    ):
+                        tightest = check
+                if exceeded:
+                    self._deny(run, policy, limit.name, limit.denial, _rate_headers(exceeded[0], denied=True))
+        if tightest is not None:
+            run.response.update(_rate_headers(tightest, denied=False))
+
+    def _check(
+        self, run: _Run, policy: b.Policy, limit: b.QuotaLimit, budget: b.Budget, key: str, view: QuotaView
+    ) -> QuotaCheck:
+        counter = CounterId(policy.name, limit.name, budget.kind, key)
+        usage = view.usage(counter, budget.window)
+        llm = run.llm
+        if budget.kind == "requests":
+            cost = 1
+            exceeded = usage.used + cost > budget.limit
+        else:
+            # Tokens are charged after the response; the estimate is reserved now, and a
+            # request is refused only once the budget is already spent.
+            cost = {
+                "input_tokens": llm.prompt_tokens,
+                "output_tokens": llm.max_tokens,
+                "total_tokens": llm.prompt_tokens + llm.max_tokens,
+            }[budget.kind]
+            exceeded = usage.used >= budget.limit
+        remaining = max(0, budget.limit - usage.used - (cost if budget.kind == "requests" else 0))
+        return QuotaCheck(
+            counter=str(counter),
+            policy=policy.name,
+            limit_name=limit.name,
+            kind=budget.kind,
+            key=key,
+            limit=budget.limit,
+            window=budget.window,
+            algorithm=limit.algorithm,
+            used=usage.used,
+            cost=cost,
+            remaining=0 if exceeded else remaining,
+            reset_s=usage.reset_s,
+            exceeded=exceeded,
+        )
+
+    def _canary(self, run: _Run, weights: Mapping[str, int]) -> None:
+        for policy in self.bundle.canary:
+            if not self._applies(run, policy, 500):
+                continue
+            eligible = self._test(run, policy, "eligible", policy.eligible)
+            if eligible is None:
+                self._failed(run, policy, 500)
+                eligible = False
+            variant = "stable"
+            if eligible:
+                key = self._eval(run, policy, "sticky_key", policy.sticky_key)
+                if isinstance(key, str):
+                    weight = max(0, min(100, weights.get(policy.name, policy.weight)))
+                    bucket = stable_bucket(f"{policy.name}:{key}", _CANARY_BUCKETS)
+                    variant = "canary" if bucket < weight * (_CANARY_BUCKETS // 100) else "stable"
+                else:
+                    self._failed(run, policy, 500)
+            backend = policy.canary if variant == "canary" else policy.stable
+            self._fire(run, policy, variant, variant, backend)
+            if not policy.dry_run:
+                run.canary[policy.name] = variant
+                run.upstream[policy.header] = backend
+        if run.canary:
+            run.values["canary"] = dict(run.canary)
+            run.activation = self.bundle.env.activation(run.values)
+
+    def _routing(self, run: _Run) -> None:
+        for policy in self.bundle.routing:
+            if not policy.routes or not self._applies(run, policy, 503):
+                continue
+            for route in policy.routes:
+                value = self._test(run, policy, route.name, route.when)
+                if value is None:
+                    self._failed(run, policy, 503)
+                    continue
+                if not value:
+                    continue
+                backend = self._pick(run, policy, route)
+                if backend is None:
+                    self._fire(run, policy, route.name, "deny", "no eligible backend")
+                    retry = {"retry-after": str(math.ceil(policy.unavailable_retry_after))}
+                    self._deny(run, policy, route.name, policy.unavailable, retry)
+                    break
+                self._fire(run, policy, route.name, "route", backend)
+                headers = {}
+                for name, expr in route.headers:
+                    header_value = self._eval(run, policy, route.name, expr)
+                    if isinstance(header_value, str):
+                        headers[name] = header_value
+                    elif header_value is not None:
+                        run.errors.append(f"{policy.name}/{route.name}: header {name} is not a string")
+                if policy.dry_run:
+                    run.dry_run.append(FiredRule(policy.name, route.name, "route", True, backend))
+                    break
+                run.route = backend
+                run.upstream[ROUTE_HEADER] = backend
+                run.upstream.update(headers)
+                return
+
+    def _pick(self, run: _Run, policy: b.RoutingPolicy, route: b.Route) -> str | None:
+        for group in (route.candidates, route.fallback):
+            best: tuple[float, str] | None = None
+            for name in group:
+                message = run.backends.get(name) or self._messages.unknown_backend(name)
+                act = self.bundle.backend_env.activation({**run.values, "backend": message})
+                if not self._test(run, policy, route.name, route.require, act):
+                    continue
+                if route.score is None:
+                    return name
+                score = self._eval(run, policy, route.name, route.score, act)
+                if isinstance(score, bool) or not isinstance(score, int | float) or score != score:
+                    continue
+                if best is None or score < best[0]:
+                    best = (float(score), name)
+            if best is not None:
+                return best[1]
+        return None
+
+    def _finish(self, run: _Run, allowed: bool, denial: b.Denial | None) -> Decision:
+        if run.flags:
+            run.upstream[FLAGS_HEADER] = ",".join(run.flags)
+        metadata: dict[str, Any] = {}
+        if run.quota:
+            metadata[METADATA_NAMESPACE] = {
+                "tenant": run.tenant.id,
+                "quota": [
+                    {
+                        "counter": q.counter,
+                        "kind": q.kind,
+                        "limit": q.limit,
+                        "window": q.window,
+                        "cost": q.cost,
+                    }
+                    for q in run.quota
+                ],
+            }
+        return Decision(
+            allowed=allowed,
+            status=200 if denial is None else denial.status,
+            reason="" if denial is None else denial.reason,
+            message="" if denial is None else denial.message,
+            route=run.route if allowed else None,
+            tenant=run.tenant.id,
+            upstream_headers=run.upstream if allowed else {},
+            response_headers=run.response,
+            dynamic_metadata=metadata,
+            fired=tuple(run.fired),
+            dry_run=tuple(run.dry_run),
+            errors=tuple(run.errors),
+            quota=tuple(run.quota),
+            canary=run.canary,
+            bundle_version=self.bundle.version,
+        )
+
+
+def _rate_headers(check: QuotaCheck, denied: bool) -> dict[str, str]:
+    reset = max(0, math.ceil(check.reset_s))
+    headers = {
+        "x-ratelimit-limit": str(check.limit),
+        "x-ratelimit-remaining": str(0 if denied else check.remaining),
+        "x-ratelimit-reset": str(reset),
+    }
+    if denied:
+        headers["retry-after"] = str(max(1, reset))
+    return headers
