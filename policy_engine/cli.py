@@ -1,0 +1,202 @@
+"""The `policy-engine` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from policy_engine import __version__
+from policy_engine.decide.decision import Decision
+from policy_engine.decide.pipeline import Pipeline
+from policy_engine.decide.tenants import hash_key
+from policy_engine.policy.bundle import Bundle
+from policy_engine.policy.compiler import BundleError, load_bundle
+from policy_engine.policy.schema import json_schema
+from policy_engine.policy.testing import DecisionInput, TestFile, TestReport, run_tests
+
+app = typer.Typer(
+    help="Policy decision service for LLM traffic: CEL policies for access, moderation, routing, quotas "
+    "and canaries.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+PolicyDir = Annotated[Path, typer.Argument(help="Policy directory.", show_default=True)]
+
+
+def _load(directory: Path) -> Bundle:
+    try:
+        return load_bundle(directory)
+    except BundleError as error:
+        for issue in error.issues:
+            err.print(f"[red]error[/red] {issue}", markup=True, soft_wrap=True)
+        err.print(f"{len(error.issues)} error(s) in {directory}")
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def check(directory: PolicyDir = Path("policies")) -> None:
+    """Parse, validate and type-check every policy; exit 1 on any error (all are listed)."""
+    bundle = _load(directory)
+    out.print(
+        f"ok: {len(bundle.files)} file(s), {len(bundle.policies())} policies, "
+        f"{len(bundle.rule_ids())} rules, bundle {bundle.version}"
+    )
+
+
+def _print_report(report: TestReport, verbose: bool) -> None:
+    for issue in report.issues:
+        err.print(f"[red]error[/red] {issue}", soft_wrap=True)
+    for result in report.results:
+        if result.passed:
+            if verbose:
+                out.print(f"[green]PASS[/green] {result.file}: {result.name}")
+            continue
+        out.print(f"[red]FAIL[/red] {result.position}: {result.name}", soft_wrap=True)
+        for failure in result.failures:
+            out.print(f"     {failure}", soft_wrap=True, markup=False)
+    table = Table(title="rule coverage", show_lines=False)
+    table.add_column("rule")
+    table.add_column("fired", justify="right")
+    for rule in report.rules:
+        count = report.coverage[rule]
+        table.add_row(
+            rule if count else f"[yellow]{rule}[/yellow]", str(count) if count else "[yellow]0[/yellow]"
+        )
+    out.print(table)
+    covered = len(report.rules) - len(report.uncovered)
+    percent = 100.0 * covered / len(report.rules) if report.rules else 100.0
+    out.print(f"coverage: {covered}/{len(report.rules)} rules fired ({percent:.0f}%)")
+    if report.uncovered:
+        out.print("never fired: " + ", ".join(report.uncovered), soft_wrap=True)
+    colour = "green" if report.ok else "red"
+    out.print(f"[{colour}]{report.passed} passed, {report.failed} failed[/{colour}]")
+
+
+@app.command()
+def test(
+    directory: PolicyDir = Path("policies"),
+    run: Annotated[str, typer.Option("--run", help="Only tests whose name contains this.")] = "",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List passing tests too.")] = False,
+    require_coverage: Annotated[
+        bool, typer.Option("--require-coverage", help="Fail when any rule never fired.")
+    ] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable report.")] = False,
+) -> None:
+    """Run the *_test.yaml policy tests of a directory and print per-rule coverage."""
+    bundle = _load(directory)
+    report = run_tests(bundle, directory, run)
+    if json_output:
+        data = {
+            "passed": report.passed,
+            "failed": report.failed,
+            "issues": [str(i) for i in report.issues],
+            "failures": [
+                {"test": r.name, "at": str(r.position), "failures": r.failures}
+                for r in report.results
+                if not r.passed
+            ],
+            "coverage": {rule: report.coverage[rule] for rule in report.rules},
+            "uncovered": report.uncovered,
+        }
+        out.print_json(json.dumps(data))
+    else:
+        _print_report(report, verbose)
+    if not report.results and not report.issues:
+        err.print(f"no tests found in {directory} (files named *_test.yaml)")
+    if not report.ok or (require_coverage and report.uncovered):
+        raise typer.Exit(1)
+
+
+def _explain(decision: Decision) -> None:
+    verdict = (
+        "[green]ALLOW[/green]" if decision.allowed else f"[red]DENY {decision.status}[/red] {decision.reason}"
+    )
+    out.print(f"decision: {verdict}  route: {decision.route or '-'}  tenant: {decision.tenant or '-'}")
+    if decision.message:
+        out.print(f"message: {decision.message}", markup=False)
+    table = Table(title="why")
+    for column in ("policy", "rule", "effect", "detail"):
+        table.add_column(column)
+    for fired in decision.fired:
+        table.add_row(
+            fired.policy, fired.rule, fired.effect + (" (dry run)" if fired.dry_run else ""), fired.detail
+        )
+    out.print(table)
+    for name, value in {**decision.upstream_headers}.items():
+        out.print(f"upstream header {name}: {value}", markup=False)
+    for name, value in decision.response_headers.items():
+        out.print(f"response header {name}: {value}", markup=False)
+    for finding in decision.dry_run:
+        out.print(f"dry run: {finding.id} would {finding.effect} ({finding.detail})", markup=False)
+    for error in decision.errors:
+        out.print(f"[yellow]error[/yellow] {error}", soft_wrap=True)
+
+
+@app.command("eval")
+def evaluate(
+    directory: PolicyDir = Path("policies"),
+    input_file: Annotated[
+        Path,
+        typer.Option("--input", "-i", help="JSON or YAML file: request, source, telemetry, quota, time."),
+    ] = Path("-"),
+    json_output: Annotated[bool, typer.Option("--json", help="Print the decision as JSON.")] = False,
+) -> None:
+    """Decide one request and show which rules fired and why."""
+    import yaml
+
+    bundle = _load(directory)
+    text = sys.stdin.read() if str(input_file) == "-" else input_file.read_text(encoding="utf-8")
+    try:
+        decision_input = DecisionInput.model_validate(yaml.safe_load(text) or {})
+    except (ValidationError, yaml.YAMLError) as error:
+        err.print(f"invalid input {input_file}: {error}", markup=False)
+        raise typer.Exit(2) from None
+    decision = decision_input.decide(Pipeline(bundle))
+    if json_output:
+        out.print_json(json.dumps(decision.to_dict(), default=str))
+    else:
+        _explain(decision)
+
+
+@app.command()
+def schema(
+    tests: Annotated[bool, typer.Option("--tests", help="Schema of *_test.yaml files instead.")] = False,
+) -> None:
+    """Print the JSON Schema of policy documents (for editors: yaml-language-server)."""
+    data = TestFile.model_json_schema() if tests else json_schema()
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+@app.command("hash-key")
+def hash_key_command(
+    key_id: Annotated[str, typer.Option("--id", help="Non-secret id for the key.")] = "key",
+) -> None:
+    """Read an API key on stdin; print the TenantSet entry that stores it as a salted hash."""
+    key = sys.stdin.readline().strip()
+    try:
+        stored = hash_key(key)
+    except ValueError as error:
+        err.print(str(error))
+        raise typer.Exit(2) from None
+    sys.stdout.write(f"- id: {key_id}\n  prefix: {stored.prefix}\n  hash: {stored.hash}\n")
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    out.print(__version__)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,136 @@
+"""The command line, run as a user runs it (a real subprocess of the console script)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import POLICIES, ROOT
+
+CLI = [sys.executable, "-m", "policy_engine"]
+
+
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], input=stdin, capture_output=True, text=True, cwd=ROOT, timeout=120, check=False
+    )
+
+
+def test_check_passes_on_the_examples() -> None:
+    result = run("check", str(POLICIES))
+    assert result.returncode == 0, result.stderr
+    assert re.match(r"ok: \d+ file\(s\), \d+ policies, \d+ rules, bundle [0-9a-f]{16}", result.stdout)
+
+
+def test_check_fails_with_positions(policy_copy: Path) -> None:
+    path = policy_copy / "access.yaml"
+    path.write_text(path.read_text().replace("default: deny", "defualt: deny"))
+    result = run("check", str(policy_copy))
+    assert result.returncode == 1
+    assert f"{path}:7:3: api-access: unknown field 'defualt'" in result.stderr
+
+
+def test_example_policy_tests_pass_with_full_coverage() -> None:
+    result = run("test", str(POLICIES), "--require-coverage", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["failed"] == 0 and not report["issues"]
+    assert report["passed"] >= 40
+    assert report["uncovered"] == []
+    assert all(count > 0 for count in report["coverage"].values())
+
+
+def test_a_failing_policy_test_fails_the_run(policy_copy: Path) -> None:
+    path = policy_copy / "quotas.yaml"
+    path.write_text(
+        path.read_text().replace("requests: {limit: 20, window: 1m}", "requests: {limit: 25, window: 1m}")
+    )
+    result = run("test", str(policy_copy))
+    assert result.returncode == 1
+    assert "FAIL" in result.stdout and "the 21st free request in a minute gets 429" in result.stdout
+    assert "x-ratelimit-limit: expected '20', got '25'" in result.stdout
+
+
+def test_uncovered_rules_are_listed(policy_copy: Path) -> None:
+    (policy_copy / "routing_test.yaml").unlink()
+    result = run("test", str(policy_copy), "--require-coverage")
+    assert result.returncode == 1
+    assert "never fired:" in result.stdout and "model-routing/shed-free" in result.stdout
+
+
+def test_eval_explains_a_decision(tmp_path: Path) -> None:
+    request = {
+        "request": {
+            "headers": {"authorization": "Bearer sk-hobby-free-key-0003"},
+            "body": {"model": "llama-3-8b-instruct", "messages": [{"role": "user", "content": "hi"}]},
+        },
+        "quota": {"tier-quotas/free-requests": {"requests": 20}},
+    }
+    path = tmp_path / "input.json"
+    path.write_text(json.dumps(request))
+    result = run("eval", str(POLICIES), "--input", str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    decision = json.loads(result.stdout)
+    assert decision["allowed"] is False and decision["status"] == 429
+    assert {
+        "policy": "tier-quotas",
+        "rule": "free-requests",
+        "effect": "deny",
+        "dry_run": False,
+        "detail": "hobbyist",
+    } in decision["fired"]
+    assert json.loads(decision["body"])["error"]["code"] == "rate_limit_exceeded"
+    text = run("eval", str(POLICIES), "--input", str(path))
+    assert "DENY 429" in text.stdout and "free-requests" in text.stdout
+
+
+def test_eval_rejects_bad_input(tmp_path: Path) -> None:
+    path = tmp_path / "input.json"
+    path.write_text(json.dumps({"request": {"methd": "GET"}}))
+    result = run("eval", str(POLICIES), "--input", str(path))
+    assert result.returncode == 2 and "methd" in result.stderr
+
+
+def test_schema_is_json_schema_of_every_kind() -> None:
+    result = run("schema")
+    assert result.returncode == 0
+    schema = json.loads(result.stdout)
+    text = json.dumps(schema)
+    for kind in (
+        "AccessPolicy",
+        "ModerationPolicy",
+        "RoutingPolicy",
+        "QuotaPolicy",
+        "CanaryPolicy",
+        "TenantSet",
+    ):
+        assert kind in text
+    assert schema["$schema"].startswith("https://json-schema.org/")
+
+
+def test_hash_key_output_is_accepted_by_the_loader(tmp_path: Path) -> None:
+    result = run("hash-key", "--id", "k1", stdin="sk-test-a-long-secret-key\n")
+    assert result.returncode == 0
+    entry = result.stdout
+    assert "sk-test-a-long-secret-key" not in entry
+    (tmp_path / "t.yaml").write_text(
+        "apiVersion: policy-engine/v1\nkind: TenantSet\nmetadata: {name: t}\n"
+        "spec:\n  tenants:\n    - id: t1\n      api_keys:\n"
+        + "".join(f"        {line}\n" for line in entry.splitlines())
+    )
+    from policy_engine.policy.compiler import load_bundle
+
+    bundle = load_bundle(tmp_path)
+    tenant = bundle.tenants.resolve({"authorization": "Bearer sk-test-a-long-secret-key"}, "")
+    assert tenant.id == "t1" and tenant.key_id == "k1"
+    assert bundle.tenants.resolve({"authorization": "Bearer sk-test-a-long-secret-kez"}, "").id == ""
+
+
+def test_help_lists_the_commands() -> None:
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("check", "test", "eval", "schema", "hash-key"):
+        assert command in result.stdout

@@ -1,0 +1,177 @@
+"""Loading and compiling policy directories: every error located at file:line:col."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from policy_engine.policy.compiler import BundleError, load_bundle
+
+HEADER = "apiVersion: policy-engine/v1\n"
+
+
+def write(directory: Path, name: str, text: str) -> Path:
+    path = directory / name
+    path.write_text(text)
+    return path
+
+
+def errors_of(directory: Path) -> list[str]:
+    with pytest.raises(BundleError) as caught:
+        load_bundle(directory)
+    return [str(issue) for issue in caught.value.issues]
+
+
+def replace_in(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new, 1))
+
+
+def line_col(path: Path, needle: str, offset: int = 0) -> tuple[int, int]:
+    """1-based line and column of `needle` (+offset characters) in a file."""
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        column = line.find(needle)
+        if column >= 0:
+            return number, column + 1 + offset
+    raise AssertionError(f"{needle!r} not found")
+
+
+def test_examples_compile(example_bundle: object) -> None:
+    from policy_engine.policy.bundle import Bundle
+
+    assert isinstance(example_bundle, Bundle)
+    assert len(example_bundle.rule_ids()) >= 25
+    assert len(example_bundle.version) == 16
+
+
+def test_misspelt_field_is_reported_at_the_key(policy_copy: Path) -> None:
+    path = policy_copy / "quotas.yaml"
+    replace_in(path, "      algorithm: fixed", "      algoritm: fixed")
+    line, column = line_col(path, "algoritm")
+    (error,) = errors_of(policy_copy)
+    assert error.startswith(f"{path}:{line}:{column}: tier-quotas/premium-tokens: unknown field 'algoritm'")
+
+
+def test_unknown_variable_points_into_the_expression(policy_copy: Path) -> None:
+    path = policy_copy / "access.yaml"
+    replace_in(path, "when: tenant.authenticated", "when: tenent.authenticated")
+    line, column = line_col(path, "tenent.authenticated")
+    (error,) = errors_of(policy_copy)
+    prefix = (
+        f"{path}:{line}:{column}: api-access/known-tenant: undeclared reference to 'tenent.authenticated'"
+    )
+    assert error.startswith(prefix)
+
+
+def test_unknown_field_of_a_typed_variable(policy_copy: Path) -> None:
+    path = policy_copy / "routing.yaml"
+    replace_in(path, 'when: llm.model == "llama-3-70b-v2"', 'when: llm.modle == "llama-3-70b-v2"')
+    line, column = line_col(path, "llm.modle", offset=3)
+    (error,) = errors_of(policy_copy)
+    assert f"{path}:{line}:{column}: model-routing/pinned-v2: undefined field 'modle'" in error
+
+
+def test_cel_syntax_error(policy_copy: Path) -> None:
+    path = policy_copy / "moderation.yaml"
+    replace_in(path, "when: pii.card(llm.prompt) || pii.iban(llm.prompt)", "when: pii.card(llm.prompt) ||| x")
+    (error,) = errors_of(policy_copy)
+    line, _ = line_col(path, "pii.card(llm.prompt) |||")
+    assert error.startswith(f"{path}:{line}:")
+    assert "prompt-safety/payment-card" in error and "Syntax error" in error
+
+
+def test_type_error(policy_copy: Path) -> None:
+    path = policy_copy / "quotas.yaml"
+    replace_in(path, 'when: tenant.tier == "free"', "when: tenant.tier == 7")
+    line, column = line_col(path, "tenant.tier == 7", offset=len("tenant.tier "))
+    errors = errors_of(policy_copy)
+    assert errors[0].startswith(
+        f"{path}:{line}:{column}: tier-quotas/free-requests: found no matching overload"
+    )
+
+
+def test_non_bool_condition_is_a_type_error(policy_copy: Path) -> None:
+    path = policy_copy / "access.yaml"
+    replace_in(path, "when: tenant.authenticated", "when: tenant.id")
+    (error,) = errors_of(policy_copy)
+    assert "expression must be bool, but it is string" in error
+
+
+def test_error_inside_a_block_scalar(policy_copy: Path) -> None:
+    path = policy_copy / "routing.yaml"
+    replace_in(
+        path, "backend.kv_cache_usage * 100.0 + backend.latency_p99_ms / 100.0", "backend.kv_cache * 1.0"
+    )
+    line, column = line_col(path, "backend.kv_cache * 1.0", offset=len("backend"))
+    (error,) = errors_of(policy_copy)
+    assert error.startswith(f"{path}:{line}:{column}: model-routing/premium-70b: undefined field 'kv_cache'")
+
+
+def test_all_errors_of_a_directory_in_one_run(policy_copy: Path) -> None:
+    replace_in(policy_copy / "quotas.yaml", "      algorithm: fixed", "      algoritm: fixed")
+    replace_in(policy_copy / "access.yaml", "when: tenant.authenticated", "when: tenent.authenticated")
+    replace_in(policy_copy / "canary.yaml", "weight: 10", "weight: 150")
+    write(policy_copy, "broken.yaml", "apiVersion: policy-engine/v1\nkind: [oops\n")
+    errors = errors_of(policy_copy)
+    assert len(errors) == 4
+    assert any("broken.yaml:3:1: YAML syntax error" in e for e in errors)
+    assert any(
+        "canary.yaml" in e and "spec.weight: Input should be less than or equal to 100" in e for e in errors
+    )
+
+
+def test_unknown_kind_and_duplicate_names(tmp_path: Path) -> None:
+    write(tmp_path, "a.yaml", HEADER + "kind: Gadget\nmetadata: {name: a}\nspec: {}\n")
+    rule = "  rules: [{name: r, effect: allow, when: 'true'}]\n"
+    write(tmp_path, "b.yaml", HEADER + "kind: AccessPolicy\nmetadata: {name: same}\nspec:\n" + rule)
+    write(tmp_path, "c.yaml", HEADER + "kind: AccessPolicy\nmetadata: {name: same}\nspec:\n" + rule)
+    errors = errors_of(tmp_path)
+    assert any(e.startswith(f"{tmp_path}/a.yaml:2:7: kind must be one of") for e in errors)
+    assert any(e.startswith(f"{tmp_path}/c.yaml:3:18: same: policy name already used at") for e in errors)
+
+
+def test_duplicate_yaml_key(tmp_path: Path) -> None:
+    write(tmp_path, "a.yaml", HEADER + "kind: AccessPolicy\nkind: AccessPolicy\nmetadata: {name: a}\n")
+    assert any("a.yaml:3:1: duplicate key 'kind'" in e for e in errors_of(tmp_path))
+
+
+def test_unknown_term_list(policy_copy: Path) -> None:
+    path = policy_copy / "moderation.yaml"
+    replace_in(path, 'terms.any(llm.prompt, "blocked")', 'terms.any(llm.prompt, "blokked")')
+    line, column = line_col(path, '"blokked"', offset=1)
+    (error,) = errors_of(policy_copy)
+    assert error.startswith(
+        f"{path}:{line}:{column}: prompt-safety/blocked-terms: no term list named 'blokked'"
+    )
+
+
+def test_score_may_only_use_backend_in_routes(policy_copy: Path) -> None:
+    replace_in(policy_copy / "access.yaml", "when: tenant.authenticated", "when: backend.healthy")
+    (error,) = errors_of(policy_copy)
+    assert "undeclared reference to 'backend.healthy'" in error
+
+
+def test_bad_duration(policy_copy: Path) -> None:
+    path = policy_copy / "quotas.yaml"
+    replace_in(path, "window: 1m}", "window: 1 minute}")
+    (error,) = errors_of(policy_copy)
+    assert "invalid duration '1 minute'" in error and "tier-quotas/free-requests" in error
+
+
+def test_bundle_version_is_a_content_hash(policy_copy: Path) -> None:
+    first = load_bundle(policy_copy).version
+    assert load_bundle(policy_copy).version == first
+    replace_in(policy_copy / "quotas.yaml", "limit: 20,", "limit: 21,")
+    assert load_bundle(policy_copy).version != first
+
+
+def test_test_files_are_not_policies(policy_copy: Path) -> None:
+    write(policy_copy, "extra_test.yaml", "tests: not a policy\n")
+    load_bundle(policy_copy)
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    errors = errors_of(tmp_path / "nope")
+    assert errors == [f"{tmp_path / 'nope'}:1:1: not a directory"]

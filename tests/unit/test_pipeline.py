@@ -1,0 +1,226 @@
+"""Decision semantics: order, deny-overrides, dry run, on_error, quotas, canary, metadata."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from policy_engine.decide.attributes import Peer, RequestAttributes
+from policy_engine.decide.pipeline import Pipeline
+from policy_engine.policy.compiler import load_bundle
+from policy_engine.quota.view import CounterId, StaticUsage, Usage
+from policy_engine.telemetry.snapshot import BackendStats, TelemetrySnapshot
+
+HEADER = "apiVersion: policy-engine/v1\n"
+TENANTS = (
+    HEADER
+    + """kind: TenantSet
+metadata: {name: tenants}
+spec:
+  tenants:
+    - id: t1
+      tier: free
+      principals: [spiffe://cluster.local/ns/a/sa/b]
+"""
+)
+
+
+def chat(content: str = "hello", **body: object) -> RequestAttributes:
+    payload = {"model": "m", "messages": [{"role": "user", "content": content}], **body}
+    return RequestAttributes(
+        method="POST",
+        path="/v1/chat/completions",
+        headers={"content-type": "application/json"},
+        body=json.dumps(payload).encode(),
+        source=Peer(principal="spiffe://cluster.local/ns/a/sa/b", address="10.1.2.3"),
+    )
+
+
+def pipeline(tmp_path: Path, *documents: str) -> Pipeline:
+    (tmp_path / "tenants.yaml").write_text(TENANTS)
+    for index, text in enumerate(documents):
+        (tmp_path / f"p{index}.yaml").write_text(HEADER + text)
+    return Pipeline(load_bundle(tmp_path))
+
+
+def access(name: str, rules: str, extra: str = "") -> str:
+    return f"kind: AccessPolicy\nmetadata: {{name: {name}}}\nspec:\n{extra}  rules:\n{rules}"
+
+
+ALLOW_ALL = "    - {name: all, effect: allow, when: 'true'}\n"
+
+
+def test_principal_tenant_and_spiffe_parts(tmp_path: Path) -> None:
+    p = pipeline(
+        tmp_path,
+        access(
+            "a",
+            "    - {name: ns, effect: allow,\n"
+            "       when: 'source.namespace == \"a\" && source.service_account == \"b\"'}\n",
+        ),
+    )
+    decision = p.decide(chat())
+    assert decision.allowed and decision.tenant == "t1"
+    assert decision.upstream_headers["x-pe-tenant"] == "t1"
+
+
+def test_deny_overrides_allow_across_policies(tmp_path: Path) -> None:
+    p = pipeline(
+        tmp_path,
+        access("first", ALLOW_ALL),
+        access(
+            "second",
+            "    - {name: no, effect: deny, when: 'llm.model == \"m\"', status: 451, reason: nope}\n",
+        ),
+    )
+    decision = p.decide(chat())
+    assert not decision.allowed and decision.status == 451 and decision.reason == "nope"
+    assert decision.fired_ids() == ["first/all", "second/no"]
+    assert decision.upstream_headers == {}
+
+
+def test_default_deny_when_nothing_fires(tmp_path: Path) -> None:
+    p = pipeline(tmp_path, access("a", "    - {name: never, effect: allow, when: 'false'}\n"))
+    decision = p.decide(chat())
+    assert (decision.allowed, decision.status, decision.reason) == (False, 403, "access_denied")
+
+
+def test_dry_run_records_but_does_not_deny(tmp_path: Path) -> None:
+    rules = "    - {name: no, effect: deny, when: 'true'}\n"
+    p = pipeline(tmp_path, access("a", ALLOW_ALL), access("trial", rules, "  mode: dry_run\n"))
+    decision = p.decide(chat())
+    assert decision.allowed
+    assert [f.id for f in decision.dry_run] == ["trial/no"]
+    assert all(f.dry_run for f in decision.fired if f.policy == "trial")
+
+
+def test_on_error_deny_fails_closed(tmp_path: Path) -> None:
+    rules = '    - {name: header, effect: allow, when: \'request.headers["x-missing"] == "1"\'}\n'
+    decision = pipeline(tmp_path, access("a", rules)).decide(chat())
+    assert not decision.allowed and decision.reason == "policy_error"
+    assert decision.errors and "x-missing" in decision.errors[0]
+
+
+def test_on_error_allow_skips_the_rule(tmp_path: Path) -> None:
+    rules = '    - {name: header, effect: deny, when: \'request.headers["x-missing"] == "1"\'}\n' + ALLOW_ALL
+    decision = pipeline(tmp_path, access("a", rules, "  on_error: allow\n")).decide(chat())
+    assert decision.allowed and decision.errors
+
+
+def test_stage_order_access_before_moderation(tmp_path: Path) -> None:
+    moderation = (
+        "kind: ModerationPolicy\nmetadata: {name: mod}\nspec:\n  rules:\n    - {name: all, when: 'true'}\n"
+    )
+    deny = access("a", "    - {name: no, effect: deny, when: 'true', status: 401}\n")
+    decision = pipeline(tmp_path, moderation, deny).decide(chat())
+    assert decision.status == 401
+    assert "mod/all" not in decision.fired_ids()
+
+
+QUOTA = """kind: QuotaPolicy
+metadata: {name: q}
+spec:
+  limits:
+    - name: reqs
+      key: tenant.id
+      requests: {limit: 5, window: 30s}
+    - name: toks
+      key: tenant.id
+      tokens: {input: 100, output: 50, window: 1h}
+"""
+
+
+class Recording:
+    def __init__(self, used: dict[str, int]) -> None:
+        self.used = used
+        self.asked: list[tuple[str, float]] = []
+
+    def usage(self, counter: CounterId, window: float) -> Usage:
+        self.asked.append((str(counter), window))
+        return Usage(self.used.get(counter.kind, 0), 12.2)
+
+
+def test_quota_counters_metadata_and_headers(tmp_path: Path) -> None:
+    p = pipeline(tmp_path, access("a", ALLOW_ALL), QUOTA)
+    view = Recording({"requests": 2, "input_tokens": 10})
+    decision = p.decide(chat("x " * 40, max_tokens=30), quota=view)
+    assert decision.allowed
+    assert view.asked == [
+        ("q/reqs/requests/t1", 30.0),
+        ("q/toks/input_tokens/t1", 3600.0),
+        ("q/toks/output_tokens/t1", 3600.0),
+    ]
+    quota = decision.dynamic_metadata["policy_engine"]["quota"]
+    assert [q["kind"] for q in quota] == ["requests", "input_tokens", "output_tokens"]
+    assert quota[0]["cost"] == 1 and quota[2]["cost"] == 30 and quota[1]["cost"] > 10
+    # The tightest budget (requests: 2 of 5 used, this one makes 3) is reported.
+    assert decision.response_headers == {
+        "x-ratelimit-limit": "5",
+        "x-ratelimit-remaining": "2",
+        "x-ratelimit-reset": "13",
+    }
+
+
+def test_output_token_budget_spent(tmp_path: Path) -> None:
+    p = pipeline(tmp_path, access("a", ALLOW_ALL), QUOTA)
+    decision = p.decide(chat(), quota=StaticUsage({"q/toks": {"output_tokens": 50}}))
+    assert (decision.allowed, decision.status) == (False, 429)
+    assert decision.response_headers["x-ratelimit-limit"] == "50"
+    assert decision.response_headers["retry-after"] == "3600"
+
+
+def test_missing_telemetry_means_no_route(tmp_path: Path) -> None:
+    routing = """kind: RoutingPolicy
+metadata: {name: r}
+spec:
+  routes:
+    - {name: only, candidates: [a, b], score: 'backend.latency_p99_ms'}
+"""
+    p = pipeline(tmp_path, access("a", ALLOW_ALL), routing)
+    assert p.decide(chat()).status == 503
+    snapshot = TelemetrySnapshot(
+        {"a": BackendStats("a", latency_p99_ms=20), "b": BackendStats("b", latency_p99_ms=10)}
+    )
+    assert p.decide(chat(), snapshot).route == "b"
+
+
+def test_canary_assignment_is_sticky_and_follows_weight(tmp_path: Path) -> None:
+    canary = """kind: CanaryPolicy
+metadata: {name: c}
+spec:
+  stable: v1
+  canary: v2
+  weight: 30
+  sticky_key: llm.user
+"""
+    p = pipeline(tmp_path, access("a", ALLOW_ALL), canary)
+    first = {u: p.decide(chat(user=u)).canary["c"] for u in (f"user-{i}" for i in range(400))}
+    again = {u: p.decide(chat(user=u)).canary["c"] for u in first}
+    assert first == again
+    share = sum(v == "canary" for v in first.values()) / len(first)
+    assert 0.22 < share < 0.38
+    # Raising the weight only moves users from stable to canary, never back.
+    raised = {u: p.decide(chat(user=u), canary_weights={"c": 60}).canary["c"] for u in first}
+    assert all(raised[u] == "canary" for u, v in first.items() if v == "canary")
+    assert p.decide(chat(user="user-1")).upstream_headers["x-pe-canary"] in ("v1", "v2")
+
+
+def test_internal_failure_is_a_decision(tmp_path: Path) -> None:
+    class Broken:
+        def usage(self, counter: CounterId, window: float) -> Usage:
+            raise ConnectionError("store down")
+
+    p = pipeline(tmp_path, access("a", ALLOW_ALL), QUOTA)
+    decision = p.decide(chat(), quota=Broken())
+    assert (decision.allowed, decision.status, decision.reason) == (False, 500, "internal_error")
+    assert "store down" in decision.errors[0]
+
+
+def test_body_reaches_cel_only_when_used(tmp_path: Path) -> None:
+    rules = "    - {name: body, effect: allow, when: 'request.body.temperature == 0.5'}\n"
+    p = pipeline(tmp_path, access("a", rules))
+    assert p.bundle.uses_body
+    assert p.decide(chat(temperature=0.5)).allowed
+    assert not p.decide(chat(temperature=0.7)).allowed
+    (tmp_path / "other").mkdir()
+    assert not pipeline(tmp_path / "other", access("a", ALLOW_ALL)).bundle.uses_body
