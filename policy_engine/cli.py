@@ -178,6 +178,14 @@ def schema(
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
+@app.command()
+def reference() -> None:
+    """Print the policy language reference (Markdown), generated from the schema."""
+    from policy_engine.policy.reference import reference_markdown
+
+    sys.stdout.write(reference_markdown())
+
+
 @app.command("hash-key")
 def hash_key_command(
     key_id: Annotated[str, typer.Option("--id", help="Non-secret id for the key.")] = "key",

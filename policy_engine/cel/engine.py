@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cel_expr_python import cel
-from cel_expr_python.ext import ext_math, ext_optional, ext_strings
+from cel_expr_python.ext import ext_bindings, ext_math, ext_optional, ext_strings
 from google.protobuf import message_factory
 from google.protobuf.message import Message
 
@@ -138,6 +138,16 @@ class Program:
             raise CelEvalError(str(value.value()))
         return value.plain_value()
 
+    def test(self, activation: Activation) -> bool:
+        """A condition's value; CelEvalError for an error or a non-bool."""
+        value = self._compiled.eval(activation)
+        result = value.value()
+        if result is True or result is False:
+            return result  # the hot path: one call into the engine, no type inspection
+        if value.type() == cel.Type.ERROR:
+            raise CelEvalError(str(result))
+        raise CelEvalError(f"expected a bool, got {value.type().name().lower()}")
+
 
 class Environment:
     """Declared variables, message types and functions; compiles expressions against them."""
@@ -165,7 +175,12 @@ class Environment:
             descriptor_pool=pool,
             variables=declared,
             functions=decls,
-            extensions=[ext_strings.ExtStrings(), ext_optional.ExtOptional(), ext_math.ExtMath()],
+            extensions=[
+                ext_strings.ExtStrings(),
+                ext_optional.ExtOptional(),
+                ext_math.ExtMath(),
+                ext_bindings.ExtBindings(),
+            ],
         )
 
     def compile(self, source: str, result: str = "any") -> Program:

@@ -78,7 +78,7 @@ class MessageBuilder:
         result: Message = message
         return result
 
-    def llm(self, llm: LlmRequest) -> Message:
+    def llm(self, llm: LlmRequest, with_messages: bool) -> Message:
         return self._llm(
             model=llm.model,
             kind=llm.kind,
@@ -86,7 +86,9 @@ class MessageBuilder:
             max_tokens=llm.max_tokens,
             temperature=llm.temperature,
             user=llm.user,
-            messages=[self._chat(role=m.role, content=m.content) for m in llm.messages],
+            messages=[self._chat(role=m.role, content=m.content) for m in llm.messages]
+            if with_messages
+            else (),
             prompt=llm.prompt,
             prompt_tokens=llm.prompt_tokens,
         )

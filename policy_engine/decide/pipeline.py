@@ -8,13 +8,13 @@ evaluated in full, but what they would have done is only recorded.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf.message import Message
 
-from policy_engine.cel.engine import Activation, CelEvalError
+from policy_engine.cel.engine import Activation, CelEvalError, Program
 from policy_engine.cel.library import stable_bucket
 from policy_engine.decide.activation import MessageBuilder, decision_time
 from policy_engine.decide.attributes import LlmRequest, RequestAttributes, llm_request, parse_body
@@ -102,8 +102,8 @@ class Pipeline:
         tenant = bundle.tenants.resolve(attrs.headers, attrs.source.principal)
         telemetry_message, backends = messages.telemetry(telemetry)
         values: dict[str, Any] = {
-            "request": messages.request(attrs, body, bundle.uses_body),
-            "llm": messages.llm(llm),
+            "request": messages.request(attrs, body, "body" in bundle.references),
+            "llm": messages.llm(llm, "messages" in bundle.references),
             "source": messages.peer(attrs.source),
             "destination": messages.peer(attrs.destination),
             "tenant": messages.tenant(tenant),
@@ -136,18 +136,36 @@ class Pipeline:
         try:
             return expr.program.eval(run.activation if act is None else act)
         except CelEvalError as error:
-            run.errors.append(f"{policy.name}/{rule}: {error}")
-            run.fired.append(FiredRule(policy.name, rule, "error", policy.dry_run, str(error)))
+            self._error(run, policy, rule, error)
             return None
 
     def _test(
         self, run: _Run, policy: b.Policy, rule: str, expr: b.Expr, act: Activation | None = None
     ) -> bool | None:
-        value = self._eval(run, policy, rule, expr, act)
-        if value is None or isinstance(value, bool):
-            return value
-        run.errors.append(f"{policy.name}/{rule}: expected a bool, got {type(value).__name__}")
-        return None
+        """A condition's value, or None after recording a run-time error."""
+        try:
+            return expr.program.test(run.activation if act is None else act)
+        except CelEvalError as error:
+            self._error(run, policy, rule, error)
+            return None
+
+    @staticmethod
+    def _error(run: _Run, policy: b.Policy, rule: str, error: CelEvalError) -> None:
+        run.errors.append(f"{policy.name}/{rule}: {error}")
+        run.fired.append(FiredRule(policy.name, rule, "error", policy.dry_run, str(error)))
+
+    def _conditions(
+        self, run: _Run, policy: b.Policy, batch: Program | None, rules: Sequence[b.Rule]
+    ) -> list[bool | None]:
+        """Every rule's condition: one evaluation of the batch, or rule by rule when any errs."""
+        if batch is not None:
+            try:
+                values = batch.eval(run.activation)
+                if all(v is True or v is False for v in values):
+                    return cast(list[bool | None], values)
+            except CelEvalError:
+                pass  # evaluated again one by one so each error is attributed to its rule
+        return [self._test(run, policy, rule.name, rule.when) for rule in rules]
 
     def _applies(self, run: _Run, policy: b.Policy, error_status: int) -> bool:
         if policy.when is None:
@@ -187,8 +205,8 @@ class Pipeline:
                 continue
             allowed = False
             denial: tuple[str, b.Denial] | None = None
-            for rule in policy.rules:
-                value = self._test(run, policy, rule.name, rule.when)
+            values = self._conditions(run, policy, policy.batch, policy.rules)
+            for rule, value in zip(policy.rules, values, strict=True):
                 if value is None:
                     if policy.on_error is OnError.deny and denial is None:
                         denial = (rule.name, _policy_error(policy, 403))
@@ -209,8 +227,8 @@ class Pipeline:
         for policy in self.bundle.moderation:
             if not self._applies(run, policy, 400):
                 continue
-            for rule in policy.rules:
-                value = self._test(run, policy, rule.name, rule.when)
+            values = self._conditions(run, policy, policy.batch, policy.rules)
+            for rule, value in zip(policy.rules, values, strict=True):
                 if value is None:
                     self._failed(run, policy, 400)
                 elif value:
@@ -224,8 +242,8 @@ class Pipeline:
         for policy in self.bundle.routing:
             if not policy.shedding or not self._applies(run, policy, 503):
                 continue
-            for rule in policy.shedding:
-                value = self._test(run, policy, rule.name, rule.when)
+            values = self._conditions(run, policy, policy.shed_batch, policy.shedding)
+            for rule, value in zip(policy.shedding, values, strict=True):
                 if value is None:
                     self._failed(run, policy, 503)
                 elif value:
@@ -238,18 +256,8 @@ class Pipeline:
         for policy in self.bundle.quota:
             if not self._applies(run, policy, 500):
                 continue
-            for limit in policy.limits:
-                value = self._test(run, policy, limit.name, limit.when)
-                if value is None:
-                    self._failed(run, policy, 500)
-                    continue
-                if not value:
-                    continue
-                key = self._eval(run, policy, limit.name, limit.key)
-                if not isinstance(key, str):
-                    if key is not None:
-                        run.errors.append(f"{policy.name}/{limit.name}: key must be a string")
-                    self._failed(run, policy, 500)
+            for limit, key in zip(policy.limits, self._quota_keys(run, policy), strict=True):
+                if key is None:
                     continue
                 checks = [self._check(run, policy, limit, budget, key, view) for budget in limit.budgets]
                 exceeded = [c for c in checks if c.exceeded]
@@ -266,6 +274,31 @@ class Pipeline:
                     self._deny(run, policy, limit.name, limit.denial, _rate_headers(exceeded[0], denied=True))
         if tightest is not None:
             run.response.update(_rate_headers(tightest, denied=False))
+
+    def _quota_keys(self, run: _Run, policy: b.QuotaPolicy) -> list[str | None]:
+        """The counter key of each limit that applies (None where it does not)."""
+        if policy.batch is not None:
+            try:
+                values = policy.batch.eval(run.activation)
+                if all(v == [] or (len(v) == 1 and isinstance(v[0], str)) for v in values):
+                    return [v[0] if v else None for v in values]
+            except CelEvalError:
+                pass  # one by one below, so each error is attributed to its limit
+        keys: list[str | None] = []
+        for limit in policy.limits:
+            keys.append(None)
+            value = self._test(run, policy, limit.name, limit.when)
+            if value is None:
+                self._failed(run, policy, 500)
+            elif value:
+                key = self._eval(run, policy, limit.name, limit.key)
+                if isinstance(key, str):
+                    keys[-1] = key
+                else:
+                    if key is not None:
+                        run.errors.append(f"{policy.name}/{limit.name}: key must be a string")
+                    self._failed(run, policy, 500)
+        return keys
 
     def _check(
         self, run: _Run, policy: b.Policy, limit: b.QuotaLimit, budget: b.Budget, key: str, view: QuotaView
@@ -332,8 +365,8 @@ class Pipeline:
         for policy in self.bundle.routing:
             if not policy.routes or not self._applies(run, policy, 503):
                 continue
-            for route in policy.routes:
-                value = self._test(run, policy, route.name, route.when)
+            values = self._conditions(run, policy, policy.route_batch, policy.routes)
+            for route, value in zip(policy.routes, values, strict=True):
                 if value is None:
                     self._failed(run, policy, 503)
                     continue
@@ -362,8 +395,29 @@ class Pipeline:
                 return
 
     def _pick(self, run: _Run, policy: b.RoutingPolicy, route: b.Route) -> str | None:
+        if route.pick is not None:
+            try:
+                scores = route.pick.eval(run.activation)
+            except CelEvalError:
+                pass  # some backend's expression failed: score them one by one below
+            else:
+                split = len(route.candidates)
+                for names, group_scores in (
+                    (route.candidates, scores[:split]),
+                    (route.fallback, scores[split:]),
+                ):
+                    best: tuple[float, str] | None = None
+                    for name, score in zip(names, group_scores, strict=True):
+                        if score and score[0] == score[0] and (best is None or score[0] < best[0]):
+                            best = (score[0], name)
+                    if best is not None:
+                        return best[1]
+                return None
+        return self._pick_one_by_one(run, policy, route)
+
+    def _pick_one_by_one(self, run: _Run, policy: b.RoutingPolicy, route: b.Route) -> str | None:
         for group in (route.candidates, route.fallback):
-            best: tuple[float, str] | None = None
+            best = None
             for name in group:
                 message = run.backends.get(name) or self._messages.unknown_backend(name)
                 act = self.bundle.backend_env.activation({**run.values, "backend": message})

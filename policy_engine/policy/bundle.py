@@ -59,6 +59,9 @@ class Route(Rule):
     score: Expr | None
     fallback: tuple[str, ...]
     headers: tuple[tuple[str, Expr], ...]
+    # One evaluation for every candidate and fallback: per backend, [score] when it is
+    # eligible, [] when not. None when it could not be built (the per-backend path is used).
+    pick: Program | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class AccessPolicy(Policy):
     rules: tuple[AccessRule, ...]
     default: Literal["allow", "deny"]
     default_denial: Denial
+    batch: Program | None = field(default=None, compare=False, repr=False)
 
     def rule_ids(self) -> tuple[str, ...]:
         return tuple(f"{self.name}/{r.name}" for r in self.rules)
@@ -106,6 +110,7 @@ class AccessPolicy(Policy):
 @dataclass(frozen=True)
 class ModerationPolicy(Policy):
     rules: tuple[ModerationRule, ...]
+    batch: Program | None = field(default=None, compare=False, repr=False)
 
     def rule_ids(self) -> tuple[str, ...]:
         return tuple(f"{self.name}/{r.name}" for r in self.rules)
@@ -117,6 +122,8 @@ class RoutingPolicy(Policy):
     shedding: tuple[ShedRule, ...]
     unavailable: Denial
     unavailable_retry_after: float
+    shed_batch: Program | None = field(default=None, compare=False, repr=False)
+    route_batch: Program | None = field(default=None, compare=False, repr=False)
 
     def rule_ids(self) -> tuple[str, ...]:
         return tuple(f"{self.name}/{r.name}" for r in (*self.shedding, *self.routes))
@@ -125,6 +132,8 @@ class RoutingPolicy(Policy):
 @dataclass(frozen=True)
 class QuotaPolicy(Policy):
     limits: tuple[QuotaLimit, ...]
+    # Per limit: [key] when its condition holds, [] when not; one evaluation for the policy.
+    batch: Program | None = field(default=None, compare=False, repr=False)
 
     def rule_ids(self) -> tuple[str, ...]:
         return tuple(f"{self.name}/{r.name}" for r in self.limits)
@@ -158,7 +167,8 @@ class Bundle:
     tenants: TenantRegistry
     env: Environment = field(repr=False)
     backend_env: Environment = field(repr=False)
-    uses_body: bool = True  # some expression reads request.body: worth converting it
+    # Identifiers used by any expression: values nobody reads are not converted.
+    references: frozenset[str] = frozenset()
 
     def policies(self) -> tuple[Policy, ...]:
         return (*self.access, *self.moderation, *self.routing, *self.quota, *self.canary)

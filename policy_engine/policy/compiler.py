@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -11,9 +13,9 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from policy_engine.cel import library
-from policy_engine.cel.engine import CelCompileError, Environment
+from policy_engine.cel.engine import CelCompileError, Environment, Program
 from policy_engine.cel.functions import library_functions
-from policy_engine.cel.schema import BACKEND_VARIABLE, VARIABLES, Variable
+from policy_engine.cel.schema import BACKEND_VARIABLE, PACKAGE, VARIABLES, Variable
 from policy_engine.decide.tenants import TenantRegistry
 from policy_engine.policy import bundle as b
 from policy_engine.policy import schema as s
@@ -36,7 +38,7 @@ ANALYSIS_VARIABLES = (
 _TERM_LIST_REF = re.compile(
     r"terms\.(?:any|find)\(\s*[^,()]*(?:\([^()]*\))?[^,()]*,\s*(['\"])([^'\"]*)\1\s*\)"
 )
-_BODY_REF = re.compile(r"\bbody\b")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 T = TypeVar("T")
 
 
@@ -109,7 +111,7 @@ class _Compiler:
         self.env = Environment(functions, VARIABLES)
         self.backend_env = Environment(functions, (*VARIABLES, BACKEND_VARIABLE))
         self.analysis_env = Environment(functions, ANALYSIS_VARIABLES)
-        self.uses_body = False
+        self.references: set[str] = set()
 
     def expr(
         self,
@@ -134,9 +136,30 @@ class _Compiler:
             if match.group(2) not in self.term_lists:
                 where = doc.expression_position(path, 1, match.start(2) + 1)
                 self.issues.append(Issue(where, f"no term list named {match.group(2)!r}", policy, rule))
-        if _BODY_REF.search(source):
-            self.uses_body = True
+        self.references.update(_IDENTIFIER.findall(source))
         return b.Expr(program, position)
+
+    def batch(self, sources: Sequence[str]) -> Program | None:
+        """Many expressions as one list expression: one call into the engine instead of many."""
+        if not sources:
+            return None
+        try:
+            # Newlines keep a trailing `// comment` of one part from swallowing the next.
+            return self.env.compile("[" + ", ".join(f"(\n{src}\n)" for src in sources) + "]")
+        except CelCompileError:
+            return None  # never expected once each part compiled; the per-rule path still works
+
+    def pick(self, route: b.Route) -> Program | None:
+        parts = []
+        for name in (*route.candidates, *route.fallback):
+            literal = json.dumps(name)
+            backend = (
+                f"{literal} in telemetry.backends ? telemetry.backends[{literal}] : "
+                f"{PACKAGE}.Backend{{name: {literal}, stale: true}}"
+            )
+            score = f"double(\n{route.score.source}\n)" if route.score else "0.0"
+            parts.append(f"cel.bind(backend, {backend}, (\n{route.require.source}\n) ? [{score}] : [])")
+        return self.batch(parts)
 
     def compile(self, directory: Path, files: Sequence[Path], digest: str) -> b.Bundle:
         access: list[b.AccessPolicy] = []
@@ -181,7 +204,7 @@ class _Compiler:
             tenants=TenantRegistry(tenant_sets),
             env=self.env,
             backend_env=self.backend_env,
-            uses_body=self.uses_body,
+            references=frozenset(self.references),
         )
 
     def _policy(self, doc: Document, model: s.PolicyDocument) -> b.Policy | None:
@@ -214,11 +237,13 @@ class _Compiler:
                 w = self.expr(doc, (*path, "when"), r.when, "bool", name, r.name)
                 return b.AccessRule(r.name, w, r.effect, denial(r)) if w else None
 
+            rules = each("rules", spec.rules, access_rule)
             result = b.AccessPolicy(
                 **common,
-                rules=each("rules", spec.rules, access_rule),
+                rules=rules,
                 default=spec.default,
                 default_denial=b.Denial(spec.default_status, spec.default_reason, spec.default_message),
+                batch=self.batch([r.when.source for r in rules]),
             )
         elif isinstance(spec, s.ModerationSpec):
 
@@ -226,7 +251,9 @@ class _Compiler:
                 w = self.expr(doc, (*path, "when"), r.when, "bool", name, r.name)
                 return b.ModerationRule(r.name, w, r.action, denial(r)) if w else None
 
-            result = b.ModerationPolicy(**common, rules=each("rules", spec.rules, moderation_rule))
+            rules = each("rules", spec.rules, moderation_rule)
+            batch = self.batch([r.when.source for r in rules])
+            result = b.ModerationPolicy(**common, rules=rules, batch=batch)
         elif isinstance(spec, s.RoutingSpec):
 
             def shed_rule(path: NodePath, r: s.ShedRule) -> b.ShedRule | None:
@@ -247,7 +274,7 @@ class _Compiler:
                 ]
                 if not w or not req or (r.score and not score) or any(e is None for _, e in headers):
                     return None
-                return b.Route(
+                compiled = b.Route(
                     r.name,
                     w,
                     tuple(r.candidates),
@@ -256,13 +283,18 @@ class _Compiler:
                     tuple(r.fallback),
                     tuple((h, e) for h, e in headers if e is not None),
                 )
+                return dataclasses.replace(compiled, pick=self.pick(compiled))
 
+            routes = each("routes", spec.routes, route)
+            shedding = each("shedding", spec.shedding, shed_rule)
             result = b.RoutingPolicy(
                 **common,
-                routes=each("routes", spec.routes, route),
-                shedding=each("shedding", spec.shedding, shed_rule),
+                routes=routes,
+                shedding=shedding,
                 unavailable=b.Denial(spec.unavailable_status, "no_backend_available", "no backend available"),
                 unavailable_retry_after=spec.unavailable_retry_after,
+                shed_batch=self.batch([r.when.source for r in shedding]),
+                route_batch=self.batch([r.when.source for r in routes]),
             )
         elif isinstance(spec, s.QuotaSpec):
 
@@ -284,7 +316,9 @@ class _Compiler:
                     return None
                 return b.QuotaLimit(q.name, w, key, tuple(budgets), q.algorithm, denial(q))
 
-            result = b.QuotaPolicy(**common, limits=each("limits", spec.limits, limit))
+            limits = each("limits", spec.limits, limit)
+            batch = self.batch([f"(\n{q.when.source}\n) ? [\n{q.key.source}\n] : []" for q in limits])
+            result = b.QuotaPolicy(**common, limits=limits, batch=batch)
         elif isinstance(spec, s.CanarySpec):
             eligible = self.expr(doc, ("spec", "eligible"), spec.eligible, "bool", name)
             sticky = self.expr(doc, ("spec", "sticky_key"), spec.sticky_key, "string", name)

@@ -56,7 +56,7 @@ def test_principal_tenant_and_spiffe_parts(tmp_path: Path) -> None:
         access(
             "a",
             "    - {name: ns, effect: allow,\n"
-            "       when: 'source.namespace == \"a\" && source.service_account == \"b\"'}\n",
+            '       when: \'source.namespace == "a" && source.service_account == "b"\'}\n',
         ),
     )
     decision = p.decide(chat())
@@ -219,8 +219,8 @@ def test_internal_failure_is_a_decision(tmp_path: Path) -> None:
 def test_body_reaches_cel_only_when_used(tmp_path: Path) -> None:
     rules = "    - {name: body, effect: allow, when: 'request.body.temperature == 0.5'}\n"
     p = pipeline(tmp_path, access("a", rules))
-    assert p.bundle.uses_body
+    assert "body" in p.bundle.references
     assert p.decide(chat(temperature=0.5)).allowed
     assert not p.decide(chat(temperature=0.7)).allowed
     (tmp_path / "other").mkdir()
-    assert not pipeline(tmp_path / "other", access("a", ALLOW_ALL)).bundle.uses_body
+    assert "body" not in pipeline(tmp_path / "other", access("a", ALLOW_ALL)).bundle.references
