@@ -45,6 +45,9 @@ class QuotaCheck:
     remaining: int
     reset_s: float
     exceeded: bool
+    status: int = 429  # the denial when exceeded
+    message: str = "quota exceeded"
+    fail_open: bool = False  # the policy's on_error is allow: admit when the store is down
 
 
 @dataclass(frozen=True)

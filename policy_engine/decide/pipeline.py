@@ -19,6 +19,7 @@ from policy_engine.cel.library import stable_bucket
 from policy_engine.decide.activation import MessageBuilder, decision_time
 from policy_engine.decide.attributes import LlmRequest, RequestAttributes, llm_request, parse_body
 from policy_engine.decide.decision import Decision, FiredRule, QuotaCheck
+from policy_engine.decide.quota import outcome, rate_headers, tightest, token_metadata
 from policy_engine.decide.tenants import Tenant
 from policy_engine.policy import bundle as b
 from policy_engine.policy.schema import OnError
@@ -28,7 +29,7 @@ from policy_engine.telemetry.snapshot import EMPTY_SNAPSHOT, TelemetrySnapshot
 ROUTE_HEADER = "x-pe-route"
 TENANT_HEADER = "x-pe-tenant"
 FLAGS_HEADER = "x-pe-flags"
-METADATA_NAMESPACE = "policy_engine"
+TENANT_METADATA = "pe_tenant"
 _CANARY_BUCKETS = 10_000
 
 
@@ -252,7 +253,6 @@ class Pipeline:
                     self._deny(run, policy, rule.name, rule.denial, retry)
 
     def _quota(self, run: _Run, view: QuotaView) -> None:
-        tightest: QuotaCheck | None = None
         for policy in self.bundle.quota:
             if not self._applies(run, policy, 500):
                 continue
@@ -264,16 +264,11 @@ class Pipeline:
                 self._fire(run, policy, limit.name, "deny" if exceeded else "quota", key)
                 if not policy.dry_run:
                     run.quota.extend(checks)
-                for check in checks:
-                    if (
-                        tightest is None
-                        or check.remaining * tightest.limit < tightest.remaining * check.limit
-                    ):
-                        tightest = check
                 if exceeded:
-                    self._deny(run, policy, limit.name, limit.denial, _rate_headers(exceeded[0], denied=True))
-        if tightest is not None:
-            run.response.update(_rate_headers(tightest, denied=False))
+                    self._deny(run, policy, limit.name, limit.denial, rate_headers(exceeded[0], denied=True))
+        best = tightest(run.quota)
+        if best is not None:
+            run.response.update(rate_headers(best, denied=False))
 
     def _quota_keys(self, run: _Run, policy: b.QuotaPolicy) -> list[str | None]:
         """The counter key of each limit that applies (None where it does not)."""
@@ -306,19 +301,14 @@ class Pipeline:
         counter = CounterId(policy.name, limit.name, budget.kind, key)
         usage = view.usage(counter, budget.window)
         llm = run.llm
-        if budget.kind == "requests":
-            cost = 1
-            exceeded = usage.used + cost > budget.limit
-        else:
-            # Tokens are charged after the response; the estimate is reserved now, and a
-            # request is refused only once the budget is already spent.
-            cost = {
-                "input_tokens": llm.prompt_tokens,
-                "output_tokens": llm.max_tokens,
-                "total_tokens": llm.prompt_tokens + llm.max_tokens,
-            }[budget.kind]
-            exceeded = usage.used >= budget.limit
-        remaining = max(0, budget.limit - usage.used - (cost if budget.kind == "requests" else 0))
+        cost = {
+            "requests": 1,
+            # Tokens are charged after the response; the estimate is reserved now.
+            "input_tokens": llm.prompt_tokens,
+            "output_tokens": llm.max_tokens,
+            "total_tokens": llm.prompt_tokens + llm.max_tokens,
+        }[budget.kind]
+        exceeded, remaining = outcome(budget.kind, budget.limit, usage.used, cost)
         return QuotaCheck(
             counter=str(counter),
             policy=policy.name,
@@ -330,9 +320,12 @@ class Pipeline:
             algorithm=limit.algorithm,
             used=usage.used,
             cost=cost,
-            remaining=0 if exceeded else remaining,
+            remaining=remaining,
             reset_s=usage.reset_s,
             exceeded=exceeded,
+            status=limit.denial.status,
+            message=limit.denial.message,
+            fail_open=policy.on_error is OnError.allow,
         )
 
     def _canary(self, run: _Run, weights: Mapping[str, int]) -> None:
@@ -438,20 +431,10 @@ class Pipeline:
         if run.flags:
             run.upstream[FLAGS_HEADER] = ",".join(run.flags)
         metadata: dict[str, Any] = {}
-        if run.quota:
-            metadata[METADATA_NAMESPACE] = {
-                "tenant": run.tenant.id,
-                "quota": [
-                    {
-                        "counter": q.counter,
-                        "kind": q.kind,
-                        "limit": q.limit,
-                        "window": q.window,
-                        "cost": q.cost,
-                    }
-                    for q in run.quota
-                ],
-            }
+        if allowed:
+            metadata = token_metadata(run.quota)
+            if run.tenant.id:
+                metadata[TENANT_METADATA] = run.tenant.id
         return Decision(
             allowed=allowed,
             status=200 if denial is None else denial.status,
@@ -469,15 +452,3 @@ class Pipeline:
             canary=run.canary,
             bundle_version=self.bundle.version,
         )
-
-
-def _rate_headers(check: QuotaCheck, denied: bool) -> dict[str, str]:
-    reset = max(0, math.ceil(check.reset_s))
-    headers = {
-        "x-ratelimit-limit": str(check.limit),
-        "x-ratelimit-remaining": str(0 if denied else check.remaining),
-        "x-ratelimit-reset": str(reset),
-    }
-    if denied:
-        headers["retry-after"] = str(max(1, reset))
-    return headers

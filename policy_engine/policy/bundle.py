@@ -175,3 +175,15 @@ class Bundle:
 
     def rule_ids(self) -> tuple[str, ...]:
         return tuple(rule for policy in self.policies() for rule in policy.rule_ids())
+
+    def budget(self, policy: str, limit: str, kind: str) -> tuple[float, Literal["sliding", "fixed"]] | None:
+        """Window and algorithm of a counter's budget, if the bundle still has it."""
+        for quota in self.quota:
+            if quota.name != policy:
+                continue
+            for candidate in quota.limits:
+                if candidate.name == limit:
+                    for budget in candidate.budgets:
+                        if budget.kind == kind:
+                            return budget.window, candidate.algorithm
+        return None

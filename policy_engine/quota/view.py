@@ -30,6 +30,12 @@ class QuotaView(Protocol):
     def usage(self, counter: CounterId, window: float) -> Usage: ...
 
 
+def parse_counter(text: str) -> CounterId | None:
+    """The inverse of str(CounterId); names have no '/', the key may."""
+    parts = text.split("/", 3)
+    return CounterId(*parts) if len(parts) == 4 else None
+
+
 class NoUsage:
     """Every counter at zero: the view of a fresh store."""
 

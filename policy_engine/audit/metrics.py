@@ -1,0 +1,65 @@
+"""Prometheus metrics of the decision service, on a registry owned by the composition root."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from policy_engine.decide.decision import Decision
+
+_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.decisions = Counter(
+            "pe_decisions_total", "Decisions by result and reason.", ["result", "reason"], registry=registry
+        )
+        self.rules = Counter(
+            "pe_rule_fired_total",
+            "Rules that fired, by policy, rule and effect.",
+            ["policy", "rule", "effect"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "pe_decision_seconds", "Time to answer a Check call.", buckets=_LATENCY_BUCKETS, registry=registry
+        )
+        self.store_errors = Counter(
+            "pe_quota_store_errors_total",
+            "Counter store calls that failed.",
+            ["operation"],
+            registry=registry,
+        )
+        self.store_latency = Histogram(
+            "pe_quota_store_seconds",
+            "Counter store call latency.",
+            ["operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.tokens_charged = Counter(
+            "pe_tokens_charged_total", "Tokens charged after responses, by kind.", ["kind"], registry=registry
+        )
+        self.reloads = Counter(
+            "pe_policy_reloads_total", "Policy reloads by result.", ["result"], registry=registry
+        )
+        self.bundle = Gauge(
+            "pe_bundle_info",
+            "The active policy bundle (value 1, version label).",
+            ["version"],
+            registry=registry,
+            multiprocess_mode="liveall",
+        )
+        self._version = ""
+
+    def set_bundle(self, version: str) -> None:
+        if self._version:
+            self.bundle.remove(self._version)
+        self.bundle.labels(version).set(1)
+        self._version = version
+
+    def observe(self, decision: Decision, seconds: float) -> None:
+        self.latency.observe(seconds)
+        self.decisions.labels("allow" if decision.allowed else "deny", decision.reason or "ok").inc()
+        for fired in decision.fired:
+            self.rules.labels(fired.policy, fired.rule, fired.effect).inc()

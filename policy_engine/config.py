@@ -1,0 +1,37 @@
+"""Service settings: flags override environment variables (PE_*), which override defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PE_", extra="forbid")
+
+    policies: Path = Field(Path("policies"), description="Policy directory.")
+    host: str = Field("0.0.0.0", description="gRPC listen address.")
+    port: int = Field(9001, ge=0, le=65535, description="gRPC port (ext_authz, rate limit, health).")
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = Field(9090, ge=0, le=65535, description="Prometheus /metrics port; 0 = off.")
+    workers: int = Field(1, ge=1, le=64, description="Processes sharing the gRPC port (SO_REUSEPORT).")
+    redis_url: str | None = Field(None, description="redis://host:port/db for shared counters; else memory.")
+    redis_timeout_s: float = Field(0.05, gt=0, description="Per-call Redis timeout.")
+    reload: bool = Field(True, description="Watch the policy directory and hot-reload it.")
+    max_body_bytes: int = Field(1_048_576, ge=0, description="Request body bytes the pipeline reads.")
+    grace_s: float = Field(10.0, ge=0, description="Shutdown grace period for in-flight calls.")
+    backends: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Backends known healthy until live telemetry reports on them (comma-separated).",
+    )
+    port_file: Path | None = Field(None, description="Write the bound gRPC port here once serving.")
+
+    @field_validator("backends", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value

@@ -1,0 +1,131 @@
+"""Quota arithmetic shared by the pipeline and the service: outcomes, headers, settlement.
+
+The pipeline computes each request's quota checks against a view of usage. The service runs
+it with an all-zero view, settles the checks atomically in its counter store, and applies the
+store's answer here, so both paths decide with the same rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+
+from policy_engine.decide.decision import Decision, FiredRule, QuotaCheck
+
+TOKEN_KINDS = ("input_tokens", "output_tokens", "total_tokens")
+# Keys of the ext_authz dynamic metadata that Envoy's rate-limit actions read after the
+# response: per token kind, the counters to charge and what was reserved on each.
+METADATA_KEYS = {kind: f"pe_{kind}" for kind in TOKEN_KINDS}
+
+
+def outcome(kind: str, limit: int, used: int, cost: int) -> tuple[bool, int]:
+    """(exceeded, remaining). Requests need room for this one; tokens only unspent budget,
+    because the real count is known after the response (the estimate is a reservation)."""
+    if kind == "requests":
+        exceeded = used + cost > limit
+        return exceeded, 0 if exceeded else limit - used - cost
+    exceeded = used >= limit
+    return exceeded, 0 if exceeded else limit - used
+
+
+def rate_headers(check: QuotaCheck, denied: bool) -> dict[str, str]:
+    reset = max(0, math.ceil(check.reset_s))
+    headers = {
+        "x-ratelimit-limit": str(check.limit),
+        "x-ratelimit-remaining": str(0 if denied else check.remaining),
+        "x-ratelimit-reset": str(reset),
+    }
+    if denied:
+        headers["retry-after"] = str(max(1, reset))
+    return headers
+
+
+def tightest(checks: Sequence[QuotaCheck]) -> QuotaCheck | None:
+    """The check with the smallest fraction of its budget left."""
+    best: QuotaCheck | None = None
+    for check in checks:
+        if best is None or check.remaining * best.limit < best.remaining * check.limit:
+            best = check
+    return best
+
+
+def token_metadata(checks: Sequence[QuotaCheck]) -> dict[str, str]:
+    """Per token kind, a JSON list of [counter, reserved] for the after-response charge."""
+    metadata = {}
+    for kind in TOKEN_KINDS:
+        entries = [[c.counter, c.cost] for c in checks if c.kind == kind]
+        if entries:
+            metadata[METADATA_KEYS[kind]] = json.dumps(entries, separators=(",", ":"))
+    return metadata
+
+
+def _without_rate_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if not k.startswith("x-ratelimit-") and k != "retry-after"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settled:
+    counter: str
+    used: int
+    reset_s: float
+
+
+def settle(decision: Decision, states: Sequence[Settled], admitted: bool) -> Decision:
+    """Apply the store's usage to an allowed decision's checks; deny when a budget is exceeded."""
+    by_counter = {s.counter: s for s in states}
+    checks = []
+    for check in decision.quota:
+        state = by_counter.get(check.counter)
+        if state is None:
+            checks.append(check)
+            continue
+        exceeded, remaining = outcome(check.kind, check.limit, state.used, check.cost)
+        checks.append(
+            dataclasses.replace(
+                check, used=state.used, reset_s=state.reset_s, exceeded=exceeded, remaining=remaining
+            )
+        )
+    headers = _without_rate_headers(decision.response_headers)
+    refused = next((c for c in checks if c.exceeded), None)
+    if admitted or refused is None:
+        best = tightest(checks)
+        if best is not None:
+            headers.update(rate_headers(best, denied=False))
+        return dataclasses.replace(decision, quota=tuple(checks), response_headers=headers)
+    headers.update(rate_headers(refused, denied=True))
+    return dataclasses.replace(
+        decision,
+        allowed=False,
+        status=refused.status,
+        reason="rate_limit_exceeded",
+        message=refused.message,
+        route=None,
+        upstream_headers={},
+        response_headers=headers,
+        dynamic_metadata={},
+        canary={},
+        quota=tuple(checks),
+        fired=(*decision.fired, FiredRule(refused.policy, refused.limit_name, "deny", False, refused.key)),
+    )
+
+
+def store_failed(decision: Decision, error: str) -> Decision:
+    """The counter store is down: policies with on_error allow admit, the others refuse."""
+    errors = (*decision.errors, f"quota store: {error}")
+    if all(check.fail_open for check in decision.quota):
+        return dataclasses.replace(decision, errors=errors)
+    return dataclasses.replace(
+        decision,
+        allowed=False,
+        status=503,
+        reason="quota_unavailable",
+        message="quota service unavailable, retry later",
+        route=None,
+        upstream_headers={},
+        response_headers={"retry-after": "1"},
+        dynamic_metadata={},
+        canary={},
+        errors=errors,
+    )

@@ -1,0 +1,88 @@
+"""Quota between decisions and the counter store: admit at request time, charge after it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+
+from policy_engine.audit.metrics import Metrics
+from policy_engine.decide.decision import Decision
+from policy_engine.decide.quota import Settled, settle, store_failed
+from policy_engine.policy.bundle import Bundle
+from policy_engine.quota.store import CounterStore, Demand, StoreUnavailable
+from policy_engine.quota.view import parse_counter
+
+log = logging.getLogger("policy_engine.quota")
+
+
+class QuotaService:
+    def __init__(self, store: CounterStore, bundle: Callable[[], Bundle], metrics: Metrics) -> None:
+        self._store = store
+        self._bundle = bundle
+        self._metrics = metrics
+
+    async def settle(self, decision: Decision) -> Decision:
+        """Charge an allowed decision's counters atomically, or turn it into a 429."""
+        if not decision.allowed or not decision.quota:
+            return decision
+        demands = [
+            Demand(
+                counter=check.counter,
+                hash_tag=check.key,
+                limit=check.limit,
+                window=check.window,
+                algorithm="fixed" if check.algorithm == "fixed" else "sliding",
+                cost=check.cost,
+                refuse_at_limit=check.kind != "requests",
+            )
+            for check in decision.quota
+        ]
+        start = time.perf_counter()
+        try:
+            admission = await self._store.admit(demands)
+        except StoreUnavailable as error:
+            self._metrics.store_errors.labels("admit").inc()
+            log.warning("quota store unavailable: %s", error)
+            return store_failed(decision, str(error))
+        finally:
+            self._metrics.store_latency.labels("admit").observe(time.perf_counter() - start)
+        states = [Settled(s.counter, s.used, s.reset_s) for s in admission.states]
+        return settle(decision, states, admission.admitted)
+
+    async def charge_usage(self, entries_json: str, actual: int, kind: str) -> int:
+        """After the response: charge `actual - reserved` on each counter named in the metadata.
+
+        Returns how many counters were charged. Malformed metadata charges nothing.
+        """
+        try:
+            entries = json.loads(entries_json)
+        except ValueError:
+            log.warning("ignoring malformed token metadata %r", entries_json[:200])
+            return 0
+        if not isinstance(entries, list):
+            return 0
+        bundle = self._bundle()
+        charged = 0
+        for entry in entries:
+            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
+                continue
+            counter, reserved = entry
+            parsed = parse_counter(counter)
+            budget = bundle.budget(parsed.policy, parsed.limit, parsed.kind) if parsed else None
+            if parsed is None or budget is None or parsed.kind != kind or not isinstance(reserved, int):
+                continue  # the policy changed since the request, or a forged entry
+            window, algorithm = budget
+            start = time.perf_counter()
+            try:
+                await self._store.charge(counter, parsed.key, window, algorithm, actual - reserved)
+            except StoreUnavailable as error:
+                self._metrics.store_errors.labels("charge").inc()
+                log.warning("token charge of %s lost: %s", counter, error)
+                continue
+            finally:
+                self._metrics.store_latency.labels("charge").observe(time.perf_counter() - start)
+            charged += 1
+        self._metrics.tokens_charged.labels(kind).inc(max(0, actual))
+        return charged

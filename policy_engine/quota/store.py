@@ -1,0 +1,64 @@
+"""Where quota counters live: the CounterStore protocol (memory and Redis implement it).
+
+A request's quota checks are settled in one atomic step (`admit`): either every counter is
+charged its cost, or, when any budget is exceeded, none is. Token usage reported after the
+response is charged with `charge`, which never refuses (the tokens are already spent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+Algorithm = Literal["sliding", "fixed"]
+
+
+class StoreUnavailable(Exception):
+    """The store could not be reached or failed; the policy's on_error decides."""
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What one request asks of one counter."""
+
+    counter: str  # stable id, e.g. "tier-quotas/free-requests/requests/acme"
+    hash_tag: str  # counters sharing a tag are settled atomically together (one Redis slot)
+    limit: int
+    window: float  # seconds
+    algorithm: Algorithm
+    cost: int  # charged when admitted (1 request, or a token estimate reserved)
+    # requests: refused when used + cost > limit. tokens: refused when used >= limit.
+    refuse_at_limit: bool
+
+
+@dataclass(frozen=True)
+class CounterState:
+    counter: str
+    used: int  # usage in the window BEFORE this request's charge
+    reset_s: float  # seconds until enough of the window has passed to free budget
+    exceeded: bool
+
+
+@dataclass(frozen=True)
+class Admission:
+    admitted: bool  # every demand was within budget and all were charged
+    states: tuple[CounterState, ...]  # same order as the demands
+
+
+class CounterStore(Protocol):
+    async def admit(self, demands: Sequence[Demand]) -> Admission:
+        """Check every demand; charge all of them only if none is exceeded."""
+        ...
+
+    async def charge(
+        self, counter: str, hash_tag: str, window: float, algorithm: Algorithm, amount: int
+    ) -> int:
+        """Add `amount` (may be negative, to return a reservation); the new usage."""
+        ...
+
+    async def usage(self, counter: str, hash_tag: str, window: float, algorithm: Algorithm) -> int:
+        """Current usage in the window."""
+        ...
+
+    async def close(self) -> None: ...
