@@ -201,6 +201,65 @@ def hash_key_command(
 
 
 @app.command()
+def serve(
+    policies: Annotated[
+        Path | None, typer.Option("--policies", "-p", help="Policy directory [env PE_POLICIES].")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="gRPC listen address [env PE_HOST].")] = None,
+    port: Annotated[int | None, typer.Option(help="gRPC port, 0 = any free port [env PE_PORT].")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Prometheus port, 0 = off [env PE_METRICS_PORT].")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Processes sharing the port [env PE_WORKERS].")] = None,
+    redis_url: Annotated[
+        str | None, typer.Option(help="Shared counters in Redis [env PE_REDIS_URL].")
+    ] = None,
+    backend: Annotated[
+        list[str] | None,
+        typer.Option("--backend", help="A backend known healthy (repeat) [env PE_BACKENDS]."),
+    ] = None,
+    no_reload: Annotated[
+        bool, typer.Option("--no-reload", help="Do not watch the policy directory.")
+    ] = False,
+    port_file: Annotated[Path | None, typer.Option(help="Write the bound gRPC port to this file.")] = None,
+) -> None:
+    """Run the decision service: ext_authz Check and the rate-limit service on one gRPC port."""
+    from pydantic import ValidationError
+
+    from policy_engine.config import Settings
+    from policy_engine.policy.compiler import BundleError
+    from policy_engine.server import run
+
+    given = {
+        "policies": policies,
+        "host": host,
+        "port": port,
+        "metrics_port": metrics_port,
+        "workers": workers,
+        "redis_url": redis_url,
+        "backends": backend,
+        "port_file": port_file,
+    }
+    overrides: dict[str, object] = {k: v for k, v in given.items() if v is not None}
+    if no_reload:
+        overrides["reload"] = False
+    try:
+        settings = Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        err.print(f"invalid settings: {error}", markup=False)
+        raise typer.Exit(2) from None
+    try:
+        run(settings)
+    except BundleError as error:
+        for issue in error.issues:
+            err.print(f"[red]error[/red] {issue}")
+        raise typer.Exit(1) from None
+    except OSError as error:
+        err.print(f"cannot start: {error}", markup=False)
+        raise typer.Exit(1) from None
+
+
+@app.command()
 def version() -> None:
     """Print the version."""
     out.print(__version__)

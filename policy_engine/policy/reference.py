@@ -112,7 +112,7 @@ def _default(field: Any) -> str:
         return "required"
     value = field.default
     if value is PydanticUndefined:
-        value = field.default_factory() if field.default_factory else None  # type: ignore[call-arg]
+        value = field.default_factory() if field.default_factory else None
     if isinstance(value, Enum):
         value = value.value
     if value is None:

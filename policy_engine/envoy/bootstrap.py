@@ -1,0 +1,243 @@
+"""The Envoy configuration that puts policy-engine in front of model backends.
+
+One source for every place that runs Envoy with the service (end-to-end tests, the demo,
+`policy-engine envoy-config`): ext_authz with the request body and `clear_route_cache`, the
+token-usage extraction, the rate-limit filter that charges usage after the response, and
+routes that match the `x-pe-route` header the service sets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from policy_engine.decide.pipeline import ROUTE_HEADER
+from policy_engine.decide.quota import METADATA_KEYS
+
+POLICY_CLUSTER = "policy-engine"
+_HCM_TYPE = (
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+)
+RATE_LIMIT_DOMAIN = "policy-engine"
+AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
+USAGE_NAMESPACE = "policy_engine.usage"
+# Usage field of the backend's `usage` object charged against each token kind.
+USAGE_FIELDS = {
+    "input_tokens": "prompt_tokens",
+    "output_tokens": "completion_tokens",
+    "total_tokens": "total_tokens",
+}
+
+# Reads the OpenAI `usage` object from a JSON body or from the events of an SSE stream, chunk
+# by chunk (the stream is never buffered), and stores it as dynamic metadata for the
+# rate-limit entries that run when the stream is done.
+USAGE_LUA = r"""
+-- Bytes kept across chunk boundaries, so a usage object split between two chunks is found.
+local TAIL = 4096
+
+local function extract(buffer)
+  -- The last "usage": {...} object wins: streamed chunks carry "usage": null until the final one.
+  local usage = buffer:match('.*"usage"%s*:%s*(%b{})')
+  if not usage then return nil end
+  local prompt = tonumber(usage:match('"prompt_tokens"%s*:%s*(%d+)'))
+  local completion = tonumber(usage:match('"completion_tokens"%s*:%s*(%d+)'))
+  local total = tonumber(usage:match('"total_tokens"%s*:%s*(%d+)'))
+  if not (prompt or completion or total) then return nil end
+  return prompt, completion, total
+end
+
+function envoy_on_response(handle)
+  local tail = ""
+  local prompt, completion, total
+  -- bodyChunks() streams: each chunk goes on to the client as it arrives, nothing is buffered.
+  for chunk in handle:bodyChunks() do
+    local size = chunk:length()
+    if size > 0 then
+      local buffer = tail .. chunk:getBytes(0, size)
+      local p, c, t = extract(buffer)
+      if p or c or t then prompt, completion, total = p, c, t end
+      if #buffer > TAIL then tail = buffer:sub(-TAIL) else tail = buffer end
+    end
+  end
+  if total == nil and prompt ~= nil and completion ~= nil then total = prompt + completion end
+  local metadata = handle:streamInfo():dynamicMetadata()
+  if prompt then metadata:set("policy_engine.usage", "prompt_tokens", prompt) end
+  if completion then metadata:set("policy_engine.usage", "completion_tokens", completion) end
+  if total then metadata:set("policy_engine.usage", "total_tokens", total) end
+end
+"""
+
+
+@dataclass(frozen=True)
+class Upstream:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    listen_port: int = 10000
+    listen_address: str = "127.0.0.1"
+    admin_port: int = 9901
+    admin_address: str = "127.0.0.1"
+    policy: Upstream = Upstream("127.0.0.1", 9001)
+    backends: Mapping[str, Upstream] = field(default_factory=dict)
+    authz_timeout_s: float = 1.0
+    max_request_bytes: int = 1_048_576
+    upstream_timeout_s: float = 120.0
+    failure_mode_allow: bool = False
+
+
+def _cluster(name: str, upstream: Upstream, http2: bool = False) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": name,
+        "type": "STATIC" if upstream.host.replace(".", "").isdigit() else "STRICT_DNS",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {"address": upstream.host, "port_value": upstream.port}
+                                }
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+    if http2:
+        cluster["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        }
+    return cluster
+
+
+def _token_rate_limits() -> list[dict[str, Any]]:
+    """Per token kind: after the response, the counters from Check's metadata, hits = usage."""
+    entries = []
+    for kind, key in METADATA_KEYS.items():
+        entries.append(
+            {
+                "actions": [
+                    {
+                        "metadata": {
+                            "descriptor_key": key,
+                            "metadata_key": {"key": AUTHZ_NAMESPACE, "path": [{"key": key}]},
+                            "source": "DYNAMIC",
+                            "skip_if_absent": True,
+                        }
+                    }
+                ],
+                "hits_addend": {"format": f"%DYNAMIC_METADATA({USAGE_NAMESPACE}:{USAGE_FIELDS[kind]})%"},
+                "apply_on_stream_done": True,
+            }
+        )
+    return entries
+
+
+def bootstrap(config: GatewayConfig) -> dict[str, Any]:
+    routes: list[dict[str, Any]] = [
+        {
+            "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "string_match": {"exact": name}}]},
+            "route": {"cluster": f"backend-{name}", "timeout": f"{config.upstream_timeout_s}s"},
+        }
+        for name in sorted(config.backends)
+    ]
+    routes.append(
+        {
+            "match": {"prefix": "/"},
+            "direct_response": {
+                "status": 404,
+                "body": {
+                    "inline_string": '{"error": {"message": "no route for this request", '
+                    '"type": "invalid_request_error", "param": null, "code": "no_route"}}'
+                },
+            },
+        }
+    )
+    http_filters = [
+        {
+            "name": "envoy.filters.http.ext_authz",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+                "transport_api_version": "V3",
+                "grpc_service": {
+                    "envoy_grpc": {"cluster_name": POLICY_CLUSTER},
+                    "timeout": f"{config.authz_timeout_s}s",
+                },
+                "with_request_body": {
+                    "max_request_bytes": config.max_request_bytes,
+                    "allow_partial_message": True,
+                    "pack_as_bytes": True,
+                },
+                "clear_route_cache": True,
+                "failure_mode_allow": config.failure_mode_allow,
+                # A service outage answers 503, distinguishable from a policy denial (403).
+                "status_on_error": {"code": "ServiceUnavailable"},
+            },
+        },
+        {
+            "name": "envoy.filters.http.ratelimit",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+                "domain": RATE_LIMIT_DOMAIN,
+                "failure_mode_deny": False,
+                "timeout": "1s",
+                "rate_limits": _token_rate_limits(),
+                "rate_limit_service": {
+                    "transport_api_version": "V3",
+                    "grpc_service": {"envoy_grpc": {"cluster_name": POLICY_CLUSTER}},
+                },
+            },
+        },
+        {
+            "name": "envoy.filters.http.lua",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                "default_source_code": {"inline_string": USAGE_LUA},
+            },
+        },
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+        },
+    ]
+    listener = {
+        "name": "gateway",
+        "address": {"socket_address": {"address": config.listen_address, "port_value": config.listen_port}},
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": {
+                            "@type": _HCM_TYPE,
+                            "stat_prefix": "gateway",
+                            "route_config": {
+                                "name": "models",
+                                "virtual_hosts": [{"name": "models", "domains": ["*"], "routes": routes}],
+                            },
+                            "http_filters": http_filters,
+                        },
+                    }
+                ]
+            }
+        ],
+    }
+    clusters = [_cluster(POLICY_CLUSTER, config.policy, http2=True)]
+    clusters += [_cluster(f"backend-{name}", upstream) for name, upstream in sorted(config.backends.items())]
+    return {
+        "admin": {
+            "address": {"socket_address": {"address": config.admin_address, "port_value": config.admin_port}}
+        },
+        "static_resources": {"listeners": [listener], "clusters": clusters},
+    }

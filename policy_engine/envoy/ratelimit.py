@@ -1,0 +1,34 @@
+"""envoy.service.ratelimit.v3.RateLimitService: token usage charged after the response.
+
+Quotas are checked and charged in the ext_authz Check call (one gRPC call per request). Envoy
+calls this service only at the end of a stream, with the usage the backend reported as
+`hits_addend` and, in the descriptor, the counters and reservations that Check returned as
+dynamic metadata. Descriptors this service does not know are answered OK.
+"""
+
+from __future__ import annotations
+
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+
+from policy_engine.decide.quota import METADATA_KEYS
+from policy_engine.quota.service import QuotaService
+
+DESCRIPTOR_KEYS = {key: kind for kind, key in METADATA_KEYS.items()}
+
+
+class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
+    def __init__(self, quota: QuotaService) -> None:
+        self._quota = quota
+
+    async def ShouldRateLimit(
+        self, request: rls_pb2.RateLimitRequest, context: object
+    ) -> rls_pb2.RateLimitResponse:
+        statuses = []
+        for descriptor in request.descriptors:
+            hits = descriptor.hits_addend.value if descriptor.HasField("hits_addend") else request.hits_addend
+            for entry in descriptor.entries:
+                kind = DESCRIPTOR_KEYS.get(entry.key)
+                if kind is not None and hits > 0:
+                    await self._quota.charge_usage(entry.value, int(hits), kind)
+            statuses.append(rls_pb2.RateLimitResponse.DescriptorStatus(code=rls_pb2.RateLimitResponse.OK))
+        return rls_pb2.RateLimitResponse(overall_code=rls_pb2.RateLimitResponse.OK, statuses=statuses)

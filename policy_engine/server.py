@@ -1,0 +1,165 @@
+"""The composition root: builds every part of the decision service and runs it.
+
+One gRPC port serves ext_authz, the rate-limit service, gRPC health and reflection. With
+`workers > 1` that many processes bind the same port (SO_REUSEPORT) and the kernel spreads
+connections across them; Prometheus metrics are then aggregated across processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import tempfile
+from types import MappingProxyType
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from policy_engine.audit.metrics import Metrics
+from policy_engine.config import Settings
+from policy_engine.envoy.authz import AuthorizationService
+from policy_engine.envoy.ratelimit import RateLimitService
+from policy_engine.policy.reload import BundleHolder, ReloadResult
+from policy_engine.quota.memory import MemoryStore
+from policy_engine.quota.service import QuotaService
+from policy_engine.quota.store import CounterStore
+from policy_engine.telemetry.snapshot import BackendStats, TelemetrySnapshot
+
+log = logging.getLogger("policy_engine.server")
+
+SERVICE_NAMES = (
+    external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
+    rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name,
+)
+_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def _store(settings: Settings) -> CounterStore:
+    if settings.redis_url:
+        from policy_engine.quota.redis_store import RedisStore
+
+        return RedisStore(settings.redis_url, timeout_s=settings.redis_timeout_s)
+    return MemoryStore()
+
+
+def _static_telemetry(settings: Settings) -> TelemetrySnapshot:
+    return TelemetrySnapshot(
+        backends=MappingProxyType({name: BackendStats(name) for name in settings.backends})
+    )
+
+
+async def serve(settings: Settings, worker: int = 0) -> None:
+    """Run one serving process until SIGTERM/SIGINT, then drain in-flight calls."""
+    registry = CollectorRegistry(auto_describe=True)
+    metrics = Metrics(registry)
+
+    def reloaded(result: ReloadResult) -> None:
+        metrics.reloads.labels("ok" if result.ok else "error").inc()
+        metrics.set_bundle(result.version)
+
+    holder = BundleHolder(settings.policies, on_reload=reloaded)
+    metrics.set_bundle(holder.version)
+    telemetry = _static_telemetry(settings)
+    store = _store(settings)
+    quota = QuotaService(store, lambda: holder.pipeline.bundle, metrics)
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+        AuthorizationService(
+            lambda: holder.pipeline, lambda: telemetry, quota, metrics, settings.max_body_bytes
+        ),
+        server,
+    )
+    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(quota), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {settings.host}:{settings.port}: address in use or not permitted")
+    await server.start()
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if worker == 0 and settings.metrics_port and _MULTIPROC_ENV not in os.environ:
+        start_http_server(settings.metrics_port, settings.metrics_host, registry=registry)
+    if settings.port_file is not None and worker == 0:
+        settings.port_file.write_text(str(port))
+    log.info("worker %d serving on %s:%d, bundle %s", worker, settings.host, port, holder.version)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    watcher = asyncio.create_task(holder.watch(stop)) if settings.reload else None
+    await stop.wait()
+    log.info("worker %d draining (grace %.1fs)", worker, settings.grace_s)
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(settings.grace_s)
+    if watcher is not None:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    await store.close()
+
+
+def _worker_main(settings: Settings, worker: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s w{worker} %(levelname)s %(name)s: %(message)s"
+    )
+    asyncio.run(serve(settings, worker))
+
+
+def run(settings: Settings) -> None:
+    """Serve with `settings.workers` processes; returns when all have stopped."""
+    if settings.workers == 1:
+        _worker_main(settings, 0)
+        return
+    if settings.port == 0:
+        raise ValueError("--workers > 1 needs a fixed --port (the workers must share it)")
+    if not settings.redis_url:
+        log.warning(
+            "%d workers with in-memory quotas: each worker counts separately; use --redis-url",
+            settings.workers,
+        )
+    with tempfile.TemporaryDirectory(prefix="pe-metrics-") as metrics_dir:
+        os.environ[_MULTIPROC_ENV] = metrics_dir
+        context = multiprocessing.get_context("spawn")
+        workers = [
+            context.Process(target=_worker_main, args=(settings, i), daemon=False)
+            for i in range(settings.workers)
+        ]
+        for process in workers:
+            process.start()
+        _serve_multiprocess_metrics(settings)
+
+        def forward(signum: int, _frame: object) -> None:
+            for process in workers:
+                if process.pid is not None and process.is_alive():
+                    os.kill(process.pid, signum)
+
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        for process in workers:
+            process.join()
+
+
+def _serve_multiprocess_metrics(settings: Settings) -> None:
+    if not settings.metrics_port:
+        return
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    start_http_server(settings.metrics_port, settings.metrics_host, registry=registry)
