@@ -141,5 +141,12 @@ def test_reference_doc_is_up_to_date() -> None:
     assert result.returncode == 0
     committed = (ROOT / "docs" / "policy-language.md").read_text()
     assert result.stdout == committed, "regenerate: policy-engine reference > docs/policy-language.md"
-    for name in ("pii.card", "terms.any", "injection.detected", "net.in_cidr", "semver.compare", "globs.match"):
+    for name in (
+        "pii.card",
+        "terms.any",
+        "injection.detected",
+        "net.in_cidr",
+        "semver.compare",
+        "globs.match",
+    ):
         assert f"`{name}`" in committed

@@ -150,9 +150,13 @@ def test_quota_counters_metadata_and_headers(tmp_path: Path) -> None:
         ("q/toks/input_tokens/t1", 3600.0),
         ("q/toks/output_tokens/t1", 3600.0),
     ]
-    quota = decision.dynamic_metadata["policy_engine"]["quota"]
-    assert [q["kind"] for q in quota] == ["requests", "input_tokens", "output_tokens"]
-    assert quota[0]["cost"] == 1 and quota[2]["cost"] == 30 and quota[1]["cost"] > 10
+    assert [q.kind for q in decision.quota] == ["requests", "input_tokens", "output_tokens"]
+    assert decision.quota[0].cost == 1 and decision.quota[2].cost == 30 and decision.quota[1].cost > 10
+    # What Envoy passes back after the response: per token kind, counters and reservations.
+    metadata = decision.dynamic_metadata
+    assert json.loads(metadata["pe_output_tokens"]) == [["q/toks/output_tokens/t1", 30]]
+    assert json.loads(metadata["pe_input_tokens"]) == [["q/toks/input_tokens/t1", decision.quota[1].cost]]
+    assert metadata["pe_tenant"] == "t1" and "pe_total_tokens" not in metadata
     # The tightest budget (requests: 2 of 5 used, this one makes 3) is reported.
     assert decision.response_headers == {
         "x-ratelimit-limit": "5",
@@ -224,3 +228,75 @@ def test_body_reaches_cel_only_when_used(tmp_path: Path) -> None:
     assert not p.decide(chat(temperature=0.7)).allowed
     (tmp_path / "other").mkdir()
     assert "body" not in pipeline(tmp_path / "other", access("a", ALLOW_ALL)).bundle.references
+
+
+def test_quota_key_error_falls_back_and_fails_closed(tmp_path: Path) -> None:
+    quota = """kind: QuotaPolicy
+metadata: {name: q}
+spec:
+  limits:
+    - {name: by-user, key: 'request.headers["x-user"]', requests: {limit: 5, window: 1m}}
+    - {name: by-tenant, key: tenant.id, requests: {limit: 5, window: 1m}}
+"""
+    p = pipeline(tmp_path, access("a", ALLOW_ALL), quota)
+    decision = p.decide(chat())
+    assert (decision.allowed, decision.status, decision.reason) == (False, 500, "policy_error")
+    assert any("q/by-user" in e for e in decision.errors)
+    with_header = RequestAttributes(path="/v1/chat/completions", headers={"x-user": "u1"})
+    allowed = p.decide(with_header)
+    assert allowed.allowed and [q.key for q in allowed.quota] == ["u1", ""]
+
+
+def test_a_failing_score_skips_only_that_backend(tmp_path: Path) -> None:
+    routing = """kind: RoutingPolicy
+metadata: {name: r}
+spec:
+  routes:
+    - {name: gpu, candidates: [a, b], score: 'double(backend.labels["gpu"])'}
+"""
+    p = pipeline(tmp_path, access("a", ALLOW_ALL), routing)
+    snapshot = TelemetrySnapshot({"a": BackendStats("a"), "b": BackendStats("b", labels={"gpu": "2"})})
+    decision = p.decide(chat(), snapshot)
+    assert decision.route == "b"
+    assert any("r/gpu" in e and "gpu" in e for e in decision.errors)
+    both = TelemetrySnapshot(
+        {"a": BackendStats("a", labels={"gpu": "1"}), "b": BackendStats("b", labels={"gpu": "2"})}
+    )
+    clean = p.decide(chat(), both)
+    assert clean.route == "a" and not clean.errors
+
+
+def test_batched_and_one_by_one_agree(example_bundle: object) -> None:
+    """The batch programs are an optimisation only: stripping them changes no decision."""
+    import dataclasses
+
+    from policy_engine.policy.bundle import Bundle
+
+    assert isinstance(example_bundle, Bundle)
+
+    def strip(policy: object) -> object:
+        changes = {f: None for f in ("batch", "shed_batch", "route_batch") if hasattr(policy, f)}
+        if hasattr(policy, "routes"):
+            changes["routes"] = tuple(dataclasses.replace(r, pick=None) for r in policy.routes)  # type: ignore[attr-defined]
+        return dataclasses.replace(policy, **changes)  # type: ignore[type-var]
+
+    plain = dataclasses.replace(
+        example_bundle,
+        access=tuple(strip(p) for p in example_bundle.access),  # type: ignore[misc]
+        moderation=tuple(strip(p) for p in example_bundle.moderation),  # type: ignore[misc]
+        routing=tuple(strip(p) for p in example_bundle.routing),  # type: ignore[misc]
+        quota=tuple(strip(p) for p in example_bundle.quota),  # type: ignore[misc]
+    )
+    from policy_engine.policy.testing import run_tests
+    from tests.conftest import POLICIES
+
+    fast, slow = run_tests(example_bundle, POLICIES), run_tests(plain, POLICIES)
+    assert fast.passed == slow.passed == len(slow.results) >= 40
+    for a, b in zip(fast.results, slow.results, strict=True):
+        assert a.decision is not None and b.decision is not None
+        assert (a.decision.allowed, a.decision.status, a.decision.route, a.decision.fired_ids()) == (
+            b.decision.allowed,
+            b.decision.status,
+            b.decision.route,
+            b.decision.fired_ids(),
+        ), a.name

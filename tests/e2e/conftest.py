@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from policy_engine.demo.backend import BackendServer
+from tests.e2e.harness import EnvoyProcess, ServiceProcess, start_envoy, start_service
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "policies"
+TOKEN_POLICIES = Path(__file__).resolve().parent / "policies"
+
+FREE = {"authorization": "Bearer sk-hobby-free-key-0003"}
+PRO = {"authorization": "Bearer sk-globex-pro-key-0002"}
+PREMIUM = {"authorization": "Bearer sk-acme-premium-key-0001"}
+
+
+@dataclass
+class Gateway:
+    service: ServiceProcess
+    envoy: EnvoyProcess
+    backends: dict[str, BackendServer]
+    policies: Path
+
+    def service_policies(self) -> Path:
+        return self.policies
+
+    @property
+    def url(self) -> str:
+        return self.envoy.url
+
+    def stop(self) -> None:
+        self.envoy.stop()
+        self.service.stop()
+        for backend in self.backends.values():
+            backend.stop()
+
+
+def gateway(policies: Path, names: list[str], **service_options: object) -> Gateway:
+    backends = {name: BackendServer(name).start() for name in names}
+    service = start_service(policies, backends=names, **service_options)  # type: ignore[arg-type]
+    envoy = start_envoy(service.port, {name: b.port for name, b in backends.items()})
+    return Gateway(service, envoy, backends, policies)
+
+
+@pytest.fixture(scope="module")
+def example_gateway() -> Iterator[Gateway]:
+    """The example policies behind a real Envoy, with three simulated backends."""
+    gw = gateway(EXAMPLES, ["llama-8b-a", "llama-8b-b", "embed-a"])
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def fresh_example_gateway() -> Iterator[Gateway]:
+    """Like example_gateway, with counters of its own."""
+    gw = gateway(EXAMPLES, ["llama-8b-a", "llama-8b-b"])
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def token_gateway(tmp_path: Path) -> Iterator[Gateway]:
+    """Small token budgets (tests/e2e/policies, copied so a test may edit them)."""
+    import shutil
+
+    policies = tmp_path / "policies"
+    shutil.copytree(TOKEN_POLICIES, policies)
+    gw = gateway(policies, ["model-a", "model-b"])
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def reload_gateway(tmp_path: Path) -> Iterator[Gateway]:
+    """The token-test policies without their quotas: traffic may run as long as a test needs."""
+    import shutil
+
+    policies = tmp_path / "policies"
+    shutil.copytree(TOKEN_POLICIES, policies)
+    policy = policies / "policy.yaml"
+    documents = policy.read_text().split("---\n")
+    policy.write_text("---\n".join(d for d in documents if "kind: QuotaPolicy" not in d))
+    gw = gateway(policies, ["model-a", "model-b"])
+    yield gw
+    gw.stop()

@@ -1,0 +1,105 @@
+"""The decision service behind a real Envoy: authentication, routing, spoofing, request quotas."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+from tests.e2e.conftest import FREE, PRO, Gateway
+
+CHAT = {"model": "llama-3-8b-instruct", "messages": [{"role": "user", "content": "Hello there"}]}
+
+
+def test_missing_key_gets_401_with_openai_error(example_gateway: Gateway) -> None:
+    response = httpx.post(f"{example_gateway.url}/v1/chat/completions", json=CHAT)
+    assert response.status_code == 401
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["x-pe-reason"] == "missing_api_key"
+    error = response.json()["error"]
+    assert error["code"] == "missing_api_key" and error["type"] == "authentication_error"
+    assert (
+        sum(b.requests for b in example_gateway.backends.values()) == 0 or "x-backend" not in response.headers
+    )
+
+
+def test_wrong_key_gets_401(example_gateway: Gateway) -> None:
+    response = httpx.post(
+        f"{example_gateway.url}/v1/chat/completions",
+        json=CHAT,
+        headers={"authorization": "Bearer sk-hobby-wrong-000"},
+    )
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_model_outside_plan_gets_403(example_gateway: Gateway) -> None:
+    response = httpx.post(
+        f"{example_gateway.url}/v1/chat/completions", json={**CHAT, "model": "llama-3-70b"}, headers=FREE
+    )
+    assert response.status_code == 403 and response.json()["error"]["code"] == "model_not_allowed"
+
+
+def test_allowed_request_reaches_the_backend_the_policy_picked(example_gateway: Gateway) -> None:
+    chat = httpx.post(f"{example_gateway.url}/v1/chat/completions", json=CHAT, headers=PRO)
+    assert chat.status_code == 200, chat.text
+    assert chat.headers["x-backend"] == "llama-8b-a"  # both idle: the first candidate wins the tie
+    assert chat.json()["usage"]["total_tokens"] > 0
+    embedding = httpx.post(
+        f"{example_gateway.url}/v1/embeddings",
+        json={"model": "text-embedding-3-small", "input": "hi"},
+        headers=PRO,
+    )
+    assert embedding.status_code == 200 and embedding.headers["x-backend"] == "embed-a"
+
+
+def test_moderation_blocks_before_any_backend(example_gateway: Gateway) -> None:
+    before = {name: b.requests for name, b in example_gateway.backends.items()}
+    blocked = {**CHAT, "messages": [{"role": "user", "content": "my card is 4111 1111 1111 1111"}]}
+    response = httpx.post(f"{example_gateway.url}/v1/chat/completions", json=blocked, headers=PRO)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "pii_payment_data"
+    assert {name: b.requests for name, b in example_gateway.backends.items()} == before
+
+
+def test_a_spoofed_routing_header_never_chooses_the_route(example_gateway: Gateway) -> None:
+    # The policy routes chat to llama-8b-a; the client asks for embed-a.
+    spoofed = httpx.post(
+        f"{example_gateway.url}/v1/chat/completions",
+        json=CHAT,
+        headers={**PRO, "x-pe-route": "embed-a", "x-pe-tenant": "acme"},
+    )
+    assert spoofed.status_code == 200 and spoofed.headers["x-backend"] == "llama-8b-a"
+    # A request the policy does not route at all must not be routed by the client's header.
+    unrouted = httpx.get(f"{example_gateway.url}/v1/models", headers={**PRO, "x-pe-route": "llama-8b-b"})
+    assert unrouted.status_code == 404
+    assert unrouted.json()["error"]["code"] == "no_route"
+
+
+def test_malformed_body_gets_a_decision(example_gateway: Gateway) -> None:
+    response = httpx.post(
+        f"{example_gateway.url}/v1/chat/completions",
+        content=b'{"model": "llama-3-8b-instruct", "messages": [',
+        headers={**PRO, "content-type": "application/json"},
+    )
+    # No model could be read, so no route matched: a defined 404, not a 5xx.
+    assert response.status_code == 404
+
+
+def test_request_quota_gives_429_with_rate_limit_headers(fresh_example_gateway: Gateway) -> None:
+    url = f"{fresh_example_gateway.url}/v1/chat/completions"
+    remaining = []
+    for _ in range(20):
+        ok = httpx.post(url, json=CHAT, headers=FREE)
+        assert ok.status_code == 200, ok.text
+        assert ok.headers["x-ratelimit-limit"] == "20"
+        remaining.append(int(ok.headers["x-ratelimit-remaining"]))
+    assert remaining == list(range(19, -1, -1))
+    refused = httpx.post(url, json=CHAT, headers=FREE)
+    assert refused.status_code == 429
+    assert refused.headers["x-ratelimit-limit"] == "20"
+    assert refused.headers["x-ratelimit-remaining"] == "0"
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert int(refused.headers["x-ratelimit-reset"]) <= 60
+    body = json.loads(refused.text)
+    assert body["error"]["code"] == "rate_limit_exceeded" and body["error"]["type"] == "rate_limit_error"
+    # Another tenant is not affected.
+    assert httpx.post(url, json=CHAT, headers=PRO).status_code == 200

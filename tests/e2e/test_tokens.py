@@ -1,0 +1,73 @@
+"""Token budgets spent by the usage backends report, charged by Envoy after each response."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import httpx
+
+from tests.e2e.conftest import FREE, PRO, Gateway
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def charged(gateway: Gateway, kind: str) -> float:
+    match = re.search(
+        rf'^pe_tokens_charged_total{{kind="{kind}"}} ([0-9.e+]+)$', gateway.service.metrics(), re.M
+    )
+    return float(match.group(1)) if match else 0.0
+
+
+def wait_charged(gateway: Gateway, kind: str, at_least: float) -> None:
+    """Envoy charges when the stream is done, asynchronously: wait for it before going on."""
+    deadline = time.monotonic() + 10
+    while charged(gateway, kind) < at_least:
+        assert time.monotonic() < deadline, f"{kind} never reached {at_least}: {charged(gateway, kind)}"
+        time.sleep(0.05)
+
+
+def test_total_token_budget_spent_by_json_responses(token_gateway: Gateway) -> None:
+    for backend in token_gateway.backends.values():
+        backend.behaviour.completion_tokens = 40
+    url = f"{token_gateway.url}/v1/chat/completions"
+    for n in range(1, 4):  # 41 tokens each: 0, 41, 82 used before each request (budget 100)
+        response = httpx.post(url, json=CHAT, headers=FREE)
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["total_tokens"] == 41
+        wait_charged(token_gateway, "total_tokens", 41 * n)
+    refused = httpx.post(url, json=CHAT, headers=FREE)
+    assert refused.status_code == 429, refused.text
+    assert refused.headers["x-ratelimit-limit"] == "100"
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_total_token_budget_spent_by_streamed_responses(token_gateway: Gateway) -> None:
+    for backend in token_gateway.backends.values():
+        backend.behaviour.completion_tokens = 40
+        backend.behaviour.chunk_delay_ms = 5
+    url = f"{token_gateway.url}/v1/chat/completions"
+    streamed = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    for n in range(1, 4):
+        with httpx.stream("POST", url, json=streamed, headers=FREE) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            events = [line for line in response.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and '"total_tokens": 41' in events[-2]
+        wait_charged(token_gateway, "total_tokens", 41 * n)
+    refused = httpx.post(url, json=streamed, headers=FREE)
+    assert refused.status_code == 429
+
+
+def test_input_and_output_budgets_are_charged_separately(token_gateway: Gateway) -> None:
+    for backend in token_gateway.backends.values():
+        backend.behaviour.completion_tokens = 30
+    url = f"{token_gateway.url}/v1/chat/completions"
+    for n in range(1, 4):  # output budget 70: 0, 30, 60 used before each request
+        response = httpx.post(url, json=CHAT, headers=PRO)
+        assert response.status_code == 200, response.text
+        wait_charged(token_gateway, "output_tokens", 30 * n)
+    assert charged(token_gateway, "input_tokens") == 3  # 1 prompt token each, far below its budget
+    refused = httpx.post(url, json=CHAT, headers=PRO)
+    assert refused.status_code == 429
+    assert refused.headers["x-ratelimit-limit"] == "70"
