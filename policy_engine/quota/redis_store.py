@@ -1,0 +1,272 @@
+"""Quota counters in Redis (or Valkey), shared by every replica of the decision service.
+
+Each counter is kept as fixed buckets, one key per bucket:
+
+    {prefix}{{{hash_tag}}}:{counter}:{bucket_index}
+
+The braces around the hash tag make Redis Cluster place all counters of a tag in one slot, which
+a multi-key script requires (braces and "%" inside a tag are percent-escaped, see _key_tag).
+A bucket expires 2 x window after its last increment: it is still read as the previous bucket
+during the following window and is useless after that.
+
+All operations go through one Lua script (loaded once, run by EVALSHA, reloaded by the client
+on NOSCRIPT, e.g. after a server restart). For `admit`, the script reads every demand's two
+buckets, decides, and only if no demand is exceeded increments each current bucket - atomically
+for the demands sharing a hash tag. The window arithmetic (bucket indices, the previous bucket's
+weight, reset estimates) is done on the client with the functions the memory store uses, so the
+two stores agree on identical inputs; the script only evaluates floor(current + previous *
+weight) against each limit.
+
+Time comes from the client's clock, not from Redis TIME: one round trip per request, and the
+bucket keys can be named before the script runs (Cluster routes by key). Replicas must keep their
+clocks in sync (NTP); a skew of d seconds shifts that replica's bucket boundaries by d.
+
+Atomicity holds per hash tag. Demands with several tags are settled with one script call per
+tag, in order of first appearance; once a tag refuses, the remaining tags are only checked, and
+tags already charged get their costs back (negative charges on the same buckets), so a refused
+request leaves nothing charged. Between those calls other requests may observe the interim
+charge, and if Redis fails part-way (or the call is cancelled) the refund is attempted at most
+once and may be lost: the charge then expires with its bucket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from policy_engine.quota.memory import (
+    bucket_ttl_ms,
+    counter_state,
+    previous_weight,
+    validate_demands,
+    weighted_usage,
+    window_position,
+)
+from policy_engine.quota.store import Admission, Algorithm, CounterState, Demand, StoreUnavailable
+
+# One script for every operation, so a restarted server needs a single reload.
+#
+# KEYS: for each counter, its current bucket, then its previous bucket.
+# ARGV[1]: the mode.
+#   "admit"/"check": per counter 5 values: previous-bucket weight, limit, cost,
+#     refuse_at_limit ("1"/"0"), bucket TTL in ms. "check" decides but charges nothing.
+#   "charge": per counter 2 values: amount (negative refunds, 0 only reads), bucket TTL in ms.
+# Reply: {decision (1 = within every budget), current_1, previous_1, current_2, previous_2, ...},
+#   the buckets before the charge for admit/check, after it for charge.
+_SCRIPT = """
+local mode = ARGV[1]
+local n = #KEYS / 2
+local reply = {1}
+
+local function bucket(key)
+  return tonumber(redis.call('GET', key) or '0')
+end
+
+if mode == 'charge' then
+  for i = 1, n do
+    local current_key, previous_key = KEYS[2 * i - 1], KEYS[2 * i]
+    local amount = tonumber(ARGV[2 * i])
+    if amount > 0 then
+      redis.call('INCRBY', current_key, amount)
+      redis.call('PEXPIRE', current_key, ARGV[2 * i + 1])
+    elseif amount < 0 then
+      -- A reservation taken just before a bucket boundary may come back just after it:
+      -- refund the current bucket first, then the previous one, never below zero.
+      local refund = -amount
+      local taken = math.min(bucket(current_key), refund)
+      if taken > 0 then
+        redis.call('DECRBY', current_key, taken)
+      end
+      local rest = math.min(bucket(previous_key), refund - taken)
+      if rest > 0 then
+        redis.call('DECRBY', previous_key, rest)
+      end
+    end
+    reply[2 * i] = bucket(current_key)
+    reply[2 * i + 1] = bucket(previous_key)
+  end
+  return reply
+end
+
+for i = 1, n do
+  local arg = 1 + 5 * (i - 1)
+  local current = bucket(KEYS[2 * i - 1])
+  local previous = bucket(KEYS[2 * i])
+  -- Must match weighted_usage() and is_exceeded() in policy_engine/quota/memory.py.
+  local used = math.floor(current + previous * tonumber(ARGV[arg + 1]))
+  local limit = tonumber(ARGV[arg + 2])
+  local cost = tonumber(ARGV[arg + 3])
+  if ARGV[arg + 4] == '1' then
+    if used >= limit then reply[1] = 0 end
+  elseif used + cost > limit then
+    reply[1] = 0
+  end
+  reply[2 * i] = current
+  reply[2 * i + 1] = previous
+end
+
+if mode == 'admit' and reply[1] == 1 then
+  for i = 1, n do
+    local arg = 1 + 5 * (i - 1)
+    local cost = tonumber(ARGV[arg + 3])
+    if cost > 0 then
+      redis.call('INCRBY', KEYS[2 * i - 1], cost)
+      redis.call('PEXPIRE', KEYS[2 * i - 1], ARGV[arg + 5])
+    end
+  end
+end
+return reply
+"""
+
+
+class RedisStore:
+    """CounterStore on a Redis/Valkey server, through one connection pool.
+
+    `timeout_s` bounds connecting, each reply and the wait for a pooled connection. Commands are
+    not retried: a script whose reply timed out may have charged, and running it again would
+    charge twice. Every failure (connection, timeout, server error) raises StoreUnavailable;
+    broken connections are dropped and replaced on later calls, so the store recovers by itself
+    once the server is back.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "pe:",
+        timeout_s: float = 0.05,
+        clock: Callable[[], float] = time.time,
+        max_connections: int = 64,
+    ) -> None:
+        if "{" in prefix or "}" in prefix:
+            # Cluster hashes the first {...} of a key; braces in the prefix would hide the tag.
+            raise ValueError(f"prefix must not contain braces: {prefix!r}")
+        self._prefix = prefix
+        self._clock = clock
+        self._pool: BlockingConnectionPool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout_s,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._redis: Redis = Redis(connection_pool=self._pool)
+        self._script = self._redis.register_script(_SCRIPT)
+
+    async def admit(self, demands: Sequence[Demand]) -> Admission:
+        validate_demands(demands)
+        # One clock reading for the whole request: every tag, and any refund, uses the same
+        # buckets, so a refund lands exactly where the charge went.
+        now = self._clock()
+        by_tag: dict[str, list[int]] = {}
+        for position, demand in enumerate(demands):
+            by_tag.setdefault(demand.hash_tag, []).append(position)
+
+        states: list[CounterState | None] = [None] * len(demands)
+        charged: list[list[Demand]] = []
+        refused = False
+        try:
+            for positions in by_tag.values():
+                group = [demands[p] for p in positions]
+                decision, buckets = await self._run(
+                    "check" if refused else "admit", *self._admit_args(group, now)
+                )
+                for p, demand, (current, previous) in zip(positions, group, buckets, strict=True):
+                    states[p] = counter_state(demand, now, current, previous)
+                if not refused:
+                    if decision:
+                        charged.append(group)
+                    else:
+                        refused = True
+        except StoreUnavailable:
+            # Best effort only: the server that just failed is unlikely to take the refund.
+            with contextlib.suppress(StoreUnavailable):
+                await self._refund(charged, now)
+            raise
+        if refused:
+            await self._refund(charged, now)
+        return Admission(not refused, tuple(state for state in states if state is not None))
+
+    async def charge(
+        self, counter: str, hash_tag: str, window: float, algorithm: Algorithm, amount: int
+    ) -> int:
+        if window <= 0:
+            raise ValueError(f"counter {counter!r}: window must be positive, got {window}")
+        position = window_position(self._clock(), window)
+        keys = self._keys(hash_tag, counter, position.index)
+        _, buckets = await self._run("charge", keys, [str(amount), str(bucket_ttl_ms(window))])
+        current, previous = buckets[0]
+        return weighted_usage(current, previous, previous_weight(algorithm, position, window))
+
+    async def usage(self, counter: str, hash_tag: str, window: float, algorithm: Algorithm) -> int:
+        # A zero charge only reads: the same script keeps one code path and one round trip.
+        return await self.charge(counter, hash_tag, window, algorithm, 0)
+
+    async def close(self) -> None:
+        await self._redis.aclose(close_connection_pool=True)
+
+    async def _refund(self, groups: list[list[Demand]], now: float) -> None:
+        for group in groups:
+            keys: list[str] = []
+            args: list[str] = []
+            for demand in group:
+                if demand.cost > 0:
+                    keys += self._keys(
+                        demand.hash_tag, demand.counter, window_position(now, demand.window).index
+                    )
+                    args += [str(-demand.cost), str(bucket_ttl_ms(demand.window))]
+            if keys:
+                await self._run("charge", keys, args)
+
+    def _admit_args(self, group: Sequence[Demand], now: float) -> tuple[list[str], list[str]]:
+        keys: list[str] = []
+        args: list[str] = []
+        for demand in group:
+            position = window_position(now, demand.window)
+            keys += self._keys(demand.hash_tag, demand.counter, position.index)
+            args += [
+                # repr is the shortest string that reads back as the same double, so the script
+                # computes the same usage as the client does.
+                repr(previous_weight(demand.algorithm, position, demand.window)),
+                str(demand.limit),
+                str(demand.cost),
+                "1" if demand.refuse_at_limit else "0",
+                str(bucket_ttl_ms(demand.window)),
+            ]
+        return keys, args
+
+    def _keys(self, hash_tag: str, counter: str, index: int) -> list[str]:
+        base = f"{self._prefix}{{{_key_tag(hash_tag)}}}:{counter}:"
+        return [f"{base}{index}", f"{base}{index - 1}"]
+
+    async def _run(self, mode: str, keys: list[str], args: list[str]) -> tuple[bool, list[tuple[int, int]]]:
+        try:
+            reply = await self._script(keys=keys, args=[mode, *args])
+        except (RedisError, OSError) as exc:
+            # OSError covers what the client does not wrap (asyncio's TimeoutError is one).
+            raise StoreUnavailable(f"redis quota store: {type(exc).__name__}: {exc}") from exc
+        values = [int(v) for v in reply]
+        if len(values) != 1 + len(keys):
+            raise StoreUnavailable(f"redis quota store: unexpected script reply {reply!r}")
+        buckets = [(values[i], values[i + 1]) for i in range(1, len(values), 2)]
+        return values[0] == 1, buckets
+
+
+def _key_tag(hash_tag: str) -> str:
+    """The hash tag as written between the braces of a key.
+
+    Tags are request data (a tenant, an API key), so they are escaped rather than rejected: a "}"
+    would end the tag early and an empty tag ("{}") makes Cluster hash the whole key, either of
+    which could scatter a request's counters over several slots and fail the script. "%" is
+    escaped too, and the empty tag becomes a lone "%", which no escaped tag can equal.
+    """
+    if not hash_tag:
+        return "%"
+    return hash_tag.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
