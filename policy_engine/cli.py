@@ -259,6 +259,49 @@ def serve(
         raise typer.Exit(1) from None
 
 
+@app.command("envoy-config")
+def envoy_config(
+    listen_port: Annotated[int, typer.Option(help="Port of the gateway listener.")] = 10000,
+    listen_address: Annotated[str, typer.Option(help="Address of the gateway listener.")] = "0.0.0.0",
+    admin_port: Annotated[int, typer.Option(help="Envoy admin port (bound to 127.0.0.1).")] = 9901,
+    policy: Annotated[str, typer.Option(help="host:port of policy-engine's gRPC port.")] = "127.0.0.1:9001",
+    backend: Annotated[
+        list[str] | None, typer.Option("--backend", help="NAME=HOST:PORT of a model backend (repeat).")
+    ] = None,
+    authz_timeout: Annotated[float, typer.Option(help="Seconds Envoy waits for a decision.")] = 1.0,
+    fail_open: Annotated[bool, typer.Option(help="Let requests through when the service is down.")] = False,
+) -> None:
+    """Print an Envoy bootstrap: ext_authz with the body, token charging, routes on x-pe-route."""
+    import yaml
+
+    from policy_engine.envoy.bootstrap import GatewayConfig, Upstream, bootstrap
+
+    def upstream(text: str, what: str) -> Upstream:
+        host, _, port = text.rpartition(":")
+        if not host or not port.isdigit():
+            err.print(f"{what} must be HOST:PORT, not {text!r}")
+            raise typer.Exit(2)
+        return Upstream(host, int(port))
+
+    backends = {}
+    for item in backend or []:
+        name, sep, address = item.partition("=")
+        if not sep or not name:
+            err.print(f"--backend must be NAME=HOST:PORT, not {item!r}")
+            raise typer.Exit(2)
+        backends[name] = upstream(address, "--backend")
+    config = GatewayConfig(
+        listen_port=listen_port,
+        listen_address=listen_address,
+        admin_port=admin_port,
+        policy=upstream(policy, "--policy"),
+        backends=backends,
+        authz_timeout_s=authz_timeout,
+        failure_mode_allow=fail_open,
+    )
+    sys.stdout.write(yaml.safe_dump(bootstrap(config), sort_keys=False))
+
+
 @app.command()
 def version() -> None:
     """Print the version."""

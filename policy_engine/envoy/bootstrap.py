@@ -82,6 +82,8 @@ class GatewayConfig:
     admin_port: int = 9901
     admin_address: str = "127.0.0.1"
     policy: Upstream = Upstream("127.0.0.1", 9001)
+    # More replicas of the service, load-balanced with `policy` (they share counters in Redis).
+    policy_replicas: tuple[Upstream, ...] = ()
     backends: Mapping[str, Upstream] = field(default_factory=dict)
     authz_timeout_s: float = 1.0
     max_request_bytes: int = 1_048_576
@@ -89,27 +91,19 @@ class GatewayConfig:
     failure_mode_allow: bool = False
 
 
-def _cluster(name: str, upstream: Upstream, http2: bool = False) -> dict[str, Any]:
+def _cluster(
+    name: str, upstream: Upstream, http2: bool = False, replicas: tuple[Upstream, ...] = ()
+) -> dict[str, Any]:
+    hosts = (upstream, *replicas)
+    endpoints = [
+        {"endpoint": {"address": {"socket_address": {"address": host.host, "port_value": host.port}}}}
+        for host in hosts
+    ]
     cluster: dict[str, Any] = {
         "name": name,
-        "type": "STATIC" if upstream.host.replace(".", "").isdigit() else "STRICT_DNS",
+        "type": "STATIC" if all(h.host.replace(".", "").isdigit() for h in hosts) else "STRICT_DNS",
         "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": {
-                                    "socket_address": {"address": upstream.host, "port_value": upstream.port}
-                                }
-                            }
-                        }
-                    ]
-                }
-            ],
-        },
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]},
     }
     if http2:
         cluster["typed_extension_protocol_options"] = {
@@ -233,7 +227,7 @@ def bootstrap(config: GatewayConfig) -> dict[str, Any]:
             }
         ],
     }
-    clusters = [_cluster(POLICY_CLUSTER, config.policy, http2=True)]
+    clusters = [_cluster(POLICY_CLUSTER, config.policy, http2=True, replicas=config.policy_replicas)]
     clusters += [_cluster(f"backend-{name}", upstream) for name, upstream in sorted(config.backends.items())]
     return {
         "admin": {

@@ -1,0 +1,245 @@
+"""Envoy + policy-engine against Envoy alone, measured side by side in one run.
+
+Run: .venv/bin/python bench/gateway.py [--duration 10] [--connections 32] [--rate 1000]
+Needs `wrk` (Debian: apt-get install -y wrk). Traffic goes to 127.0.0.1 only and every
+process started here is stopped at the end.
+
+Both Envoys answer from a direct_response route, so the upstream is not part of the
+measurement: the difference is the ext_authz decision (the example policies, a premium tenant,
+a chat request of ~1 KB) and the rate-limit filter. Two loads:
+- saturation: wrk with N connections as fast as possible → requests/s;
+- fixed rate: wrk with a per-connection delay giving about --rate requests/s → p50/p90/p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.e2e.harness import envoy_binary, free_port, start_service, stop_process, wait_until  # noqa: E402
+
+BACKENDS = ["llama-70b-h100-a", "llama-70b-h100-b", "llama-70b-a100-a", "llama-70b-a100-b"]
+BODY = json.dumps(
+    {
+        "model": "llama-3-70b",
+        "max_tokens": 64,
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant for a platform team."},
+            {"role": "user", "content": "Summarize how the gateway chooses a backend. " * 20},
+        ],
+    }
+)
+OK_BODY = '{"choices": [{"message": {"role": "assistant", "content": "ok"}}]}'
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = {body}
+wrk.headers["content-type"] = "application/json"
+wrk.headers["authorization"] = "Bearer sk-acme-premium-key-0001"
+{delay}
+"""
+
+
+def envoy_config(listen_port: int, policy_port: int | None) -> dict[str, Any]:
+    """The project's bootstrap with every route answered by Envoy itself."""
+    from policy_engine.envoy.bootstrap import GatewayConfig, Upstream, bootstrap
+
+    config = bootstrap(
+        GatewayConfig(
+            listen_port=listen_port,
+            admin_port=0,
+            policy=Upstream("127.0.0.1", policy_port or 1),
+            backends={name: Upstream("127.0.0.1", 1) for name in BACKENDS},
+        )
+    )
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    for route in manager["route_config"]["virtual_hosts"][0]["routes"]:
+        route.pop("route", None)
+        route["direct_response"] = {"status": 200, "body": {"inline_string": OK_BODY}}
+    if policy_port is None:  # Envoy alone: no decision service, no rate-limit filter
+        manager["http_filters"] = [
+            f for f in manager["http_filters"] if f["name"] == "envoy.filters.http.router"
+        ]
+    return config
+
+
+def start_envoy(config: dict[str, Any], workdir: Path, name: str) -> subprocess.Popen[bytes]:
+    import yaml
+
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    process = subprocess.Popen(
+        [
+            envoy_binary(),
+            "-c",
+            str(path),
+            "--disable-hot-restart",
+            "-l",
+            "error",
+            "--concurrency",
+            "2",
+            "--base-id",
+            str(os.getpid() % 10000 + len(name)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    return process
+
+
+def wrk(url: str, duration: int, connections: int, script: Path, threads: int = 2) -> dict[str, float]:
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t",
+            str(threads),
+            "-c",
+            str(connections),
+            "-d",
+            f"{duration}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=duration + 60,
+        check=True,
+    ).stdout
+    result: dict[str, float] = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
+    for label in ("50", "90", "99"):
+        match = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)$", out, re.M)
+        if match:
+            value, unit = float(match.group(1)), match.group(2)
+            result[f"p{label}_ms"] = value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    result["non_2xx"] = float(non2xx.group(1)) if non2xx else 0.0
+    result["requests"] = float(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--rate", type=int, default=1000, help="target requests/s of the fixed-rate load")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed: apt-get install -y wrk")
+
+    workdir = Path(tempfile.mkdtemp(prefix="pe-bench-"))
+    saturate = workdir / "saturate.lua"
+    saturate.write_text(WRK_SCRIPT.format(body=json.dumps(BODY), delay=""))
+    paced_connections = 10
+    delay_ms = max(0.0, paced_connections * 1000 / args.rate)
+    paced = workdir / "paced.lua"
+    paced.write_text(
+        WRK_SCRIPT.format(body=json.dumps(BODY), delay=f"function delay() return {delay_ms} end")
+    )
+
+    print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
+    print(
+        f"machine: {platform.machine()} cores={os.cpu_count()} python={platform.python_version()} "
+        f"load before={os.getloadavg()[0]:.2f}"
+    )
+    rows: list[tuple[str, dict[str, float], dict[str, float]]] = []
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        port = free_port()
+        alone = start_envoy(envoy_config(port, None), workdir, "alone")
+        processes.append(alone)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        wait_until(
+            lambda: subprocess.run(["curl", "-sf", "-o", "/dev/null", "-X", "POST", url]).returncode == 0,
+            20,
+            "envoy alone",
+        )
+        rows.append(
+            (
+                "Envoy alone",
+                wrk(url, args.duration, args.connections, saturate),
+                wrk(url, args.duration, paced_connections, paced, threads=1),
+            )
+        )
+        stop_process(alone)
+        for workers in args.workers:
+            service = start_service(
+                ROOT / "policies", backends=BACKENDS, workers=workers, extra_args=["--no-reload"]
+            )
+            port = free_port()
+            envoy = start_envoy(envoy_config(port, service.port), workdir, f"pe{workers}")
+            processes.append(envoy)
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            probe = [
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "POST",
+                "-d",
+                BODY,
+                "-H",
+                "authorization: Bearer sk-acme-premium-key-0001",
+                url,
+            ]
+            wait_until(
+                lambda probe=probe: subprocess.run(probe, capture_output=True, text=True).stdout == "200",
+                20,
+                "gateway",
+            )
+            time.sleep(0.5)
+            rows.append(
+                (
+                    f"Envoy + policy-engine ({workers} worker{'s' if workers > 1 else ''})",
+                    wrk(url, args.duration, args.connections, saturate),
+                    wrk(url, args.duration, paced_connections, paced, threads=1),
+                )
+            )
+            stop_process(envoy)
+            service.stop()
+    finally:
+        for process in processes:
+            stop_process(process)
+
+    base_sat, base_paced = rows[0][1], rows[0][2]
+    print(
+        f"\nsaturation: wrk -t2 -c{args.connections} -d{args.duration}s; "
+        f"fixed rate: wrk -t1 -c{paced_connections} with {delay_ms:.1f} ms delay per connection "
+        f"(≈{args.rate} req/s)\n"
+    )
+    print(
+        "| setup | saturation req/s | ratio | non-2xx | paced req/s | p50 ms | p90 ms | p99 ms "
+        "| added p99 ms |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, sat, pace in rows:
+        print(
+            f"| {name} | {sat['rps']:.0f} | {sat['rps'] / base_sat['rps']:.2f} | {sat['non_2xx']:.0f} "
+            f"| {pace['rps']:.0f} | {pace.get('p50_ms', 0):.2f} | {pace.get('p90_ms', 0):.2f} "
+            f"| {pace.get('p99_ms', 0):.2f} | {pace.get('p99_ms', 0) - base_paced.get('p99_ms', 0):.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

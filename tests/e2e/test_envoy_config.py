@@ -1,0 +1,75 @@
+"""`policy-engine envoy-config` prints what the end-to-end tests run, and Envoy accepts it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import yaml
+
+from policy_engine.envoy.bootstrap import GatewayConfig, Upstream, bootstrap
+from tests.e2e.harness import ROOT, envoy_binary
+
+
+def test_printed_config_is_the_tested_one_and_valid(tmp_path: object) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "policy_engine",
+            "envoy-config",
+            "--listen-port",
+            "10000",
+            "--backend",
+            "model-a=127.0.0.1:8001",
+            "--backend",
+            "model-b=model-b.models.svc:8000",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
+    printed = yaml.safe_load(result.stdout)
+    expected = bootstrap(
+        GatewayConfig(
+            listen_address="0.0.0.0",
+            backends={
+                "model-a": Upstream("127.0.0.1", 8001),
+                "model-b": Upstream("model-b.models.svc", 8000),
+            },
+        )
+    )
+    assert printed == expected
+    path = tmp_path / "envoy.yaml"  # type: ignore[operator]
+    path.write_text(result.stdout)
+    validated = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path), "-l", "error"], capture_output=True, text=True
+    )
+    assert validated.returncode == 0, validated.stdout + validated.stderr
+    filters = [
+        f["name"]
+        for f in printed["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+            "typed_config"
+        ]["http_filters"]
+    ]
+    assert filters == [
+        "envoy.filters.http.ext_authz",
+        "envoy.filters.http.ratelimit",
+        "envoy.filters.http.lua",
+        "envoy.filters.http.router",
+    ]
+    authz = printed["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+        "http_filters"
+    ][0]["typed_config"]
+    assert authz["clear_route_cache"] is True and authz["with_request_body"]["allow_partial_message"] is True
+
+
+def test_bad_backend_argument_is_a_usage_error() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "policy_engine", "envoy-config", "--backend", "nope"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2 and "NAME=HOST:PORT" in result.stderr

@@ -1,0 +1,104 @@
+"""Shared counters in a real Redis server: two service replicas behind one Envoy, and outages."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from policy_engine.demo.backend import BackendServer
+from tests.e2e.conftest import FREE, PRO
+from tests.e2e.harness import EnvoyProcess, ServiceProcess, start_envoy, start_service
+from tests.redis_server import RedisProcess, start_redis
+
+POLICIES = Path(__file__).resolve().parent / "redis_policies"
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+def redis() -> Iterator[RedisProcess]:
+    server = start_redis()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def replicas(redis: RedisProcess) -> Iterator[tuple[EnvoyProcess, list[ServiceProcess], BackendServer]]:
+    backend = BackendServer("model-a").start()
+    services = [
+        start_service(POLICIES, backends=["model-a"], redis_url=redis.url, extra_args=["--no-reload"])
+        for _ in range(2)
+    ]
+    from policy_engine.envoy.bootstrap import Upstream
+
+    envoy = start_envoy(
+        services[0].port,
+        {"model-a": backend.port},
+        policy_replicas=(Upstream("127.0.0.1", services[1].port),),
+    )
+    yield envoy, services, backend
+    envoy.stop()
+    for service in services:
+        service.stop()
+    backend.stop()
+
+
+def decisions(service: ServiceProcess) -> int:
+    return sum(
+        int(float(v))
+        for v in re.findall(r"^pe_decisions_total\{[^}]*\} ([0-9.e+]+)$", service.metrics(), re.M)
+    )
+
+
+async def burst(url: str, headers: dict[str, str], count: int) -> Counter[int]:
+    limits = httpx.Limits(max_connections=64)
+    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+        responses = await asyncio.gather(
+            *(client.post(f"{url}/v1/chat/completions", json=CHAT, headers=headers) for _ in range(count))
+        )
+    return Counter(r.status_code for r in responses)
+
+
+def test_two_replicas_enforce_one_limit_exactly(
+    replicas: tuple[EnvoyProcess, list[ServiceProcess], BackendServer],
+) -> None:
+    envoy, services, backend = replicas
+    statuses = asyncio.run(burst(envoy.url, FREE, 200))
+    assert statuses == Counter({200: 50, 429: 150})
+    assert backend.requests == 50
+    # Both replicas decided part of the burst: the limit held across processes, not inside one.
+    assert all(decisions(s) > 10 for s in services), [decisions(s) for s in services]
+
+
+def test_redis_outage_follows_on_error_and_recovers(
+    redis: RedisProcess, replicas: tuple[EnvoyProcess, list[ServiceProcess], BackendServer]
+) -> None:
+    envoy, services, _ = replicas
+    url = f"{envoy.url}/v1/chat/completions"
+    assert httpx.post(url, json=CHAT, headers=FREE).status_code == 200
+    redis.stop()
+    closed = httpx.post(url, json=CHAT, headers=FREE)
+    assert closed.status_code == 503, closed.text  # strict: on_error deny
+    assert closed.json()["error"]["code"] == "quota_unavailable" and closed.headers["retry-after"] == "1"
+    opened = httpx.post(url, json=CHAT, headers=PRO)
+    assert opened.status_code == 200  # lenient: on_error allow
+    for service in services:
+        assert service.process.poll() is None, "a service died while Redis was down"
+    assert (
+        sum(
+            float(v)
+            for s in services
+            for v in re.findall(
+                r'^pe_quota_store_errors_total\{operation="admit"\} ([0-9.]+)$', s.metrics(), re.M
+            )
+        )
+        >= 2
+    )
+    redis.restart()  # an empty server: persistence is off
+    statuses = asyncio.run(burst(envoy.url, FREE, 60))
+    assert statuses == Counter({200: 50, 429: 10})  # counting resumed from zero on the new server
