@@ -29,9 +29,10 @@ What it measures, in one process and one run:
   - per expression: one evaluation with the input already converted;
   - per request: converting the input for the engine once (cel-expr-python: building the
     messages from the attributes plus the activations; cel-python: json_to_cel; cel: building
-    the Context) and then evaluating every expression the engine handles, each once. The
-    per-request loops of all engines are interleaved in rounds so drift hits them alike, and
-    every ratio compares an engine with cel-expr-python on exactly the same expressions.
+    the Context) and then evaluating every expression the engine handles, each once; every
+    ratio compares an engine with cel-expr-python on exactly the same expressions.
+  All timed loops run interleaved in `--rounds` rounds, so that drift and noise from other
+  processes hit every engine alike.
   The telemetry snapshot is converted once per snapshot (as MessageBuilder caches it) for
   cel-expr-python and cel-python; a cel.Context cannot share converted values, so cel converts
   it on every request. `backend` (route require/score) is the first candidate, llama-70b-a100-a.
@@ -60,14 +61,19 @@ from typing import Any, NamedTuple
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import cel as rust_cel  # noqa: E402
+# The Rust extension module itself rather than the `cel` package: xds-protos (grpc/envoy
+# dependencies) installs its own, empty cel/__init__.py over common-expression-language's,
+# which then no longer re-exports Context/compile. `cel.cel` works either way.
 import celpy  # noqa: E402
+from cel import cel as rust_cel  # noqa: E402
 from celpy import celtypes  # noqa: E402
+from celpy.adapter import json_to_cel  # noqa: E402
+from celpy.celparser import CELParseError  # noqa: E402
+from celpy.evaluation import CELEvalError  # noqa: E402
 
 from policy_engine.cel import library  # noqa: E402
 from policy_engine.cel.engine import (  # noqa: E402
     CelCompileError,
-    CelEvalError,
     Environment,
     FunctionDef,
 )
@@ -296,8 +302,12 @@ def telemetry_dict(snapshot: TelemetrySnapshot) -> dict[str, Any]:
     )
 
 
-def plain_values(inp: Input, with_body: bool) -> dict[str, Any]:
-    """The request variables (all but telemetry) as plain Python values, field for field."""
+def plain_values(inp: Input, references: frozenset[str]) -> dict[str, Any]:
+    """The request variables (all but telemetry) as plain Python values, field for field.
+
+    Like the pipeline, the body and the chat messages are left empty when no expression of the
+    bundle reads them (`references`).
+    """
     attrs, llm, tenant = inp.attrs, inp.llm, inp.tenant
     request = {
         "id": attrs.id,
@@ -308,7 +318,7 @@ def plain_values(inp: Input, with_body: bool) -> dict[str, Any]:
         "protocol": attrs.protocol,
         "headers": dict(attrs.headers),
         "query": attrs.query,
-        "body": inp.body if with_body else None,
+        "body": inp.body if "body" in references else None,
         "size": attrs.size if attrs.size >= 0 else len(attrs.body),
         "body_truncated": attrs.body_truncated,
         "time": attrs.time,
@@ -324,7 +334,10 @@ def plain_values(inp: Input, with_body: bool) -> dict[str, Any]:
                 "max_tokens": llm.max_tokens,
                 "temperature": llm.temperature,
                 "user": llm.user,
-                "messages": [_checked("ChatMessage", {"role": m.role, "content": m.content}) for m in llm.messages],
+                "messages": [
+                    _checked("ChatMessage", {"role": m.role, "content": m.content})
+                    for m in (llm.messages if "messages" in references else ())
+                ],
                 "prompt": llm.prompt,
                 "prompt_tokens": llm.prompt_tokens,
             },
@@ -402,23 +415,26 @@ class Converted(NamedTuple):
     backend: Any
 
 
-class Unsupported(Exception):
-    """The engine cannot express this (e.g. no dotted custom function names)."""
-
-
 class CompileFailed(Exception):
-    pass
+    """Parse or check error, or a feature the engine lacks."""
 
 
 class EvalFailed(Exception):
-    pass
+    """The engine raised or returned an error at evaluation."""
 
 
 Evaluator = Callable[[Any], Any]
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
+def describe(error: BaseException) -> str:
+    """One short line for the report."""
+    if isinstance(error, CELParseError) and error.line is not None and error.column is not None:
+        source = str(error).splitlines()[0] if str(error) else ""
+        near = source[error.column - 1 : error.column + 11]
+        return f"CELParseError: syntax error at {error.line}:{error.column} near {near!r}"
+    message = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+    message = message.split(" (in activation ", 1)[0]  # celpy appends its whole activation
+    text = message.strip().splitlines()
     detail = text[0] if text else ""
     detail = detail if len(detail) <= 140 else detail[:137] + "..."
     return f"{type(error).__name__}: {detail}"
@@ -427,7 +443,6 @@ def _first_line(error: BaseException) -> str:
 class Engine(ABC):
     label: str
     distribution: str
-    import_name: str
 
     @abstractmethod
     def prepare(self, case: Case) -> Evaluator:
@@ -448,6 +463,10 @@ class Engine(ABC):
     def supports_dotted_functions(self) -> bool:
         return True
 
+    def converted_and_ready(self) -> Converted:
+        """`convert` plus whatever the engine defers to the first evaluation (timed as conversion)."""
+        return self.convert(with_backend=True)
+
     @property
     def version(self) -> str:
         return metadata.version(self.distribution)
@@ -458,7 +477,6 @@ class CelExprPython(Engine):
 
     label = REFERENCE
     distribution = "cel-expr-python"
-    import_name = "cel_expr_python"
 
     def __init__(self, bundle: b.Bundle, inp: Input) -> None:
         self.bundle = bundle
@@ -474,8 +492,8 @@ class CelExprPython(Engine):
         inp, messages = self.input, self.messages
         telemetry, _ = messages.telemetry(inp.snapshot)
         return {
-            "request": messages.request(inp.attrs, inp.body, self.bundle.uses_body),
-            "llm": messages.llm(inp.llm),
+            "request": messages.request(inp.attrs, inp.body, "body" in self.bundle.references),
+            "llm": messages.llm(inp.llm, "messages" in self.bundle.references),
             "source": messages.peer(inp.attrs.source),
             "destination": messages.peer(inp.attrs.destination),
             "tenant": messages.tenant(inp.tenant),
@@ -494,7 +512,9 @@ class CelExprPython(Engine):
         main = self.bundle.env.activation(values)
         if not with_backend:
             return Converted(main, None)
-        return Converted(main, self.bundle.backend_env.activation({**values, "backend": self.scored_backend()}))
+        return Converted(
+            main, self.bundle.backend_env.activation({**values, "backend": self.scored_backend()})
+        )
 
     def convert(self, with_backend: bool) -> Converted:
         return self.activations(self.values(), with_backend)
@@ -535,13 +555,12 @@ def celpy_native(value: Any) -> Any:
 class CelPython(Engine):
     label = "cel-python"
     distribution = "cel-python"
-    import_name = "celpy"
 
-    def __init__(self, definitions: Sequence[FunctionDef], inp: Input, with_body: bool) -> None:
+    def __init__(self, definitions: Sequence[FunctionDef], inp: Input, references: frozenset[str]) -> None:
         self.env = celpy.Environment()
         self.functions = {d.name: self._wrap(dispatcher(d)) for d in definitions}
         self.input = inp
-        self.with_body = with_body
+        self.references = references
         self._snapshot: TelemetrySnapshot | None = None
         self._telemetry: Any = None
         self._backend: Any = None
@@ -549,14 +568,15 @@ class CelPython(Engine):
     @staticmethod
     def _wrap(function: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any) -> Any:
-            return celpy.json_to_cel(function(*(celpy_native(a) for a in args)))
+            return json_to_cel(function(*(celpy_native(a) for a in args)))
 
         return call
 
     def supports_dotted_functions(self) -> bool:
         try:
             program = self.env.program(
-                self.env.compile('bench.probe("x")'), functions={"bench.probe": lambda _: celtypes.BoolType(True)}
+                self.env.compile('bench.probe("x")'),
+                functions={"bench.probe": lambda _: celtypes.BoolType(True)},
             )
             return self.result(program.evaluate({})) is True
         except Exception:
@@ -566,43 +586,43 @@ class CelPython(Engine):
         try:
             ast = self.env.compile(case.source)
         except Exception as error:
-            raise CompileFailed(_first_line(error)) from None
+            raise CompileFailed(describe(error)) from None
         return self.env.program(ast, functions=self.functions).evaluate
 
     def convert(self, with_backend: bool) -> Converted:
         inp = self.input
         if inp.snapshot is not self._snapshot:  # once per snapshot, like MessageBuilder.telemetry
-            self._telemetry = celpy.json_to_cel(telemetry_dict(inp.snapshot))
-            self._backend = celpy.json_to_cel(backend_dict(inp.snapshot.backends[SCORED_BACKEND]))
+            self._telemetry = json_to_cel(telemetry_dict(inp.snapshot))
+            self._backend = json_to_cel(backend_dict(inp.snapshot.backends[SCORED_BACKEND]))
             self._snapshot = inp.snapshot
-        activation = {name: celpy.json_to_cel(value) for name, value in plain_values(inp, self.with_body).items()}
+        activation = {name: json_to_cel(value) for name, value in plain_values(inp, self.references).items()}
         activation["telemetry"] = self._telemetry
         if with_backend:
             activation["backend"] = self._backend
         return Converted(activation, activation)
 
     def result(self, raw: Any) -> Any:
-        if isinstance(raw, celpy.CELEvalError):
-            raise EvalFailed(_first_line(raw))
+        if isinstance(raw, CELEvalError):
+            raise EvalFailed(describe(raw))
         return celpy_native(raw)
 
     def compile_literal(self, source: str) -> Evaluator:
         try:
             program = self.env.program(self.env.compile(source))
         except Exception as error:
-            raise CompileFailed(_first_line(error)) from None
+            raise CompileFailed(describe(error)) from None
         return lambda _: program.evaluate({})
 
 
 class CelRust(Engine):
     label = "cel (Rust)"
     distribution = "common-expression-language"
-    import_name = "cel"
 
-    def __init__(self, definitions: Sequence[FunctionDef], inp: Input, with_body: bool) -> None:
+    def __init__(self, definitions: Sequence[FunctionDef], inp: Input, references: frozenset[str]) -> None:
         self.functions = {d.name: dispatcher(d) for d in definitions}
         self.input = inp
-        self.with_body = with_body
+        self.references = references
+        self._ready = rust_cel.compile("true")
 
     def supports_dotted_functions(self) -> bool:
         try:
@@ -615,17 +635,23 @@ class CelRust(Engine):
         try:
             program = rust_cel.compile(case.source)
         except Exception as error:
-            raise CompileFailed(_first_line(error)) from None
+            raise CompileFailed(describe(error)) from None
         return program.execute
 
     def convert(self, with_backend: bool) -> Converted:
         inp = self.input
-        variables = plain_values(inp, self.with_body)
+        variables = plain_values(inp, self.references)
         variables["telemetry"] = telemetry_dict(inp.snapshot)
         if with_backend:
             variables["backend"] = backend_dict(inp.snapshot.backends[SCORED_BACKEND])
         context = rust_cel.Context(variables=variables, functions=self.functions)
         return Converted(context, context)
+
+    def converted_and_ready(self) -> Converted:
+        # A Context converts its variables into the CEL-side environment at the first evaluation.
+        converted = self.convert(with_backend=True)
+        self._ready.execute(converted.main)
+        return converted
 
     def result(self, raw: Any) -> Any:
         return raw
@@ -634,7 +660,7 @@ class CelRust(Engine):
         try:
             program = rust_cel.compile(source)
         except Exception as error:
-            raise CompileFailed(_first_line(error)) from None
+            raise CompileFailed(describe(error)) from None
         return lambda _: program.execute()
 
 
@@ -642,7 +668,11 @@ class CelRust(Engine):
 # Correctness
 # ---------------------------------------------------------------------------------------------
 
-OK, DIFFERS, UNSUPPORTED, COMPILE_ERROR, EVAL_ERROR = "ok", "differs", "unsupported", "compile error", "eval error"
+OK = "ok"
+DIFFERS = "differs"
+UNSUPPORTED = "unsupported"
+COMPILE_ERROR = "compile error"
+EVAL_ERROR = "eval error"
 
 
 @dataclass
@@ -672,8 +702,8 @@ def evaluate_once(engine: Engine, case: Case, evaluator: Evaluator, converted: C
         return engine.result(raw)
     except EvalFailed:
         raise
-    except (CelEvalError, Exception) as error:
-        raise EvalFailed(_first_line(error)) from None
+    except Exception as error:  # each engine raises its own types
+        raise EvalFailed(describe(error)) from None
 
 
 def check(
@@ -698,8 +728,6 @@ def check(
             status = UNSUPPORTED if calls and not dotted else EVAL_ERROR
             outcomes[case.id] = Outcome(status, detail=str(error))
             continue
-        if calls and not dotted:  # it worked anyway: count it as supported
-            pass
         expected = None if reference is None else reference[case.id]
         if expected is not None and (expected.status != OK or not same(expected.value, value)):
             shown = "error" if expected.status != OK else repr(expected.value)
@@ -740,11 +768,13 @@ def request_runner(engine: Engine, plan: Sequence[tuple[Evaluator, bool]]) -> Ca
 
 
 @dataclass
-class RequestJob:
+class Job:
+    """One timed loop body; jobs are run interleaved so that machine noise hits them alike."""
+
     engine: str
-    subset: str
+    subset: str  # which expressions ("own", "common", "as <engine>", a case id, a step name)
     case_ids: list[str]
-    run: Callable[[], None]
+    run: Callable[[], object]
     samples: list[float] = field(default_factory=list)
 
     @property
@@ -752,7 +782,7 @@ class RequestJob:
         return statistics.median(self.samples)
 
 
-def run_interleaved(jobs: Sequence[RequestJob], iterations: int, rounds: int, warmup: int) -> None:
+def run_interleaved(jobs: Sequence[Job], iterations: int, rounds: int, warmup: int) -> None:
     per_round = max(1, iterations // rounds)
     for job in jobs:
         measure(job.run, 0, warmup)
@@ -775,7 +805,7 @@ PROBES = (
     ("-7 / 2", "truncating division"),
     ("string(1e20)", "double to string"),
     ('{"a": 1}[?"b"].orValue(0)', "optional syntax (policies use it)"),
-    ('"a,b".split(",")', "strings extension"),
+    ('"a,b".split(",")', "strings extension (opt-in cel.stdlib not added)"),
 )
 
 
@@ -800,16 +830,22 @@ def probe(engines: Sequence[Engine]) -> list[dict[str, str]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def machine() -> str:
-    processor = platform.processor()
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                processor = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{platform.machine()} {processor or '?'}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}"
+    return ""
+
+
+def machine() -> str:
+    return (
+        f"{platform.machine()}, platform.processor()={platform.processor()!r} "
+        f"({cpu_model() or 'model unknown'}), os.cpu_count()={os.cpu_count()}, "
+        f"{platform.system()} {platform.release()}"
+    )
 
 
 def short(text: str, width: int) -> str:
@@ -822,15 +858,20 @@ def cell(text: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iterations", type=int, default=1000, help="timed runs per measurement (default 1000)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the per-request loops")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--iterations", type=int, default=800, help="timed runs per measurement (default 800)"
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="rounds the timed loops are interleaved in")
     parser.add_argument("--policies", default=str(ROOT / "policies"), help="policy directory")
     parser.add_argument("--json", dest="json_file", help="write the raw numbers to this file")
     args = parser.parse_args()
     iterations = max(1, args.iterations)
     warmup = max(5, iterations // 10)
 
+    load_before = os.getloadavg()
     bundle = load_bundle(args.policies)
     pipeline = Pipeline(bundle)
     inp = build_input(pipeline)
@@ -841,8 +882,8 @@ def main() -> None:
     reference_engine = CelExprPython(bundle, inp)
     engines: list[Engine] = [
         reference_engine,
-        CelPython(definitions, inp, bundle.uses_body),
-        CelRust(definitions, inp, bundle.uses_body),
+        CelPython(definitions, inp, bundle.references),
+        CelRust(definitions, inp, bundle.references),
     ]
 
     # --- correctness --------------------------------------------------------------------------
@@ -851,16 +892,21 @@ def main() -> None:
     for engine in engines[1:]:
         outcomes[engine.label] = check(engine, cases, definitions, outcomes[REFERENCE])
 
-    # --- per expression -----------------------------------------------------------------------
-    for engine in engines:
-        converted = engine.convert(with_backend=True)
-        for case in cases:
+    # --- per expression, interleaved ---------------------------------------------------------
+    expression_jobs: list[tuple[Outcome, Job]] = []
+    converted = {engine.label: engine.convert(with_backend=True) for engine in engines}
+    for case in cases:  # case by case, so that the engines of one expression run close in time
+        for engine in engines:
             outcome = outcomes[engine.label][case.id]
             if outcome.evaluator is None:
                 continue
-            arg = converted.backend if case.uses_backend else converted.main
-            samples = measure(lambda e=outcome.evaluator, a=arg: e(a), iterations, warmup)
-            outcome.median_us = statistics.median(samples)
+            side = converted[engine.label]
+            arg = side.backend if case.uses_backend else side.main
+            run = (lambda e, a: lambda: e(a))(outcome.evaluator, arg)
+            expression_jobs.append((outcome, Job(engine.label, case.id, [case.id], run)))
+    run_interleaved([j for _, j in expression_jobs], iterations, args.rounds, warmup)
+    for outcome, expression_job in expression_jobs:
+        outcome.median_us = expression_job.median_us
 
     # --- per request, interleaved -------------------------------------------------------------
     def plan(engine: Engine, ids: Sequence[str]) -> list[tuple[Evaluator, bool]]:
@@ -875,46 +921,55 @@ def main() -> None:
         e.label: [c.id for c in cases if outcomes[e.label][c.id].evaluator is not None] for e in engines
     }
     common = [c.id for c in cases if all(outcomes[e.label][c.id].status == OK for e in engines)]
-    jobs: list[RequestJob] = []
+    jobs: list[Job] = []
     for engine in engines:
         ids = evaluated[engine.label]
-        jobs.append(RequestJob(engine.label, "own", ids, request_runner(engine, plan(engine, ids))))
+        jobs.append(Job(engine.label, "own", ids, request_runner(engine, plan(engine, ids))))
         if engine is not reference_engine:
             jobs.append(
-                RequestJob(REFERENCE, f"as {engine.label}", ids, request_runner(reference_engine, plan(reference_engine, ids)))
+                Job(
+                    REFERENCE,
+                    f"as {engine.label}",
+                    ids,
+                    request_runner(reference_engine, plan(reference_engine, ids)),
+                )
             )
-        jobs.append(RequestJob(engine.label, "common", common, request_runner(engine, plan(engine, common))))
-    conversions = {
-        e.label: RequestJob(e.label, "conversion", [], lambda e=e: e.convert(with_backend=True)) for e in engines
-    }
-    run_interleaved([*jobs, *conversions.values()], iterations, args.rounds, warmup)
+        jobs.append(Job(engine.label, "common", common, request_runner(engine, plan(engine, common))))
+    conversions = {e.label: Job(e.label, "conversion", [], e.converted_and_ready) for e in engines}
 
-    def job(engine: str, subset: str) -> RequestJob:
-        return next(j for j in jobs if j.engine == engine and j.subset == subset)
-
-    # --- cel-expr-python breakdown --------------------------------------------------------------
+    # cel-expr-python step by step: (c) messages, (a) activations, (b) evaluations on reused activations
     values = reference_engine.values()
     backend_values = {**values, "backend": reference_engine.scored_backend()}
     main_act, backend_act = reference_engine.activations(values, with_backend=True)
-    reference_plan = [
-        (outcomes[REFERENCE][c.id].evaluator, c.uses_backend)
-        for c in cases
-        if outcomes[REFERENCE][c.id].evaluator is not None
-    ]
+    reference_plan = plan(reference_engine, evaluated[REFERENCE])
 
     def eval_all() -> None:
         for evaluate, uses_backend in reference_plan:
-            assert evaluate is not None
             evaluate(backend_act if uses_backend else main_act)
 
-    breakdown = {
-        "(c) build messages from attributes (MessageBuilder)": measure(reference_engine.values, iterations, warmup),
-        "(a) bundle.env.activation(values)": measure(lambda: bundle.env.activation(values), iterations, warmup),
-        "(a) bundle.backend_env.activation(values + backend)": measure(
-            lambda: bundle.backend_env.activation(backend_values), iterations, warmup
+    steps = [
+        Job(
+            REFERENCE,
+            "(c) build the messages from the attributes (MessageBuilder)",
+            [],
+            reference_engine.values,
         ),
-        f"(b) evaluate all {len(reference_plan)} expressions": measure(eval_all, iterations, warmup),
-    }
+        Job(REFERENCE, "(a) bundle.env.activation(values)", [], lambda: bundle.env.activation(values)),
+        Job(
+            REFERENCE,
+            "(a) bundle.backend_env.activation(values + backend)",
+            [],
+            lambda: bundle.backend_env.activation(backend_values),
+        ),
+        Job(
+            REFERENCE, f"(b) evaluate all {len(reference_plan)} expressions, activations reused", [], eval_all
+        ),
+    ]
+    run_interleaved([*jobs, *conversions.values(), *steps], iterations, args.rounds, warmup)
+
+    def job(engine: str, subset: str) -> Job:
+        return next(j for j in jobs if j.engine == engine and j.subset == subset)
+
     noop = measure(lambda: None, iterations, warmup)
     probes = probe(engines)
 
@@ -925,6 +980,11 @@ def main() -> None:
     print(f"command: `{shlex.join([sys.executable, *sys.argv])}`")
     print(f"python: {platform.python_implementation()} {platform.python_version()}")
     print(f"machine: {machine()}")
+    load_after = os.getloadavg()
+    print(
+        f"load average (1 min) before/after: {load_before[0]:.2f}/{load_after[0]:.2f} "
+        "(other processes compete with the timings when it exceeds the CPU count)"
+    )
     print("packages: " + ", ".join(f"{name} {version}" for name, version in versions.items()))
     print(
         f"bundle: {bundle.version} from {args.policies}: {len(bundle.policies())} policies, "
@@ -936,10 +996,12 @@ def main() -> None:
         f"{inp.llm.prompt_tokens} tokens est.), tenant {inp.tenant.id} ({inp.tenant.tier}), "
         f"{len(inp.snapshot.backends)} backends, canary {dict(inp.canary)}"
     )
-    outcome_text = f"allow → {decision.route}" if decision.allowed else f"deny {decision.status} {decision.reason}"
+    outcome_text = (
+        f"allow → {decision.route}" if decision.allowed else f"deny {decision.status} {decision.reason}"
+    )
     print(f"pipeline decision for this input: {outcome_text}")
     print(
-        f"iterations: {iterations} per measurement after {warmup} warm-up calls; per-request loops "
+        f"iterations: {iterations} per measurement after {warmup} warm-up calls; all timed loops "
         f"interleaved in {args.rounds} rounds; no-op loop {statistics.median(noop):.2f} µs\n"
     )
 
@@ -954,7 +1016,7 @@ def main() -> None:
         statuses = [o.status for o in outcomes[engine.label].values()]
         own = job(engine.label, "own")
         versus = own if engine is reference_engine else job(REFERENCE, f"as {engine.label}")
-        row = {
+        row: dict[str, Any] = {
             "version": engine.version,
             "compiled_ok": len(cases) - statuses.count(UNSUPPORTED) - statuses.count(COMPILE_ERROR),
             "unsupported": statuses.count(UNSUPPORTED),
@@ -973,12 +1035,15 @@ def main() -> None:
             f"| {engine.label} | {row['version']} | {row['compiled_ok']}/{len(cases)} | {row['unsupported']} "
             f"| {errored} ({row['compile_errors']} compile, {row['eval_errors']} eval) | {row['differ']} "
             f"| {row['conversion_us']:.1f} | {row['per_request_us']:.1f} ({row['per_request_exprs']}) "
-            f"| {row['reference_same_exprs_us']:.1f} | {row['ratio']:.2f}× |"
+            f"| {row['reference_same_exprs_us']:.1f} | {row['ratio']:.2f}x |"
         )
     print(
-        "\nper request = convert the input once + evaluate each expression the engine can run "
-        "(compiled, no error) once; ratio = that time / cel-expr-python's time on the same expressions, "
-        "both measured in this run.\n"
+        "\n- per request = convert the input once + evaluate once each expression the engine can run "
+        "(compiled, no error); ratio = that time / cel-expr-python's time on the same expressions, both "
+        "measured in this run.\n"
+        "- input conversion: cel-expr-python builds the messages and both activations; cel-python runs "
+        "json_to_cel (telemetry cached per snapshot); cel builds a Context and evaluates `true` once, "
+        "because a Context converts its variables at the first evaluation.\n"
     )
     reference_common = job(REFERENCE, "common").median_us
     print(f"## Expressions every engine evaluates to the same result ({len(common)} of {len(cases)})\n")
@@ -986,13 +1051,15 @@ def main() -> None:
     print("|---|---:|---:|")
     for engine in engines:
         median = job(engine.label, "common").median_us
-        print(f"| {engine.label} | {median:.1f} | {median / reference_common:.2f}× |")
+        print(f"| {engine.label} | {median:.1f} | {median / reference_common:.2f}x |")
 
     print("\n## cel-expr-python per request, step by step\n")
     print("| step | median µs |")
     print("|---|---:|")
-    for step, samples in breakdown.items():
-        print(f"| {step} | {statistics.median(samples):.1f} |")
+    for step in steps:
+        print(f"| {step.subset} | {step.median_us:.1f} |")
+    total = job(REFERENCE, "own").median_us
+    print(f"| per request: (c) + (a) + (b) on fresh activations (the summary's total) | {total:.1f} |")
 
     print("\n## Per expression: median µs of one evaluation (input already converted)\n")
     header = " | ".join(e.label for e in engines)
@@ -1044,6 +1111,7 @@ def main() -> None:
             "machine": machine(),
             "processor": platform.processor(),
             "cpu_count": os.cpu_count(),
+            "load_average_before_after": [load_before[0], load_after[0]],
             "packages": versions,
             "iterations": iterations,
             "rounds": args.rounds,
@@ -1052,11 +1120,21 @@ def main() -> None:
             "summary": summary,
             "common_case_ids": common,
             "per_request": [
-                {"engine": j.engine, "subset": j.subset, "cases": j.case_ids, "median_us": j.median_us, "samples_us": j.samples}
+                {
+                    "engine": j.engine,
+                    "subset": j.subset,
+                    "cases": j.case_ids,
+                    "median_us": j.median_us,
+                    "samples_us": j.samples,
+                }
                 for j in jobs
             ],
-            "conversion": {label: {"median_us": j.median_us, "samples_us": j.samples} for label, j in conversions.items()},
-            "reference_breakdown_us": {step: statistics.median(samples) for step, samples in breakdown.items()},
+            "conversion": {
+                label: {"median_us": j.median_us, "samples_us": j.samples} for label, j in conversions.items()
+            },
+            "reference_steps": {
+                step.subset: {"median_us": step.median_us, "samples_us": step.samples} for step in steps
+            },
             "expressions": [
                 {
                     "id": case.id,
