@@ -1,0 +1,59 @@
+"""--workers N: processes share the gRPC port, metrics are aggregated, SIGTERM stops them all."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import httpx
+
+from policy_engine.demo.backend import BackendServer
+from tests.e2e.conftest import PRO, TOKEN_POLICIES
+from tests.e2e.harness import start_envoy, start_service
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_two_workers_share_the_port(tmp_path: object) -> None:
+    backend = BackendServer("model-a").start()
+    backend.behaviour.completion_tokens = 1  # the pro output budget (70) must outlast the 40 requests
+    service = start_service(
+        TOKEN_POLICIES, backends=["model-a", "model-b"], workers=2, extra_args=["--no-reload"]
+    )
+    envoy = start_envoy(service.port, {"model-a": backend.port})
+    try:
+        workers = children(service.process.pid)
+        assert len(workers) >= 2, workers
+        with httpx.Client() as client:
+            statuses = [
+                client.post(f"{envoy.url}/v1/chat/completions", json=CHAT, headers=PRO).status_code
+                for _ in range(40)
+            ]
+        assert statuses == [200] * 40
+        metrics = service.metrics()
+        total = sum(
+            float(v)
+            for v in re.findall(
+                r'^pe_decisions_total\{reason="ok",result="allow"\} ([0-9.]+)$', metrics, re.M
+            )
+        )
+        assert total == 40, metrics
+    finally:
+        envoy.stop()
+        code = service.stop()
+        backend.stop()
+    assert code == 0
+    assert all(not _alive(p) for p in workers), "a worker outlived the service"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split()[2] != "Z"
+    except OSError:
+        return False
