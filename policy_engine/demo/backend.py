@@ -4,26 +4,105 @@ Answers chat and completion requests (JSON or an SSE stream with a final `usage`
 `stream_options.include_usage` is set) and embeddings, each reporting token usage the way
 vLLM and hosted APIs do. Every answer names the backend in `x-backend`, so a test can see
 where Envoy sent a request. Behaviour can be changed at run time with POST /admin/config.
+
+It also behaves like a loaded model server, enough for live telemetry to have something to see:
+at most `capacity` requests are served at once and the rest wait in a FIFO queue, each served
+request takes `latency_ms` (the "prefill" before the first token), `error_rate` of the requests
+fail with 500, and `paused` makes the whole server hang (connections are accepted, nothing is
+answered) except the admin endpoint, so a test can unpause it. GET /metrics exports vLLM's metric
+names: `vllm:num_requests_running`, `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`
+(running / capacity), the `vllm:time_to_first_token_seconds` and `vllm:e2e_request_latency_seconds`
+histograms, and request and token counters.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import threading
 import time
-from dataclasses import asdict, dataclass
+from collections import deque
+from dataclasses import asdict, dataclass, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
 from policy_engine.cel.library import estimate_tokens
+
+# vLLM's own bucket bounds, so scrapers see the layout they would see in production.
+TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)  # fmt: skip
+E2E_BUCKETS = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+    120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
+)  # fmt: skip
+# How often blocked requests re-read the behaviour: tests may change fields directly,
+# without the admin endpoint's notification.
+_POLL_S = 0.05
 
 
 @dataclass
 class BackendBehaviour:
     completion_tokens: int = 20
-    latency_ms: float = 0.0
+    latency_ms: float = 0.0  # per served request, after it leaves the queue
     chunk_delay_ms: float = 0.0  # between SSE chunks
-    status: int = 200
+    status: int = 200  # any other value answers every request with it
+    capacity: int = 8  # requests served at once; more wait in the queue (0 or less: unlimited)
+    error_rate: float = 0.0  # fraction of served requests answered 500
+    paused: bool = False  # hang: accept connections, answer nothing but /admin/config
+
+
+class _Metrics:
+    def __init__(self, backend: BackendServer) -> None:
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        model = ["model_name"]
+        name = backend.name
+        Gauge("vllm:num_requests_running", "Requests being served.", model, registry=registry).labels(
+            name
+        ).set_function(lambda: backend.running)
+        Gauge("vllm:num_requests_waiting", "Requests waiting to be served.", model, registry=registry).labels(
+            name
+        ).set_function(lambda: backend.waiting)
+        Gauge("vllm:kv_cache_usage_perc", "KV-cache usage, 0..1.", model, registry=registry).labels(
+            name
+        ).set_function(backend.kv_cache_usage)
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds",
+            "Time to first token.",
+            model,
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        ).labels(name)
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds",
+            "End-to-end request latency.",
+            model,
+            buckets=E2E_BUCKETS,
+            registry=registry,
+        ).labels(name)
+        self.success = Counter(
+            "vllm:request_success", "Finished requests.", [*model, "finished_reason"], registry=registry
+        ).labels(name, "stop")
+        self.prompt_tokens = Counter(
+            "vllm:prompt_tokens", "Prefill tokens processed.", model, registry=registry
+        ).labels(name)
+        self.generation_tokens = Counter(
+            "vllm:generation_tokens", "Generation tokens processed.", model, registry=registry
+        ).labels(name)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that gave up on a slow or paused backend is expected here, not an error.
+        return
 
 
 class BackendServer:
@@ -34,27 +113,124 @@ class BackendServer:
         self.behaviour = behaviour or BackendBehaviour()
         self.requests = 0
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), _handler(self))
-        self._server.daemon_threads = True
+        self._slots = threading.Condition()
+        self._running = 0
+        self._queue: deque[object] = deque()
+        self._stopping = False
+        self._random = random.Random()
+        self.metrics = _Metrics(self)
+        self._server = _Server(("127.0.0.1", port), _handler(self))
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name=f"backend-{name}", daemon=True
+            # A short poll interval only makes stop() quicker (shutdown waits for the next poll).
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name=f"backend-{name}",
+            daemon=True,
         )
 
     @property
     def port(self) -> int:
         return int(self._server.server_address[1])
 
+    @property
+    def running(self) -> int:
+        return self._running
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    def kv_cache_usage(self) -> float:
+        capacity = self.behaviour.capacity
+        return min(self._running / capacity, 1.0) if capacity > 0 else 0.0
+
     def start(self) -> BackendServer:
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
+        with self._slots:
+            self._stopping = True  # releases paused and queued requests
+            self._slots.notify_all()
+        if self._thread.is_alive():
+            self._server.shutdown()
         self._server.server_close()
 
     def count(self) -> None:
         with self._lock:
             self.requests += 1
+
+    def changed(self) -> None:
+        """Wake blocked requests now instead of at their next poll (capacity, pause)."""
+        with self._slots:
+            self._slots.notify_all()
+
+    def hold(self) -> bool:
+        """Block while paused; False if the server is stopping."""
+        with self._slots:
+            while self.behaviour.paused and not self._stopping:
+                self._slots.wait(_POLL_S)
+            return not self._stopping
+
+    def admit(self) -> bool:
+        """Wait for a serving slot in arrival order; False if the server is stopping."""
+        ticket = object()
+        with self._slots:
+            self._queue.append(ticket)
+            try:
+                while not self._stopping:
+                    capacity = self.behaviour.capacity
+                    free = capacity <= 0 or self._running < capacity
+                    if free and not self.behaviour.paused and self._queue[0] is ticket:
+                        self._queue.popleft()
+                        self._running += 1
+                        self._slots.notify_all()  # the next in line may fit too
+                        return True
+                    self._slots.wait(_POLL_S)
+                return False
+            finally:
+                if ticket in self._queue:
+                    self._queue.remove(ticket)
+                    self._slots.notify_all()
+
+    def release(self) -> None:
+        with self._slots:
+            self._running -= 1
+            self._slots.notify_all()
+
+    def fails(self) -> bool:
+        rate = self.behaviour.error_rate
+        return rate > 0 and self._random.random() < rate
+
+    def configure(self, changes: dict[str, Any]) -> None:
+        """Apply admin changes to known behaviour fields; ValueError on a bad value."""
+        known = {f.name: f for f in fields(BackendBehaviour)}
+        parsed: dict[str, Any] = {}
+        for key, value in changes.items():
+            if key not in known:
+                continue
+            current = getattr(self.behaviour, key)
+            if isinstance(current, bool):
+                parsed[key] = _boolean(value)
+            elif isinstance(value, bool) or not isinstance(value, int | float | str):
+                raise ValueError(f"{key}: expected a number, got {value!r}")
+            else:
+                parsed[key] = type(current)(float(value)) if isinstance(current, int) else float(value)
+        for key, value in parsed.items():
+            setattr(self.behaviour, key, value)
+        self.changed()
+
+
+def _boolean(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off", ""):
+        return False
+    raise ValueError(f"expected a boolean, got {value!r}")
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
@@ -69,23 +245,34 @@ def _handler(backend: BackendServer) -> type[BaseHTTPRequestHandler]:
             return  # tests and the demo report traffic themselves
 
         def _send_json(self, status: int, payload: dict[str, Any]) -> None:
-            body = json.dumps(payload).encode()
+            self._send(status, json.dumps(payload).encode(), "application/json")
+
+        def _send(self, status: int, body: bytes, content_type: str) -> None:
             self.send_response(status)
-            self.send_header("content-type", "application/json")
+            self.send_header("content-type", content_type)
             self.send_header("content-length", str(len(body)))
             self.send_header("x-backend", backend.name)
             self.end_headers()
             self.wfile.write(body)
 
+        def _hung_up(self) -> None:
+            self.close_connection = True  # the server is stopping: drop the request unanswered
+
         def do_GET(self) -> None:
-            if self.path == "/health":
-                self._send_json(200, {"status": "ok", "backend": backend.name})
-            elif self.path == "/admin/config":
+            if self.path == "/admin/config":
                 self._send_json(200, asdict(backend.behaviour))
+                return
+            if not backend.hold():
+                self._hung_up()
+            elif self.path == "/health":
+                self._send_json(200, {"status": "ok", "backend": backend.name})
+            elif self.path == "/metrics":
+                self._send(200, backend.metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8")
             else:
                 self._send_json(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
 
         def do_POST(self) -> None:
+            arrived = time.monotonic()
             length = int(self.headers.get("content-length") or 0)
             raw = self.rfile.read(length) if length else b""
             try:
@@ -95,19 +282,29 @@ def _handler(backend: BackendServer) -> type[BaseHTTPRequestHandler]:
             if not isinstance(body, dict):
                 body = {}
             if self.path == "/admin/config":
-                for key, value in body.items():
-                    if hasattr(backend.behaviour, key):
-                        setattr(backend.behaviour, key, type(getattr(backend.behaviour, key))(value))
+                try:
+                    backend.configure(body)
+                except (TypeError, ValueError) as error:
+                    self._send_json(400, {"error": {"message": str(error), "type": "invalid_request_error"}})
+                    return
                 self._send_json(200, asdict(backend.behaviour))
                 return
             backend.count()
+            if not backend.hold() or not backend.admit():
+                self._hung_up()
+                return
+            try:
+                self._serve(body, arrived)
+            finally:
+                backend.release()
+
+        def _serve(self, body: dict[str, Any], arrived: float) -> None:
             behaviour = backend.behaviour
             if behaviour.latency_ms:
                 time.sleep(behaviour.latency_ms / 1000)
-            if behaviour.status != 200:
-                self._send_json(
-                    behaviour.status, {"error": {"message": "backend error", "type": "server_error"}}
-                )
+            if behaviour.status != 200 or backend.fails():
+                status = behaviour.status if behaviour.status != 200 else 500
+                self._send_json(status, {"error": {"message": "backend error", "type": "server_error"}})
                 return
             model = str(body.get("model", ""))
             if self.path.endswith("/embeddings"):
@@ -120,6 +317,7 @@ def _handler(backend: BackendServer) -> type[BaseHTTPRequestHandler]:
                 self._send_json(
                     200, {"object": "list", "data": data, "model": model, "usage": _usage(prompt, 0)}
                 )
+                self._finished(arrived, prompt, 0)
                 return
             messages = body.get("messages")
             text = (
@@ -129,10 +327,12 @@ def _handler(backend: BackendServer) -> type[BaseHTTPRequestHandler]:
             )
             prompt = estimate_tokens(text)
             completion = behaviour.completion_tokens
+            backend.metrics.ttft.observe(time.monotonic() - arrived)
             if body.get("stream") is True:
                 options = body.get("stream_options")
                 include_usage = isinstance(options, dict) and options.get("include_usage") is True
                 self._stream(model, prompt, completion, include_usage, behaviour.chunk_delay_ms)
+                self._finished(arrived, prompt, completion)
                 return
             answer = " ".join(["token"] * completion)
             self._send_json(
@@ -152,6 +352,14 @@ def _handler(backend: BackendServer) -> type[BaseHTTPRequestHandler]:
                     "usage": _usage(prompt, completion),
                 },
             )
+            self._finished(arrived, prompt, completion)
+
+        def _finished(self, arrived: float, prompt: int, completion: int) -> None:
+            metrics = backend.metrics
+            metrics.e2e.observe(time.monotonic() - arrived)
+            metrics.success.inc()
+            metrics.prompt_tokens.inc(prompt)
+            metrics.generation_tokens.inc(completion)
 
         def _chunk(self, data: bytes) -> None:
             self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
@@ -174,6 +382,9 @@ def _handler(backend: BackendServer) -> type[BaseHTTPRequestHandler]:
                 self._chunk(f"data: {json.dumps(event)}\n\n".encode())
                 if delay_ms and index < completion - 1:
                     time.sleep(delay_ms / 1000)
+                if not backend.hold():  # a pause also freezes streams already under way
+                    self.close_connection = True
+                    return
             if include_usage:
                 final = {
                     "object": "chat.completion.chunk",

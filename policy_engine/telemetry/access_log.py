@@ -1,0 +1,224 @@
+"""Envoy's gRPC access-log stream (`AccessLogService/StreamAccessLogs`) as telemetry.
+
+Each `HTTPAccessLogEntry` of a request Envoy routed to a backend cluster becomes one
+`RequestObservation`. What is read from the entry (`AccessLogCommon` unless noted):
+
+* backend: `upstream_cluster` minus the `backend-` prefix (the project's bootstrap names backend
+  clusters `backend-<name>`); other clusters and unknown backends are ignored. Envoy sets
+  `upstream_cluster` only when it picked a host, so without one (`no_healthy_upstream`) the
+  entry's `route_name` is read the same way: name each backend route like its cluster.
+* status: `response.response_code`.
+* latency: `time_to_last_upstream_rx_byte - time_to_first_upstream_tx_byte`, the time the backend
+  had the request. The downstream total (`time_to_last_downstream_tx_byte`, else `duration`)
+  would add the policy decision and slow clients; it stands in only where the upstream end is
+  missing (a timeout, a client that gave up).
+* TTFT proxy: `time_to_first_upstream_rx_byte - time_to_first_upstream_tx_byte`. For a JSON answer
+  the first byte arrives with the whole response, so when the response's `content-type` is logged
+  (`additional_response_headers_to_log`) only `text/event-stream` answers count.
+* connect failure: response flags `upstream_connection_failure`, `upstream_connection_termination`,
+  `upstream_remote_reset`, `no_healthy_upstream`.
+* tokens: dynamic metadata `policy_engine.usage` (`prompt_tokens`, `completion_tokens`,
+  `total_tokens`), set by the bootstrap's Lua filter; Envoy's gRPC logger sends the request's
+  dynamic metadata in `metadata` by default.
+
+Entries that never reached a backend are ignored: Envoy's local replies (an ext_authz denial, a
+rate-limit 429, a shed request) may still name the route's cluster, and counting them would make a
+backend look fast and busy. An entry counts when an upstream was tried: an upstream address or a
+first upstream byte sent, an attempt count, or a connect-failure/timeout flag. Intermediate
+(periodic) entries of long streams are ignored; only the final entry describes the outcome.
+
+A message that cannot be decoded, or an entry that cannot be read, is counted and skipped: the
+stream never fails because of its content. Register with `add_to_server` (not the generated
+helper) so that decoding happens here, per message, instead of failing the whole stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+
+from policy_engine.telemetry.hub import TelemetryHub
+from policy_engine.telemetry.observations import RequestObservation
+
+log = logging.getLogger("policy_engine.telemetry.access_log")
+
+METHOD = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
+USAGE_NAMESPACE = "policy_engine.usage"
+BACKEND_CLUSTER_PREFIX = "backend-"
+_CONNECT_FLAGS = (
+    "upstream_connection_failure",
+    "upstream_connection_termination",
+    "upstream_remote_reset",
+    "no_healthy_upstream",
+)
+_FINAL_TYPES = frozenset(
+    {
+        accesslog_pb2.AccessLogType.NotSet,
+        accesslog_pb2.AccessLogType.DownstreamEnd,
+        accesslog_pb2.AccessLogType.UpstreamEnd,
+    }
+)
+
+
+def strip_prefix(prefix: str = BACKEND_CLUSTER_PREFIX) -> Callable[[str], str | None]:
+    """Cluster name → backend name for clusters named `<prefix><backend>`, else None."""
+
+    def backend(cluster: str) -> str | None:
+        return cluster[len(prefix) :] if cluster.startswith(prefix) and len(cluster) > len(prefix) else None
+
+    return backend
+
+
+def _ms(message: Any, name: str) -> float | None:
+    if not message.HasField(name):
+        return None
+    duration = getattr(message, name)
+    return float(duration.seconds) * 1000.0 + float(duration.nanos) / 1e6
+
+
+def _tokens(common: Any) -> tuple[int, int, int]:
+    namespaces = common.metadata.filter_metadata
+    if USAGE_NAMESPACE not in namespaces:
+        return 0, 0, 0
+    fields = namespaces[USAGE_NAMESPACE].fields
+
+    def number(key: str) -> int:
+        if key not in fields or fields[key].WhichOneof("kind") != "number_value":
+            return 0
+        value = fields[key].number_value
+        return int(value) if 0 <= value < 2**53 else 0
+
+    return number("prompt_tokens"), number("completion_tokens"), number("total_tokens")
+
+
+def parse_entry(
+    entry: Any, backend_of: Callable[[str], str | None] | None = None
+) -> RequestObservation | None:
+    """One `HTTPAccessLogEntry` → an observation, or None if it says nothing about a backend."""
+    common = entry.common_properties
+    if common.intermediate_log_entry or common.access_log_type not in _FINAL_TYPES:
+        return None
+    # Envoy fills upstream_cluster only once a host was picked; `no_healthy_upstream` has none,
+    # so the route's name (when routes are named like their clusters) stands in.
+    backend = (backend_of or strip_prefix())(common.upstream_cluster or common.route_name)
+    if backend is None:
+        return None
+    flags = common.response_flags
+    connect_failure = any(getattr(flags, flag) for flag in _CONNECT_FLAGS)
+    attempted = (
+        connect_failure
+        or flags.upstream_request_timeout
+        or common.HasField("upstream_remote_address")
+        or common.HasField("time_to_first_upstream_tx_byte")
+        or common.upstream_request_attempt_count > 0
+    )
+    if not attempted:
+        return None
+    response = entry.response
+    status = int(response.response_code.value) if response.HasField("response_code") else 0
+    sent = _ms(common, "time_to_first_upstream_tx_byte") or 0.0
+    latency: float | None = None
+    ttft: float | None = None
+    if not connect_failure:
+        end = _ms(common, "time_to_last_upstream_rx_byte")
+        if end is None:
+            end = _ms(common, "time_to_last_downstream_tx_byte") or _ms(common, "duration")
+        if end is not None and end >= sent:
+            latency = end - sent
+        first = _ms(common, "time_to_first_upstream_rx_byte")
+        content_type = response.response_headers.get("content-type")
+        streamed = content_type is None or content_type.startswith("text/event-stream")
+        if first is not None and first >= sent and streamed:
+            ttft = first - sent
+    prompt, completion, total = _tokens(common)
+    return RequestObservation(
+        backend=backend,
+        status=status,
+        latency_ms=latency,
+        ttft_ms=ttft,
+        connect_failure=connect_failure,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=total,
+    )
+
+
+@dataclass
+class IngestCounters:
+    messages: int = 0
+    entries: int = 0
+    observed: int = 0
+    ignored: int = 0  # local replies, intermediate entries, clusters that are not backends
+    unknown_backend: int = 0
+    malformed: int = 0  # undecodable messages and unreadable entries
+    streams: int = 0
+
+
+class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
+    """Feeds the hub from Envoy's `envoy.access_loggers.http_grpc` streams."""
+
+    def __init__(self, hub: TelemetryHub, backend_of: Callable[[str], str | None] | None = None) -> None:
+        self._hub = hub
+        self._backend_of = backend_of or strip_prefix()
+        self.counters = IngestCounters()
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Register with raw-bytes requests, so one bad message cannot end the stream."""
+        handler: grpc.RpcMethodHandler[Any, Any] = grpc.stream_unary_rpc_method_handler(
+            self.StreamAccessLogs,
+            request_deserializer=None,
+            response_serializer=als_pb2.StreamAccessLogsResponse.SerializeToString,
+        )
+        service = grpc.method_handlers_generic_handler(
+            "envoy.service.accesslog.v3.AccessLogService", {"StreamAccessLogs": handler}
+        )
+        server.add_generic_rpc_handlers((service,))
+
+    async def StreamAccessLogs(
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> als_pb2.StreamAccessLogsResponse:
+        self.counters.streams += 1
+        async for message in request_iterator:
+            self.ingest(message)
+        # Envoy keeps the stream open for good; an answer only comes when it closes the stream.
+        return als_pb2.StreamAccessLogsResponse()
+
+    def ingest(self, message: Any) -> int:
+        """One stream message (decoded or raw bytes) → number of observations the hub took."""
+        self.counters.messages += 1
+        if isinstance(message, bytes | bytearray | memoryview):
+            try:
+                message = als_pb2.StreamAccessLogsMessage.FromString(bytes(message))
+            except Exception:
+                self.counters.malformed += 1
+                log.debug("undecodable access-log message of %d bytes", len(message))
+                return 0
+        try:
+            entries = list(message.http_logs.log_entry)
+        except Exception:
+            self.counters.malformed += 1
+            return 0
+        taken = 0
+        for entry in entries:
+            self.counters.entries += 1
+            try:
+                observation = parse_entry(entry, self._backend_of)
+                accepted = observation is not None and self._hub.observe(observation)
+            except Exception:
+                self.counters.malformed += 1
+                log.debug("unreadable access-log entry", exc_info=True)
+                continue
+            if observation is None:
+                self.counters.ignored += 1
+            elif accepted:
+                self.counters.observed += 1
+                taken += 1
+            else:
+                self.counters.unknown_backend += 1
+        return taken

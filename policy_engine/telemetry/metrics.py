@@ -1,0 +1,76 @@
+"""Prometheus view of the telemetry itself: what the decisions see, and how fresh it is.
+
+Register `TelemetryCollector(hub, access_log, scraper)` on the service's registry. Values are
+read at scrape time from the current snapshot (no extra bookkeeping on the request path). A
+custom collector is not covered by prometheus_client's multi-process mode: with several
+workers, each worker's view must be exported some other way (each has its own hub).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from policy_engine.telemetry.access_log import AccessLogService
+from policy_engine.telemetry.hub import TelemetryHub
+from policy_engine.telemetry.scrape import MetricsScraper
+
+_GAUGES = (
+    ("healthy", "1 if the backend is not ejected by consecutive failures."),
+    ("stale", "1 if no fresh telemetry arrived within the staleness bound."),
+    ("age_s", "Seconds since the last fresh telemetry (+Inf if never)."),
+    ("latency_p99_ms", "Decayed p99 upstream latency."),
+    ("ttft_p99_ms", "Decayed p99 time to first token."),
+    ("error_rate", "Decayed fraction of 5xx answers and connect failures."),
+    ("rps", "Decayed requests per second."),
+    ("inflight", "Requests being served (scraped, else estimated)."),
+    ("queue_depth", "Requests waiting (scraped)."),
+)
+
+
+class TelemetryCollector(Collector):
+    def __init__(
+        self,
+        hub: TelemetryHub,
+        access_log: AccessLogService | None = None,
+        scraper: MetricsScraper | None = None,
+    ) -> None:
+        self._hub = hub
+        self._access_log = access_log
+        self._scraper = scraper
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self._hub.snapshot()
+        for field, documentation in _GAUGES:
+            family = GaugeMetricFamily(f"pe_telemetry_backend_{field}", documentation, labels=["backend"])
+            for name, stats in snapshot.backends.items():
+                family.add_metric([name], float(getattr(stats, field)))
+            yield family
+        yield GaugeMetricFamily(
+            "pe_telemetry_snapshot_version", "Version of the snapshot decisions read.", value=snapshot.version
+        )
+        failures = GaugeMetricFamily(
+            "pe_telemetry_consecutive_failures", "Consecutive failed requests.", labels=["backend"]
+        )
+        for name in snapshot.backends:
+            status = self._hub.status(name)
+            if status is not None:
+                failures.add_metric([name], status.consecutive_failures)
+        yield failures
+        if self._access_log is not None:
+            entries = CounterMetricFamily(
+                "pe_telemetry_access_log_entries", "Access-log entries by outcome.", labels=["outcome"]
+            )
+            counters = self._access_log.counters
+            for outcome in ("observed", "ignored", "unknown_backend", "malformed"):
+                entries.add_metric([outcome], getattr(counters, outcome))
+            yield entries
+        if self._scraper is not None:
+            scrapes = CounterMetricFamily(
+                "pe_telemetry_scrapes", "Metrics scrapes of backends by outcome.", labels=["outcome"]
+            )
+            scrapes.add_metric(["ok"], self._scraper.scrapes - self._scraper.failures)
+            scrapes.add_metric(["failed"], self._scraper.failures)
+            yield scrapes
