@@ -2,6 +2,7 @@
 
 import hashlib
 import ipaddress
+import itertools
 import re
 import string
 
@@ -258,6 +259,21 @@ def test_pii_kinds_all() -> None:
         "ip 10.0.0.1, phone +44 20 7946 0958"
     )
     assert pii_kinds(text) == ["card", "email", "iban", "ip", "phone"]
+
+
+@pytest.mark.parametrize(
+    ("text", "kinds"),
+    [
+        ("1.2.3.4", ["ip"]),
+        ("fe::1", ["ip"]),
+        ("555-1234", ["phone"]),
+        ("a@b.co", ["email"]),
+        ("4111111111111111", ["card"]),
+        ("GB82WEST12345698765432", ["iban"]),
+    ],
+)
+def test_pii_kinds_smallest_cases(text: str, kinds: list[str]) -> None:
+    assert pii_kinds(f"see {text}.") == kinds
 
 
 def test_pii_kinds_subset_and_none() -> None:
@@ -675,3 +691,386 @@ def test_stable_bucket_in_range_and_deterministic(key: str, buckets: int) -> Non
     bucket = stable_bucket(key, buckets)
     assert 0 <= bucket < buckets
     assert bucket == stable_bucket(key, buckets)
+
+
+# ---------------------------------------------------------------------------
+# Fast paths against plain whole-text scans
+# ---------------------------------------------------------------------------
+#
+# The library rejects the common case with cheap C-level checks and runs its patterns
+# only on windows around possible hits. These references scan the whole text the
+# straightforward way (with the library's patterns, which are the specification, or the
+# patterns they were rewritten from); the fast paths must agree with them exactly.
+
+_PLAIN_DIGIT_RUN_RE = re.compile(r"(?<!\w)[0-9]+(?:[ \-][0-9]+)*(?!\w)")
+_PLAIN_IPV4_RE = re.compile(r"(?<!\w)(?<![0-9]\.)[0-9]{1,3}(?:\.[0-9]{1,3}){3}(?!\w|\.[0-9])")
+_PLAIN_ROLE_TAG_RE = re.compile(
+    r"<\|(?:im_start|im_end|im_sep|endoftext|system|assistant|user)\|>|\[/?INST\]|<</?SYS>>"
+    r"|\#{2,}\s*(?:system|instructions?)\s*:",
+    re.IGNORECASE,
+)
+_TOKEN_PIECE_RE = re.compile(r"\d+|[^\W\d_]+|_+|[^\w\s]+")
+
+
+def reference_luhn(digits: str) -> bool:
+    total = 0
+    for index, char in enumerate(reversed(digits)):
+        value = int(char) * (2 if index % 2 else 1)
+        total += value - 9 if value > 9 else value
+    return total % 10 == 0
+
+
+def reference_cards(text: str) -> list[str]:
+    found = []
+    for run in _PLAIN_DIGIT_RUN_RE.finditer(text):
+        groups = [
+            (run.start() + group.start(), run.start() + group.end())
+            for group in re.finditer("[0-9]+", run[0])
+        ]
+        index = 0
+        while index < len(groups):
+            best_end = None
+            digits = ""
+            for end in range(index, len(groups)):
+                digits += text[groups[end][0] : groups[end][1]]
+                if len(digits) > 19:
+                    break
+                if len(digits) >= 13 and len(set(digits)) > 1 and reference_luhn(digits):
+                    best_end = end
+                if groups[end][1] - groups[end][0] < 4:
+                    break
+            if best_end is None:
+                index += 1
+                continue
+            found.append(text[groups[index][0] : groups[best_end][1]])
+            index = best_end + 1
+    return found
+
+
+def reference_ibans(text: str) -> list[str]:
+    found = []
+    pos = 0
+    while (match := library._IBAN_CANDIDATE_RE.search(text, pos)) is not None:
+        parts = match.group(0).split(" ")
+        prefixes = (" ".join(parts[:count]) for count in range(len(parts), 0, -1))
+        hit = next((prefix for prefix in prefixes if iban_valid(prefix)), None)
+        if hit is None:
+            pos = match.start() + 1
+            continue
+        found.append(hit)
+        pos = match.start() + len(hit)
+    return found
+
+
+def reference_ips(text: str) -> list[str]:
+    hits: list[tuple[int, str]] = []
+    spans: list[tuple[int, int]] = []
+    for match in library._IPV6_CANDIDATE_RE.finditer(text):
+        address = library._ipv6_or_none(match.group(0))
+        if address is not None:
+            hits.append((match.start(), address))
+            spans.append((match.start(), match.start() + len(address)))
+    for match in _PLAIN_IPV4_RE.finditer(text):
+        if any(start <= match.start() < end for start, end in spans):
+            continue
+        try:
+            ipaddress.IPv4Address(match.group(0))
+        except ValueError:
+            continue
+        hits.append((match.start(), match.group(0)))
+    return [address for _, address in sorted(hits, key=lambda hit: hit[0])]
+
+
+def reference_finders(text: str) -> dict[str, list[str]]:
+    return {
+        "card": reference_cards(text),
+        "email": [match.group(0) for match in library._EMAIL_RE.finditer(text)],
+        "iban": reference_ibans(text),
+        "ip": reference_ips(text),
+        "phone": [
+            match.group(0)
+            for match in library._PHONE_CANDIDATE_RE.finditer(text)
+            if library._plausible_phone(match.group(0))
+        ],
+    }
+
+
+def reference_signals(text: str) -> list[str]:
+    blobs = library._BASE64_BLOB_RE.finditer(text)
+    scans = {
+        "ignore_instructions": library._IGNORE_INSTRUCTIONS_RE.search(text) is not None,
+        "role_tags": _PLAIN_ROLE_TAG_RE.search(text) is not None,
+        "system_prompt_reveal": library._PROMPT_REVEAL_RE.search(text) is not None,
+        "jailbreak": library._JAILBREAK_RE.search(text) is not None,
+        "role_override": library._ROLE_OVERRIDE_RE.search(text) is not None,
+        "base64_blob": any(library._is_base64_blob(match.group(0)) for match in blobs),
+        "repeated_delimiters": len(library._DELIMITER_RUN_RE.findall(text)) >= 5,
+    }
+    return [name for name, fired in scans.items() if fired]
+
+
+def reference_ascii_tokens(text: str) -> int:
+    """The lexical rule of estimate_tokens, piece by piece, for ASCII text."""
+    lexical = 0
+    for piece in _TOKEN_PIECE_RE.findall(text):
+        if piece.isalpha():
+            lexical += 1 + (len(piece) - 1) // 8
+        else:
+            lexical += -(-len(piece) // 3)
+    return max(1, -(-len(text) // 4), lexical) if text else 0
+
+
+def pieces(spaced: str) -> list[str]:
+    return spaced.split(" ")
+
+
+def pieces_text(choices: list[str]) -> st.SearchStrategy[str]:
+    return st.lists(st.sampled_from(choices), max_size=40).map("".join)
+
+
+PII_PIECES = [
+    *pieces("1 12 123 1234 4111 1111 12345 5500 0000 0004 378282246310005 2024 01 05 255 12:30 v1"),
+    *pieces("DE 89 DE89 3704 0044 0532 0130 00 GB82 WEST BE68 5390 0754 7034 NL91ABNA0417164300 WITH"),
+    *pieces("a a.b b@c.de x@y.org fe80 ffff db8 2001 10.0.0.1 192.168.1.10 : :: ( ) (555) +1 +44"),
+    *(" ", " ", " ", "-", ".", "/", "@", "_", "%", "+", "x", "\n", "\u00e9", "\u0661"),
+]
+INJECTION_PIECES = [
+    *pieces("ignore disregard forget skip override bypass all any of the your my previous prior above"),
+    *pieces("original initial instructions instruction prompt prompts rules guidelines message messages"),
+    *pieces("everything before you were told system reveal print show tell me give write out what is are"),
+    *pieces("full exact hidden secret internal now act as a if pretend to be role-play roleplay role play"),
+    *pieces("from on, new task persona developer mode jail jailbreak break breaking do anything DAN Dan"),
+    *pieces("<|im_start|> [INST] [/inst] <<SYS>> # ## system: : ===== ----- ~~~~ IGNORE PROMPT Your SYSTEM"),
+    *("\u0130gnore", "\u0131nstructions", "\u017fystem", "\u212aill", "\u00e9", "x", "_", "1"),
+    *(" ", " ", " ", "  ", "\n", "\t", "\u00a0", "\u2003", ", ", ".", "-"),
+]
+
+
+@settings(max_examples=400)
+@given(st.one_of(pieces_text(PII_PIECES), texts))
+def test_pii_finders_match_whole_text_scans(text: str) -> None:
+    expected = reference_finders(text)
+    finders = (find_cards, find_emails, find_ibans, find_ips, find_phones)
+    assert dict(zip(expected, (finder(text) for finder in finders), strict=True)) == expected
+    assert pii_kinds(text) == sorted(kind for kind, found in expected.items() if found)
+
+
+@given(st.lists(st.sampled_from(pieces("4111 1111 1234 5678 12 7 0000")), min_size=8, max_size=40))
+def test_find_cards_in_long_runs(groups: list[str]) -> None:
+    # Many windows per run, overlapping card candidates; separators alternate.
+    text = "".join(group + " -"[index % 2] for index, group in enumerate(groups))
+    assert find_cards(text) == reference_cards(text)
+
+
+VERBS = pieces("reveal print show display output repeat recite dump leak expose paste tell_me give_me")
+VERBS += pieces("write_out spell_out say")
+SECRET = pieces("initial original hidden secret")
+ADJECTIVE = ["", *SECRET, *pieces("full entire exact complete internal")]
+NOUN = pieces("prompt message instructions instruction prompts rules")
+TRIGGERS = pieces("ignore disregard forget skip override bypass")
+EARLIER = pieces("previous prior above earlier preceding foregoing former original initial later")
+RULES = pieces("instructions instruction prompts rules directions directives guidelines commands context")
+ROLE = pieces("you_are_now you_are act_as_if act_as_an act_as_the act_as_me pretend_to_be pretend_you_are")
+ROLE += pieces(
+    "pretend_that_you pretend_so roleplay_as role-play_as role_play_as from_now_on,_you from_now_on"
+)
+MISC = pieces("developer_mode developer_modes jailbreak jail-breaking jailbroken jailbreaks do_anything_now")
+MISC += pieces("do_anything DAN Dan DANs xDAN <|im_start|> <|system|> [INST] [/inst] <<SYS>> ###_system:")
+# The phrases the injection patterns look for, as slots of word choices ("_" stands for a
+# space inside a choice, "" for an omitted word). The first choice of every slot makes a
+# hit; the others include near misses.
+INJECTION_GRAMMAR = [
+    [VERBS, ["", "me"], ["", "all"], ["", "of"], pieces("your the my"), ADJECTIVE, ["system", *SECRET], NOUN],
+    [VERBS, ["", "me", "all"], ["your"], pieces("instructions prompt rules guidelines guideline")],
+    [
+        ["what"],
+        pieces("is was are were be"),
+        ["your"],
+        ["system", *SECRET],
+        pieces("prompt message instructions"),
+    ],
+    [TRIGGERS, pieces(" all any every"), ["", "of"], pieces(" the your my these those"), EARLIER, RULES],
+    [
+        TRIGGERS,
+        ["all", "everything"],
+        pieces("above before previously you_were_told you_have_been_told you_told"),
+    ],
+    [
+        TRIGGERS,
+        ["", "all"],
+        ["your"],
+        pieces("instructions rules guidelines programming system_prompt system"),
+    ],
+    [ROLE],
+    [["your_new"], pieces("role task instructions persona job"), pieces("is are was")],
+    [MISC],
+]
+
+
+def every_injection_choice() -> list[str]:
+    """For every slot choice of every phrase, the phrase with that choice (others first)."""
+    phrases = []
+    for slots in INJECTION_GRAMMAR:
+        for index, slot in enumerate(slots):
+            for choice in slot:
+                words = [
+                    choice if other == index else other_slot[0] for other, other_slot in enumerate(slots)
+                ]
+                phrases.append(" ".join(word for word in words if word).replace("_", " "))
+    return phrases
+
+
+@pytest.mark.parametrize("space", [" ", "\n\t", "\u00a0 "])
+def test_injection_phrases_match_whole_text_scans(space: str) -> None:
+    for phrase in every_injection_choice():
+        for text in (phrase, phrase.upper(), f"x{phrase}s", f"({phrase.title()}).", f"\u0131 {phrase}"):
+            text = text.replace(" ", space)
+            assert injection_signals(text) == reference_signals(text), text
+            forward = library._PROMPT_REVEAL_RE.search(text) is not None
+            assert (library._PROMPT_REVEAL_REVERSED_RE.search(text[::-1]) is not None) is forward, text
+
+
+@st.composite
+def injection_phrases(draw: st.DrawFn) -> str:
+    """Mixes of such phrases with odd spacing, case, affixes and typos."""
+    phrases = []
+    for _ in range(draw(st.integers(1, 3))):
+        choices = [draw(st.sampled_from(slot)) for slot in draw(st.sampled_from(INJECTION_GRAMMAR))]
+        space = draw(st.sampled_from([" ", "  ", "\n", "\t ", "\u00a0", "\u2003"]))
+        phrase = space.join(choice for choice in choices if choice).replace("_", space)
+        phrase = draw(st.sampled_from([str, str.upper, str.title, str.swapcase]))(phrase)
+        if draw(st.integers(0, 3)) == 0:
+            cut = draw(st.integers(0, len(phrase)))
+            phrase = phrase[:cut] + phrase[cut + 1 :]
+        prefix = draw(st.sampled_from(pieces('| x ( " The_ 1 _ please_ \u00e9 \u0130 \u0131 \u017f')))
+        suffix = draw(st.sampled_from(pieces("| . s x ? _ ,")))
+        phrases.append(prefix.replace("_", " ").replace("|", "") + phrase + suffix.replace("|", ""))
+    return " ".join(phrases)
+
+
+@settings(max_examples=500)
+@given(st.one_of(injection_phrases(), pieces_text(INJECTION_PIECES), texts))
+def test_injection_signals_match_whole_text_scans(text: str) -> None:
+    assert injection_signals(text) == reference_signals(text)
+
+
+@settings(max_examples=500)
+@given(st.one_of(injection_phrases(), pieces_text(INJECTION_PIECES)))
+def test_reversed_prompt_reveal_pattern_matches_forward_one(text: str) -> None:
+    forward = library._PROMPT_REVEAL_RE.search(text) is not None
+    assert (library._PROMPT_REVEAL_REVERSED_RE.search(text[::-1]) is not None) is forward
+
+
+def test_case_traps_are_complete() -> None:
+    # The injection fast path relies on this: apart from _CASE_TRAPS, any character that
+    # re.IGNORECASE equates with an ASCII letter lower-cases to exactly that letter.
+    every_char = "".join(chr(code) for code in range(0x110000) if not 0xD800 <= code <= 0xDFFF)
+    traps = {
+        char
+        for letter in string.ascii_lowercase
+        for char in re.findall(letter, every_char, re.IGNORECASE)
+        if char.lower() != letter
+    }
+    assert traps == set(library._CASE_TRAPS)
+
+
+@settings(max_examples=300)
+@given(st.text(alphabet=string.printable + "\x1c\x1f\x7f", max_size=200))
+def test_estimate_tokens_is_the_piece_rule_on_ascii(text: str) -> None:
+    assert estimate_tokens(text) == reference_ascii_tokens(text)
+
+
+def token_class(char: str) -> str:
+    if not char.isascii():
+        return "wide" if ord(char) >= 0x3000 else "other"
+    if char.isspace():
+        return "space"
+    return "letter" if char.isalpha() else "digit" if char.isdigit() else "_" if char == "_" else "symbol"
+
+
+def reference_tokens(text: str) -> int:
+    """The documented rule of estimate_tokens, run by run."""
+    lexical = 0
+    for kind, run in itertools.groupby(text, token_class):
+        size = len(list(run))
+        if kind == "letter":
+            lexical += 1 + (size - 1) // 8
+        elif kind == "wide":
+            lexical += size
+        elif kind != "space":
+            lexical += -(-size // 3)
+    return max(1, -(-len(text) // 4), lexical) if text else 0
+
+
+@settings(max_examples=300)
+@given(
+    st.one_of(
+        st.text(max_size=200), st.text(alphabet="a1_.\u00e9\u2014\u00a0\u4e2d\U0001f600 ", max_size=200)
+    )
+)
+def test_estimate_tokens_follows_its_documented_rule(text: str) -> None:
+    assert estimate_tokens(text) == reference_tokens(text)
+
+
+def test_estimate_tokens_non_ascii_classes() -> None:
+    assert estimate_tokens("café") == 2  # "caf" + "é"
+    assert estimate_tokens("Привет мир") == 3  # ceil(6 / 3) + ceil(3 / 3)
+    assert estimate_tokens("日本語のテキスト") == 8  # one per character from U+3000
+    assert estimate_tokens("\U0001f600" * 5) == 5
+
+
+@settings(max_examples=300)
+@given(st.lists(st.sampled_from(INJECTION_PIECES), min_size=1, max_size=6), pieces_text(INJECTION_PIECES))
+def test_term_matcher_matches_plain_alternation(terms: list[str], text: str) -> None:
+    matcher = TermMatcher(terms)
+    normalised = {" ".join(term.split()).casefold() for term in terms}
+    keys = sorted(normalised - {""}, key=len, reverse=True)
+    if not keys:
+        return
+    plain = re.compile(
+        "|".join(
+            (r"(?<!\w)" if re.match(r"\w", key) else "")
+            + r"\s+".join(re.escape(word) for word in key.split(" "))
+            + (r"(?!\w)" if re.search(r"\w\Z", key) else "")
+            for key in keys
+        )
+    )
+    matches = [" ".join(match.group(0).split()) for match in plain.finditer(text.casefold())]
+    assert matcher.any(text) is bool(matches)
+    assert len(matcher.find(text)) == len(dict.fromkeys(matches))
+
+
+# ---------------------------------------------------------------------------
+# Adversarial inputs
+# ---------------------------------------------------------------------------
+
+ADVERSARIAL_SIZE = 100_000
+ADVERSARIAL_UNITS = [
+    *pieces("1 1. 1- 12- (1 1: @ a@ @. a. . : a: ab12: # <| < [ = =- x _ AB12 a.b-c@d-e.f .,;:!?"),
+    *("1 ", " 1", "(1) ", "+1 ", "+12345678 ", "1.1.1.1 ", "::1 ", "fe80::1:2:3:4 ", "a@b.co ", "DE89 "),
+    *("DE89 3704 0044 0532 0130 00 ", "4111 ", "4111 1111 1111 1111 ", "12345678901234 ", " ", "\n", "\t"),
+    *("## ", "==== ---- ", string.ascii_letters + "+/", "A1b" * 70 + " ", "aB" * 99 + " ", "a \t"),
+    *("ignore ", "ignore all of the ", "you now new ", "act ", "DAN ", "do anything now ", "message "),
+    *("system message ", "instructions ", "your ", "IGNORE ALL ", "credit ", "abcdefghijk "),
+    *("\u4f60a1.", "\u0130", "\u00e9"),
+]
+
+
+def adversarial_texts() -> list[str]:
+    texts = [(unit * (ADVERSARIAL_SIZE // len(unit) + 1))[:ADVERSARIAL_SIZE] for unit in ADVERSARIAL_UNITS]
+    texts += ["a" * ADVERSARIAL_SIZE + "@b.co", "a@" + "b-" * (ADVERSARIAL_SIZE // 2), "a@" + "b." * 50_000]
+    return texts
+
+
+@pytest.mark.timeout(20)
+def test_every_text_function_completes_on_adversarial_input() -> None:
+    # Catastrophic backtracking or quadratic windows would not finish here; how fast they
+    # do is for the benchmarks to say, not for a test.
+    matcher = TermMatcher(["build a bomb", "credit card dump", "ransomware kit", "c++", "a"])
+    functions = [
+        *(find_emails, find_phones, find_cards, find_ibans, find_ips, pii_kinds, luhn_valid, iban_valid),
+        *(injection_signals, injection_score, estimate_tokens, matcher.any, matcher.find),
+    ]
+    for text in adversarial_texts():
+        for function in functions:
+            function(text)
