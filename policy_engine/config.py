@@ -25,8 +25,12 @@ class Settings(BaseSettings):
     grace_s: float = Field(10.0, ge=0, description="Shutdown grace period for in-flight calls.")
     backends: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Backends known healthy until live telemetry reports on them (comma-separated).",
+        description="NAME (never stale; health from failures) or NAME=METRICS_URL (scraped).",
     )
+    stale_after_s: float = Field(
+        5.0, gt=0, description="A scraped backend without fresh data this long is stale."
+    )
+    scrape_interval_s: float = Field(1.0, gt=0, description="How often backends' /metrics are scraped.")
     port_file: Path | None = Field(None, description="Write the bound gRPC port here once serving.")
 
     @field_validator("backends", mode="before")

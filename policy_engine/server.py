@@ -14,9 +14,9 @@ import multiprocessing
 import os
 import signal
 import tempfile
-from types import MappingProxyType
 
 import grpc
+from envoy.service.accesslog.v3 import als_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -31,13 +31,17 @@ from policy_engine.policy.reload import BundleHolder, ReloadResult
 from policy_engine.quota.memory import MemoryStore
 from policy_engine.quota.service import QuotaService
 from policy_engine.quota.store import CounterStore
-from policy_engine.telemetry.snapshot import BackendStats, TelemetrySnapshot
+from policy_engine.telemetry.access_log import AccessLogService
+from policy_engine.telemetry.hub import BackendSpec, TelemetryHub
+from policy_engine.telemetry.metrics import TelemetryCollector
+from policy_engine.telemetry.scrape import MetricsScraper
 
 log = logging.getLogger("policy_engine.server")
 
 SERVICE_NAMES = (
     external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
     rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name,
+    als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name,
 )
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -50,10 +54,13 @@ def _store(settings: Settings) -> CounterStore:
     return MemoryStore()
 
 
-def _static_telemetry(settings: Settings) -> TelemetrySnapshot:
-    return TelemetrySnapshot(
-        backends=MappingProxyType({name: BackendStats(name) for name in settings.backends})
-    )
+def backend_specs(entries: list[str]) -> list[BackendSpec]:
+    """`NAME` (passive: never stale, health from failures) or `NAME=METRICS_URL` (scraped)."""
+    specs = []
+    for entry in entries:
+        name, _, url = entry.partition("=")
+        specs.append(BackendSpec(name.strip(), metrics_url=url.strip() or None, passive=not url.strip()))
+    return specs
 
 
 async def serve(settings: Settings, worker: int = 0) -> None:
@@ -67,18 +74,21 @@ async def serve(settings: Settings, worker: int = 0) -> None:
 
     holder = BundleHolder(settings.policies, on_reload=reloaded)
     metrics.set_bundle(holder.version)
-    telemetry = _static_telemetry(settings)
+    hub = TelemetryHub(backend_specs(settings.backends), stale_after_s=settings.stale_after_s)
+    access_log = AccessLogService(hub)
+    scraper = MetricsScraper(hub, interval_s=settings.scrape_interval_s)
     store = _store(settings)
     quota = QuotaService(store, lambda: holder.pipeline.bundle, metrics)
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-        AuthorizationService(
-            lambda: holder.pipeline, lambda: telemetry, quota, metrics, settings.max_body_bytes
-        ),
+        AuthorizationService(lambda: holder.pipeline, hub.snapshot, quota, metrics, settings.max_body_bytes),
         server,
     )
     rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(quota), server)
+    access_log.add_to_server(server)
+    if _MULTIPROC_ENV not in os.environ:
+        registry.register(TelemetryCollector(hub, access_log, scraper))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -89,6 +99,8 @@ async def serve(settings: Settings, worker: int = 0) -> None:
     if port == 0:
         raise OSError(f"cannot listen on {settings.host}:{settings.port}: address in use or not permitted")
     await server.start()
+    if scraper.targets:
+        scraper.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if worker == 0 and settings.metrics_port and _MULTIPROC_ENV not in os.environ:
@@ -107,6 +119,7 @@ async def serve(settings: Settings, worker: int = 0) -> None:
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.stop(settings.grace_s)
+    await scraper.stop()
     if watcher is not None:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):

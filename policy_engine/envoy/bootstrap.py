@@ -89,6 +89,7 @@ class GatewayConfig:
     max_request_bytes: int = 1_048_576
     upstream_timeout_s: float = 120.0
     failure_mode_allow: bool = False
+    access_log_flush_s: float = 0.2
 
 
 def _cluster(
@@ -113,6 +114,24 @@ def _cluster(
             }
         }
     return cluster
+
+
+def _access_log(config: GatewayConfig) -> dict[str, Any]:
+    """Every request's outcome streamed to the service: the live telemetry of the backends."""
+    return {
+        "name": "envoy.access_loggers.http_grpc",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+            "common_config": {
+                "log_name": "policy-engine",
+                "transport_api_version": "V3",
+                "grpc_service": {"envoy_grpc": {"cluster_name": POLICY_CLUSTER}},
+                "buffer_flush_interval": f"{config.access_log_flush_s}s",
+            },
+            # Lets the service tell streamed answers (time to first token) from JSON ones.
+            "additional_response_headers_to_log": ["content-type"],
+        },
+    }
 
 
 def _token_rate_limits() -> list[dict[str, Any]]:
@@ -141,6 +160,8 @@ def _token_rate_limits() -> list[dict[str, Any]]:
 def bootstrap(config: GatewayConfig) -> dict[str, Any]:
     routes: list[dict[str, Any]] = [
         {
+            # The route name lets the access log attribute a request that found no healthy host.
+            "name": f"backend-{name}",
             "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "string_match": {"exact": name}}]},
             "route": {"cluster": f"backend-{name}", "timeout": f"{config.upstream_timeout_s}s"},
         }
@@ -221,6 +242,7 @@ def bootstrap(config: GatewayConfig) -> dict[str, Any]:
                                 "virtual_hosts": [{"name": "models", "domains": ["*"], "routes": routes}],
                             },
                             "http_filters": http_filters,
+                            "access_log": [_access_log(config)],
                         },
                     }
                 ]

@@ -13,7 +13,7 @@ Rules (times in seconds of the hub's clock):
   backend is `stale`. A backend never heard from is stale with `age_s = inf`. A failed scrape is
   not fresh data; it changes nothing else. Without a scrape target, an idle backend goes stale
   too: there is no way to tell idle from gone, so configure scraping for backends that must stay
-  routable without traffic.
+  routable without traffic, or declare them `passive` (never stale; health from failures only).
 * **Health** (passive ejection, in the spirit of Envoy's outlier detection): a failure is a 5xx
   answer or a connect failure; a success is any other answer from the backend (a response that
   never came, status 0, counts as neither). After `eject_after` consecutive failures the backend
@@ -59,6 +59,9 @@ class BackendSpec:
     capacity: int = 0  # concurrent requests before queueing; 0 = unknown
     labels: Mapping[str, str] = field(default_factory=dict)
     metrics_url: str | None = None  # Prometheus endpoint the scraper reads, if any
+    # Never marked stale: for backends with no scrape target on purpose (static setups), whose
+    # health then comes from the access log's failure ejection alone.
+    passive: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,7 +302,7 @@ class TelemetryHub:
         return BackendStats(
             name=spec.name,
             healthy=now >= state.ejected_until,
-            stale=age > self.stale_after_s,
+            stale=age > self.stale_after_s and not spec.passive,
             age_s=round(age, 3) if math.isfinite(age) else age,
             latency_p50_ms=_round(summary.latency_p50_ms, 3),
             latency_p99_ms=_round(summary.latency_p99_ms, 3),

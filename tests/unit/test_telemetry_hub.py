@@ -206,6 +206,19 @@ def test_scraped_ttft_histogram_becomes_live_observations(clock: FakeClock) -> N
     assert 500.0 < ttft < 1100.0
 
 
+def test_passive_backends_are_never_stale(clock: FakeClock) -> None:
+    hub = TelemetryHub([BackendSpec("static", passive=True), "scraped"], clock=clock, stale_after_s=5.0)
+    clock.advance(60.0)
+    backends = hub.snapshot(force=True).backends
+    assert (
+        not backends["static"].stale and backends["static"].healthy and math.isinf(backends["static"].age_s)
+    )
+    assert backends["scraped"].stale
+    for _ in range(5):
+        hub.observe(fail("static"))
+    assert not hub.snapshot(force=True).backends["static"].healthy  # failures still eject it
+
+
 def test_configure_keeps_state_of_remaining_backends(clock: FakeClock) -> None:
     hub = TelemetryHub(["a", "b"], clock=clock)
     hub.observe(ok("a"))
