@@ -51,6 +51,7 @@ class Metrics:
             multiprocess_mode="liveall",
         )
         self._version = ""
+        self._children: dict[tuple[object, ...], Counter] = {}
 
     def set_bundle(self, version: str) -> None:
         if self._version:
@@ -60,6 +61,14 @@ class Metrics:
 
     def observe(self, decision: Decision, seconds: float) -> None:
         self.latency.observe(seconds)
-        self.decisions.labels("allow" if decision.allowed else "deny", decision.reason or "ok").inc()
+        self._child(self.decisions, ("allow" if decision.allowed else "deny", decision.reason or "ok")).inc()
         for fired in decision.fired:
-            self.rules.labels(fired.policy, fired.rule, fired.effect).inc()
+            self._child(self.rules, (fired.policy, fired.rule, fired.effect)).inc()
+
+    def _child(self, metric: Counter, labels: tuple[str, ...]) -> Counter:
+        # labels() validates and locks on every call (~3 µs); the set of label values is small.
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
