@@ -30,7 +30,7 @@ ROUTE_HEADER = "x-pe-route"
 TENANT_HEADER = "x-pe-tenant"
 FLAGS_HEADER = "x-pe-flags"
 TENANT_METADATA = "pe_tenant"
-_CANARY_BUCKETS = 10_000
+_BUCKETS = 10_000
 
 
 class _Denied(Exception):
@@ -341,8 +341,8 @@ class Pipeline:
                 key = self._eval(run, policy, "sticky_key", policy.sticky_key)
                 if isinstance(key, str):
                     weight = max(0, min(100, weights.get(policy.name, policy.weight)))
-                    bucket = stable_bucket(f"{policy.name}:{key}", _CANARY_BUCKETS)
-                    variant = "canary" if bucket < weight * (_CANARY_BUCKETS // 100) else "stable"
+                    bucket = stable_bucket(f"{policy.name}:{key}", _BUCKETS)
+                    variant = "canary" if bucket < weight * (_BUCKETS // 100) else "stable"
                 else:
                     self._failed(run, policy, 500)
             backend = policy.canary if variant == "canary" else policy.stable
@@ -388,6 +388,14 @@ class Pipeline:
                 return
 
     def _pick(self, run: _Run, policy: b.RoutingPolicy, route: b.Route) -> str | None:
+        """The lowest-scoring eligible candidate, else the best eligible fallback."""
+        for eligible in self._eligible(run, policy, route):
+            if eligible:
+                return _choose(eligible, route, run.values["request"].id)
+        return None
+
+    def _eligible(self, run: _Run, policy: b.RoutingPolicy, route: b.Route) -> list[list[tuple[float, str]]]:
+        """Per group (candidates, fallback): the eligible backends with their scores, in order."""
         if route.pick is not None:
             try:
                 scores = route.pick.eval(run.activation)
@@ -395,37 +403,24 @@ class Pipeline:
                 pass  # some backend's expression failed: score them one by one below
             else:
                 split = len(route.candidates)
-                for names, group_scores in (
-                    (route.candidates, scores[:split]),
-                    (route.fallback, scores[split:]),
-                ):
-                    best: tuple[float, str] | None = None
-                    for name, score in zip(names, group_scores, strict=True):
-                        if score and score[0] == score[0] and (best is None or score[0] < best[0]):
-                            best = (score[0], name)
-                    if best is not None:
-                        return best[1]
-                return None
-        return self._pick_one_by_one(run, policy, route)
-
-    def _pick_one_by_one(self, run: _Run, policy: b.RoutingPolicy, route: b.Route) -> str | None:
-        for group in (route.candidates, route.fallback):
-            best = None
-            for name in group:
+                return [
+                    [(s[0], name) for name, s in zip(names, group, strict=True) if s and s[0] == s[0]]
+                    for names, group in ((route.candidates, scores[:split]), (route.fallback, scores[split:]))
+                ]
+        groups = []
+        for names in (route.candidates, route.fallback):
+            eligible = []
+            for name in names:
                 message = run.backends.get(name) or self._messages.unknown_backend(name)
                 act = self.bundle.backend_env.activation({**run.values, "backend": message})
                 if not self._test(run, policy, route.name, route.require, act):
                     continue
-                if route.score is None:
-                    return name
-                score = self._eval(run, policy, route.name, route.score, act)
+                score = self._eval(run, policy, route.name, route.score, act) if route.score else 0.0
                 if isinstance(score, bool) or not isinstance(score, int | float) or score != score:
                     continue
-                if best is None or score < best[0]:
-                    best = (float(score), name)
-            if best is not None:
-                return best[1]
-        return None
+                eligible.append((float(score), name))
+            groups.append(eligible)
+        return groups
 
     def _finish(self, run: _Run, allowed: bool, denial: b.Denial | None) -> Decision:
         if run.flags:
@@ -452,3 +447,14 @@ class Pipeline:
             canary=run.canary,
             bundle_version=self.bundle.version,
         )
+
+
+def _choose(eligible: list[tuple[float, str]], route: b.Route, request_id: str) -> str:
+    """The best score (the first on ties); with `explore`, sometimes another eligible backend,
+    so the statistics of backends that lost stay fresh and a recovered one is seen again."""
+    best = min(range(len(eligible)), key=lambda i: eligible[i][0])
+    exploring = route.explore > 0 and len(eligible) > 1 and request_id
+    if exploring and stable_bucket(f"{route.name}:{request_id}", _BUCKETS) < route.explore * _BUCKETS:
+        others = [name for i, (_, name) in enumerate(eligible) if i != best]
+        return others[stable_bucket(f"{request_id}:{route.name}", len(others))]
+    return eligible[best][1]

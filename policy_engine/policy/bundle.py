@@ -59,6 +59,7 @@ class Route(Rule):
     score: Expr | None
     fallback: tuple[str, ...]
     headers: tuple[tuple[str, Expr], ...]
+    explore: float = 0.0
     # One evaluation for every candidate and fallback: per backend, [score] when it is
     # eligible, [] when not. None when it could not be built (the per-backend path is used).
     pick: Program | None = field(default=None, compare=False, repr=False)

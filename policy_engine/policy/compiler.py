@@ -282,6 +282,7 @@ class _Compiler:
                     score,
                     tuple(r.fallback),
                     tuple((h, e) for h, e in headers if e is not None),
+                    r.explore,
                 )
                 return dataclasses.replace(compiled, pick=self.pick(compiled))
 

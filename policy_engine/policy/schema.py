@@ -158,6 +158,13 @@ class Route(Strict):
     headers: dict[HeaderName, CelExpr] = Field(
         default_factory=dict, description="Extra upstream headers: name → CEL string expression."
     )
+    explore: float = Field(
+        0.0,
+        ge=0.0,
+        le=0.5,
+        description="Share of requests sent to another eligible candidate than the best, so that "
+        "the statistics of the others stay fresh (a backend that recovered is noticed).",
+    )
 
 
 class ShedRule(Strict):

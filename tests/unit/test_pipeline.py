@@ -300,3 +300,30 @@ def test_batched_and_one_by_one_agree(example_bundle: object) -> None:
             b.decision.route,
             b.decision.fired_ids(),
         ), a.name
+
+
+def test_explore_sends_a_share_to_other_eligible_backends(tmp_path: Path) -> None:
+    routing = """kind: RoutingPolicy
+metadata: {name: r}
+spec:
+  routes:
+    - {name: least, candidates: [a, b, c], score: 'backend.latency_p50_ms', explore: 0.2}
+"""
+    p = pipeline(tmp_path, access("a", ALLOW_ALL), routing)
+    snapshot = TelemetrySnapshot(
+        {
+            "a": BackendStats("a", latency_p50_ms=10),
+            "b": BackendStats("b", latency_p50_ms=50),
+            "c": BackendStats("c", latency_p50_ms=5, stale=True),
+        }
+    )
+
+    def route(request_id: str) -> str | None:
+        attrs = RequestAttributes(id=request_id, path="/v1/chat/completions", source=chat().source)
+        return p.decide(attrs, snapshot).route
+
+    routes = [route(f"req-{i}") for i in range(1000)]
+    assert "c" not in routes  # exploring never picks an ineligible backend
+    assert 0.15 < routes.count("b") / len(routes) < 0.25
+    assert route("req-7") == route("req-7")  # deterministic per request
+    assert route("") == "a"  # no request id: no exploring
