@@ -8,7 +8,8 @@ only with content, and `version` changes with it.
 
 Rules (times in seconds of the hub's clock):
 
-* **Fresh data** is an access-log entry for the backend (any outcome) or a successful scrape of
+* **Fresh data** is an access-log entry with an answer from the backend (any status; a refused
+  connection counts too, a request abandoned before any answer does not) or a successful scrape of
   its /metrics. `age_s` is the time since the latest; after `stale_after_s` without any, the
   backend is `stale`. A backend never heard from is stale with `age_s = inf`. A failed scrape is
   not fresh data; it changes nothing else. Without a scrape target, an idle backend goes stale
@@ -212,7 +213,10 @@ class TelemetryHub:
             if state is None:
                 self.unknown_observations += 1
                 return False
-            state.last_request_at = now
+            if observation.status != 0 or observation.connect_failure:
+                # Only an answer (or a refused connection) says something about the backend now; a
+                # request the client gave up on must not keep a hung backend looking fresh.
+                state.last_request_at = now
             state.stats.record(
                 now,
                 latency_ms=observation.latency_ms,
