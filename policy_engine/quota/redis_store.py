@@ -156,6 +156,10 @@ class RedisStore:
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),
+            # A pooled connection idle this long is PINGed (and replaced if dead) before use:
+            # after a Redis restart the old connections fail the check, not a request, and
+            # the ping runs before the script, so nothing can be charged twice.
+            health_check_interval=1,
         )
         self._redis: Redis = Redis(connection_pool=self._pool)
         self._script = self._redis.register_script(_SCRIPT)

@@ -100,7 +100,8 @@ def test_a_backend_that_stops_answering_is_avoided_once_stale(live: Gateway) -> 
         paused = time.monotonic()
 
         def stale() -> bool:
-            return bool(re.search(r'^pe_telemetry_backend_stale\{backend="b3"\} 1\.0$', live.service.metrics(), re.M))
+            metrics = live.service.metrics()
+            return bool(re.search(r'^pe_telemetry_backend_stale\{backend="b3"\} 1\.0$', metrics, re.M))
 
         while not stale():
             assert time.monotonic() < paused + 20, "b3 never became stale"
