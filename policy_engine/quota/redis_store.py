@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from policy_engine.quota.memory import (
@@ -155,10 +156,12 @@ class RedisStore:
             timeout=timeout_s,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            # A pooled connection idle this long is PINGed (and replaced if dead) before use:
-            # after a Redis restart the old connections fail the check, not a request, and
-            # the ping runs before the script, so nothing can be charged twice.
+            # A dropped connection is retried once on a new one: after a Redis restart every
+            # pooled connection is dead and would otherwise fail one request each. Timeouts are
+            # never retried, since a script whose reply timed out may have charged already.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            # Idle pooled connections are PINGed before use, so most dead ones are replaced
+            # before a script is sent on them.
             health_check_interval=1,
         )
         self._redis: Redis = Redis(connection_pool=self._pool)

@@ -113,4 +113,5 @@ def test_redis_outage_follows_on_error_and_recovers(
         assert status == 503 and time.monotonic() < deadline, status  # until the clients reconnect
         time.sleep(0.1)
     statuses = asyncio.run(burst(envoy.url, FREE, 60))
-    assert statuses == Counter({200: 49, 429: 11})  # counting resumed from zero on the new server
+    logs = "\n".join(s.output()[-3000:] for s in services)
+    assert statuses == Counter({200: 49, 429: 11}), logs  # counting resumed from zero on the new server
