@@ -16,14 +16,13 @@ import os
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.decision import BACKENDS, SCENARIOS, VARIANTS  # noqa: E402
+from bench.decision import BACKENDS, SCENARIOS, VARIANTS, measure  # noqa: E402
 from policy_engine.decide.pipeline import Pipeline  # noqa: E402
 from policy_engine.policy.compiler import load_bundle  # noqa: E402
 from policy_engine.telemetry.hub import BackendSpec, TelemetryHub  # noqa: E402
@@ -32,14 +31,7 @@ from policy_engine.telemetry.snapshot import EMPTY_SNAPSHOT, BackendStats, Telem
 
 
 def median_us(fn: Callable[[int], object], iterations: int) -> float:
-    for i in range(min(300, iterations)):
-        fn(i)
-    samples = []
-    for i in range(iterations):
-        start = time.perf_counter_ns()
-        fn(i)
-        samples.append((time.perf_counter_ns() - start) / 1000)
-    return statistics.median(samples)
+    return statistics.median(measure(fn, iterations))
 
 
 def snapshot(count: int, version: int = 0) -> TelemetrySnapshot:

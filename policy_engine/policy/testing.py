@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from policy_engine.decide.attributes import Peer, RequestAttributes
 from policy_engine.decide.decision import Decision
@@ -46,25 +47,24 @@ class PeerInput(_Strict):
     labels: dict[str, str] = Field(default_factory=dict)
 
 
-class BackendInput(_Strict):
-    healthy: bool = True
-    stale: bool = False
-    age_s: float = 0.0
-    latency_p50_ms: float = 0.0
-    latency_p99_ms: float = 0.0
-    ttft_p99_ms: float = 0.0
-    error_rate: float = 0.0
-    inflight: int = 0
-    queue_depth: int = 0
-    kv_cache_usage: float = 0.0
-    rps: float = 0.0
-    tokens_per_s: float = 0.0
-    version: str = ""
-    region: str = ""
-    model: str = ""
-    weight: int = 0
-    capacity: int = 0
-    labels: dict[str, str] = Field(default_factory=dict)
+def _backend_input() -> type[BaseModel]:
+    """BackendStats as a strict input model: every telemetry field, named once (in BackendStats)."""
+    fields: dict[str, Any] = {}
+    for spec in dataclasses.fields(BackendStats):
+        if spec.name == "name":
+            continue  # the key of the backends map
+        if spec.default_factory is not dataclasses.MISSING:
+            fields[spec.name] = (dict[str, str], Field(default_factory=dict))
+        else:
+            fields[spec.name] = (spec.type, spec.default)
+    model: type[BaseModel] = create_model("BackendInput", __base__=_Strict, **fields)
+    return model
+
+
+if TYPE_CHECKING:
+    BackendInput = BaseModel
+else:
+    BackendInput = _backend_input()
 
 
 class TelemetryInput(_Strict):

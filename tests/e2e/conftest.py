@@ -61,28 +61,27 @@ def fresh_example_gateway() -> Iterator[Gateway]:
     gw.stop()
 
 
-@pytest.fixture
-def token_gateway(tmp_path: Path) -> Iterator[Gateway]:
-    """Small token budgets (tests/e2e/policies, copied so a test may edit them)."""
+def copied_gateway(tmp_path: Path, without_quotas: bool = False) -> Iterator[Gateway]:
     import shutil
 
     policies = tmp_path / "policies"
     shutil.copytree(TOKEN_POLICIES, policies)
+    if without_quotas:
+        policy = policies / "policy.yaml"
+        documents = policy.read_text().split("---\n")
+        policy.write_text("---\n".join(d for d in documents if "kind: QuotaPolicy" not in d))
     gw = gateway(policies, ["model-a", "model-b"])
     yield gw
     gw.stop()
+
+
+@pytest.fixture
+def token_gateway(tmp_path: Path) -> Iterator[Gateway]:
+    """Small token budgets (tests/e2e/policies, copied so a test may edit them)."""
+    yield from copied_gateway(tmp_path)
 
 
 @pytest.fixture
 def reload_gateway(tmp_path: Path) -> Iterator[Gateway]:
     """The token-test policies without their quotas: traffic may run as long as a test needs."""
-    import shutil
-
-    policies = tmp_path / "policies"
-    shutil.copytree(TOKEN_POLICIES, policies)
-    policy = policies / "policy.yaml"
-    documents = policy.read_text().split("---\n")
-    policy.write_text("---\n".join(d for d in documents if "kind: QuotaPolicy" not in d))
-    gw = gateway(policies, ["model-a", "model-b"])
-    yield gw
-    gw.stop()
+    yield from copied_gateway(tmp_path, without_quotas=True)

@@ -29,7 +29,7 @@ def live() -> Iterator[Gateway]:
     service = start_service(
         POLICIES,
         backends=[f"{name}=http://127.0.0.1:{b.port}/metrics" for name, b in backends.items()],
-        env={"PE_SCRAPE_INTERVAL_S": "0.25", "PE_STALE_AFTER_S": "2"},
+        env={"PE_SCRAPE_INTERVAL_S": "0.5", "PE_STALE_AFTER_S": "4"},
     )
     envoy = start_envoy(service.port, {name: b.port for name, b in backends.items()})
     gateway = Gateway(service, envoy, backends, POLICIES)
