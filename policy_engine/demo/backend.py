@@ -1,9 +1,9 @@
 """A simulated OpenAI-compatible model backend for the demo and the end-to-end tests.
 
 Answers chat and completion requests (JSON or an SSE stream with a final `usage` chunk when
-`stream_options.include_usage` is set) and embeddings, each reporting token usage the way
-vLLM and hosted APIs do. Every answer names the backend in `x-backend`, so a test can see
-where Envoy sent a request. Behaviour can be changed at run time with POST /admin/config.
+`stream_options.include_usage` is set), embeddings, image generations and audio transcriptions,
+the text ones reporting token usage the way vLLM and hosted APIs do. Every answer names the
+backend in `x-backend`, so a test can see where Envoy sent a request. Behaviour can be changed at run time with POST /admin/config.
 
 It also behaves like a loaded model server, enough for live telemetry to have something to see:
 at most `capacity` requests are served at once and the rest wait in a FIFO queue, each served
@@ -233,6 +233,13 @@ def _boolean(value: object) -> bool:
     raise ValueError(f"expected a boolean, got {value!r}")
 
 
+def length_of(headers: Any) -> int:
+    try:
+        return max(0, int(headers.get("content-length") or 0))
+    except ValueError:
+        return 0
+
+
 def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -318,6 +325,35 @@ def _handler(backend: BackendServer) -> type[BaseHTTPRequestHandler]:
                     200, {"object": "list", "data": data, "model": model, "usage": _usage(prompt, 0)}
                 )
                 self._finished(arrived, prompt, 0)
+                return
+            if "/images/" in self.path:
+                prompt = estimate_tokens(str(body.get("prompt", "")))
+                n = body.get("n")
+                count = n if isinstance(n, int) and 0 < n <= 10 else 1
+                # A 1x1 transparent PNG: the shape of the answer matters here, not the picture.
+                pixel = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="  # noqa: E501
+                self._send_json(
+                    200,
+                    {
+                        "created": int(time.time()),
+                        "data": [{"b64_json": pixel} for _ in range(count)],
+                        "model": model,
+                    },
+                )
+                self._finished(arrived, prompt, 0)
+                return
+            if "/audio/" in self.path:
+                # Multipart bodies are not parsed: the length stands in for the audio's duration.
+                seconds = max(1, length_of(self.headers) // 16000)
+                self._send_json(
+                    200,
+                    {
+                        "text": "simulated transcription",
+                        "model": model,
+                        "usage": {"type": "duration", "seconds": seconds},
+                    },
+                )
+                self._finished(arrived, 0, 0)
                 return
             messages = body.get("messages")
             text = (

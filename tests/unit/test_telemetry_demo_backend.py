@@ -145,3 +145,28 @@ def test_streams_still_report_usage(backend: BackendServer) -> None:
         assert response.headers["content-type"] == "text/event-stream"
         events = [line for line in response.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]" and '"total_tokens"' in events[-2]
+
+
+def test_images_and_audio_endpoints() -> None:
+    import httpx
+
+    from policy_engine.demo.backend import BackendServer
+
+    backend = BackendServer("media").start()
+    try:
+        base = f"http://127.0.0.1:{backend.port}"
+        image = httpx.post(
+            f"{base}/v1/images/generations", json={"model": "sdxl", "prompt": "a lighthouse", "n": 2}
+        )
+        assert image.status_code == 200 and len(image.json()["data"]) == 2
+        assert image.json()["data"][0]["b64_json"]
+        audio = httpx.post(
+            f"{base}/v1/audio/transcriptions",
+            content=b'--x\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n--x--\r\n'
+            + b"\0" * 40000,
+            headers={"content-type": "multipart/form-data; boundary=x"},
+        )
+        assert audio.status_code == 200 and audio.json()["text"] and audio.json()["usage"]["seconds"] == 2
+        assert audio.headers["x-backend"] == "media" and backend.requests == 2
+    finally:
+        backend.stop()
