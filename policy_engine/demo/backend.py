@@ -3,7 +3,8 @@
 Answers chat and completion requests (JSON or an SSE stream with a final `usage` chunk when
 `stream_options.include_usage` is set), embeddings, image generations and audio transcriptions,
 the text ones reporting token usage the way vLLM and hosted APIs do. Every answer names the
-backend in `x-backend`, so a test can see where Envoy sent a request. Behaviour can be changed at run time with POST /admin/config.
+backend in `x-backend`, so a test can see where Envoy sent a request. Behaviour can be changed
+at run time with POST /admin/config.
 
 It also behaves like a loaded model server, enough for live telemetry to have something to see:
 at most `capacity` requests are served at once and the rest wait in a FIFO queue, each served
