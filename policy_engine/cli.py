@@ -216,7 +216,14 @@ def serve(
     ] = None,
     backend: Annotated[
         list[str] | None,
-        typer.Option("--backend", help="A backend known healthy (repeat) [env PE_BACKENDS]."),
+        typer.Option(
+            "--backend",
+            help="NAME=METRICS_URL (scraped) or NAME (passive, never stale); repeat [env PE_BACKENDS].",
+        ),
+    ] = None,
+    backends_file: Annotated[
+        Path | None,
+        typer.Option(help="YAML backends with metrics URL, capacity, region, ... [env PE_BACKENDS_FILE]."),
     ] = None,
     no_reload: Annotated[
         bool, typer.Option("--no-reload", help="Do not watch the policy directory.")
@@ -238,6 +245,7 @@ def serve(
         "workers": workers,
         "redis_url": redis_url,
         "backends": backend,
+        "backends_file": backends_file,
         "port_file": port_file,
     }
     overrides: dict[str, object] = {k: v for k, v in given.items() if v is not None}
@@ -247,6 +255,13 @@ def serve(
         settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as error:
         err.print(f"invalid settings: {error}", markup=False)
+        raise typer.Exit(2) from None
+    try:
+        from policy_engine.server import backend_specs
+
+        backend_specs(settings.backends, settings.backends_file)
+    except (OSError, ValueError) as error:  # pydantic's ValidationError and YAML errors are ValueErrors
+        err.print(f"invalid backends: {error}", markup=False)
         raise typer.Exit(2) from None
     try:
         run(settings)

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
         default_factory=list,
         description="NAME (never stale; health from failures) or NAME=METRICS_URL (scraped).",
     )
+    backends_file: Path | None = Field(
+        None, description="YAML list of backends with metrics URL, capacity, region, version, labels."
+    )
     stale_after_s: float = Field(
         5.0, gt=0, description="A scraped backend without fresh data this long is stale."
     )

@@ -14,14 +14,17 @@ import multiprocessing
 import os
 import signal
 import tempfile
+from pathlib import Path
 
 import grpc
+import yaml
 from envoy.service.accesslog.v3 import als_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
+from pydantic import BaseModel, ConfigDict, Field
 
 from policy_engine.audit.metrics import Metrics
 from policy_engine.config import Settings
@@ -54,13 +57,48 @@ def _store(settings: Settings) -> CounterStore:
     return MemoryStore()
 
 
-def backend_specs(entries: list[str]) -> list[BackendSpec]:
-    """`NAME` (passive: never stale, health from failures) or `NAME=METRICS_URL` (scraped)."""
-    specs = []
-    for entry in entries:
-        name, _, url = entry.partition("=")
-        specs.append(BackendSpec(name.strip(), metrics_url=url.strip() or None, passive=not url.strip()))
-    return specs
+class BackendEntry(BaseModel):
+    """One backend in a --backends-file."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    metrics_url: str | None = None
+    capacity: int = Field(0, ge=0, description="Concurrent requests before queueing (for telemetry.load).")
+    region: str = ""
+    version: str = ""
+    model: str = ""
+    weight: int = 0
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class BackendsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    backends: list[BackendEntry]
+
+
+def backend_specs(entries: list[str], file: Path | None = None) -> list[BackendSpec]:
+    """From the file, then `NAME` (passive: never stale) or `NAME=METRICS_URL` (scraped) entries."""
+    specs: dict[str, BackendSpec] = {}
+    if file is not None:
+        loaded = BackendsFile.model_validate(yaml.safe_load(file.read_text(encoding="utf-8")))
+        for entry in loaded.backends:
+            specs[entry.name] = BackendSpec(
+                entry.name,
+                version=entry.version,
+                region=entry.region,
+                model=entry.model,
+                weight=entry.weight,
+                capacity=entry.capacity,
+                labels=entry.labels,
+                metrics_url=entry.metrics_url,
+                passive=entry.metrics_url is None,
+            )
+    for text in entries:
+        name, _, url = text.partition("=")
+        specs[name.strip()] = BackendSpec(
+            name.strip(), metrics_url=url.strip() or None, passive=not url.strip()
+        )
+    return list(specs.values())
 
 
 async def serve(settings: Settings, worker: int = 0) -> None:
@@ -74,7 +112,9 @@ async def serve(settings: Settings, worker: int = 0) -> None:
 
     holder = BundleHolder(settings.policies, on_reload=reloaded)
     metrics.set_bundle(holder.version)
-    hub = TelemetryHub(backend_specs(settings.backends), stale_after_s=settings.stale_after_s)
+    hub = TelemetryHub(
+        backend_specs(settings.backends, settings.backends_file), stale_after_s=settings.stale_after_s
+    )
     access_log = AccessLogService(hub)
     scraper = MetricsScraper(hub, interval_s=settings.scrape_interval_s)
     store = _store(settings)
