@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     stale_after_s: float = Field(
         5.0, gt=0, description="A scraped backend without fresh data this long is stale."
     )
+    half_life_s: float = Field(
+        10.0, gt=0, description="Half-life of the decaying backend statistics (latency, errors, rates)."
+    )
     scrape_interval_s: float = Field(1.0, gt=0, description="How often backends' /metrics are scraped.")
     port_file: Path | None = Field(None, description="Write the bound gRPC port here once serving.")
 

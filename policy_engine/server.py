@@ -113,7 +113,9 @@ async def serve(settings: Settings, worker: int = 0) -> None:
     holder = BundleHolder(settings.policies, on_reload=reloaded)
     metrics.set_bundle(holder.version)
     hub = TelemetryHub(
-        backend_specs(settings.backends, settings.backends_file), stale_after_s=settings.stale_after_s
+        backend_specs(settings.backends, settings.backends_file),
+        stale_after_s=settings.stale_after_s,
+        half_life_s=settings.half_life_s,
     )
     access_log = AccessLogService(hub)
     scraper = MetricsScraper(hub, interval_s=settings.scrape_interval_s)

