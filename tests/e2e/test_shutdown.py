@@ -1,0 +1,61 @@
+"""SIGTERM drains: a decision in flight when the service is told to stop still gets its answer."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from policy_engine.demo.backend import BackendServer
+from tests.e2e.conftest import FREE
+from tests.e2e.harness import start_envoy, start_service
+from tests.redis_server import start_redis
+
+POLICIES = Path(__file__).resolve().parent / "redis_policies"
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_in_flight_decision_finishes_after_sigterm() -> None:
+    redis = start_redis()
+    backend = BackendServer("model-a").start()
+    service = start_service(
+        POLICIES,
+        backends=["model-a"],
+        redis_url=redis.url,
+        extra_args=["--no-reload"],
+        env={"PE_REDIS_TIMEOUT_S": "5", "PE_GRACE_S": "10"},
+    )
+    envoy = start_envoy(service.port, {"model-a": backend.port}, authz_timeout_s=10.0)
+    try:
+        assert httpx.post(f"{envoy.url}/v1/chat/completions", json=CHAT, headers=FREE).status_code == 200
+        assert redis.pid is not None
+        os.kill(redis.pid, signal.SIGSTOP)  # the next decision waits on its counters
+        answer: list[int] = []
+        client = threading.Thread(
+            target=lambda: answer.append(
+                httpx.post(
+                    f"{envoy.url}/v1/chat/completions", json=CHAT, headers=FREE, timeout=30
+                ).status_code
+            )
+        )
+        client.start()
+        time.sleep(1.0)  # the Check call is now in flight, blocked on Redis
+        service.process.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        assert service.process.poll() is None, "the service quit with a call in flight"
+        os.kill(redis.pid, signal.SIGCONT)
+        client.join(30)
+        assert answer == [200]
+        assert service.process.wait(20) == 0
+        assert "draining" in service.output()
+    finally:
+        if redis.pid is not None:
+            os.kill(redis.pid, signal.SIGCONT)
+        envoy.stop()
+        service.stop()
+        backend.stop()
+        redis.close()
