@@ -84,5 +84,6 @@ class QuotaService:
             finally:
                 self._metrics.store_latency.labels("charge").observe(time.perf_counter() - start)
             charged += 1
-        self._metrics.tokens_charged.labels(kind).inc(max(0, actual))
+        if charged:
+            self._metrics.tokens_charged.labels(kind).inc(max(0, actual))
         return charged
