@@ -140,9 +140,13 @@ async def serve(settings: Settings, worker: int = 0) -> None:
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     if port == 0:
         raise OSError(f"cannot listen on {settings.host}:{settings.port}: address in use or not permitted")
-    await server.start()
     if scraper.targets:
+        # One round of scrapes before serving: decisions made before any telemetry arrived
+        # would find every scraped backend stale and answer 503.
+        await scraper.scrape_once()
+        hub.snapshot(force=True)
         scraper.start()
+    await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if worker == 0 and settings.metrics_port and _MULTIPROC_ENV not in os.environ:
