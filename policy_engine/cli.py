@@ -203,27 +203,27 @@ def hash_key_command(
 @app.command()
 def serve(
     policies: Annotated[
-        Path | None, typer.Option("--policies", "-p", help="Policy directory [env PE_POLICIES].")
+        Path | None, typer.Option("--policies", "-p", help="Policy directory (env PE_POLICIES).")
     ] = None,
-    host: Annotated[str | None, typer.Option(help="gRPC listen address [env PE_HOST].")] = None,
-    port: Annotated[int | None, typer.Option(help="gRPC port, 0 = any free port [env PE_PORT].")] = None,
+    host: Annotated[str | None, typer.Option(help="gRPC listen address (env PE_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="gRPC port, 0 = any free port (env PE_PORT).")] = None,
     metrics_port: Annotated[
-        int | None, typer.Option(help="Prometheus port, 0 = off [env PE_METRICS_PORT].")
+        int | None, typer.Option(help="Prometheus port, 0 = off (env PE_METRICS_PORT).")
     ] = None,
-    workers: Annotated[int | None, typer.Option(help="Processes sharing the port [env PE_WORKERS].")] = None,
+    workers: Annotated[int | None, typer.Option(help="Processes sharing the port (env PE_WORKERS).")] = None,
     redis_url: Annotated[
-        str | None, typer.Option(help="Shared counters in Redis [env PE_REDIS_URL].")
+        str | None, typer.Option(help="Shared counters in Redis (env PE_REDIS_URL).")
     ] = None,
     backend: Annotated[
         list[str] | None,
         typer.Option(
             "--backend",
-            help="NAME=METRICS_URL (scraped) or NAME (passive, never stale); repeat [env PE_BACKENDS].",
+            help="NAME=METRICS_URL (scraped) or NAME (passive, never stale); repeat (env PE_BACKENDS).",
         ),
     ] = None,
     backends_file: Annotated[
         Path | None,
-        typer.Option(help="YAML backends with metrics URL, capacity, region, ... [env PE_BACKENDS_FILE]."),
+        typer.Option(help="YAML backends with metrics URL, capacity, region, ... (env PE_BACKENDS_FILE)."),
     ] = None,
     no_reload: Annotated[
         bool, typer.Option("--no-reload", help="Do not watch the policy directory.")
