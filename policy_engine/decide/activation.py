@@ -6,6 +6,7 @@ request. The telemetry message is built once per snapshot and reused by every de
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -13,28 +14,17 @@ from typing import Any
 from google.protobuf.message import Message
 
 from policy_engine.cel.engine import message_classes
+from policy_engine.cel.schema import MESSAGES
 from policy_engine.decide.attributes import LlmRequest, Peer, RequestAttributes
 from policy_engine.decide.tenants import Tenant
 from policy_engine.telemetry.snapshot import BackendStats, TelemetrySnapshot
 
-_BACKEND_FIELDS = (
-    "name",
-    "healthy",
-    "stale",
-    "age_s",
-    "latency_p50_ms",
-    "latency_p99_ms",
-    "ttft_p99_ms",
-    "error_rate",
-    "inflight",
-    "queue_depth",
-    "kv_cache_usage",
-    "rps",
-    "tokens_per_s",
-    "version",
-    "region",
-    "model",
-    "weight",
+_BACKEND_MESSAGE_FIELDS = {
+    f.name for m in MESSAGES if m.name == "Backend" for f in m.fields if not f.type.startswith("map<")
+}
+# The scalar fields the CEL Backend message shares with BackendStats (labels are a map).
+_BACKEND_FIELDS = tuple(
+    spec.name for spec in dataclasses.fields(BackendStats) if spec.name in _BACKEND_MESSAGE_FIELDS
 )
 
 

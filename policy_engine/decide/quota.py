@@ -13,6 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 from policy_engine.decide.decision import Decision, FiredRule, QuotaCheck
+from policy_engine.quota.store import CounterState, exceeds
 
 TOKEN_KINDS = ("input_tokens", "output_tokens", "total_tokens")
 # Keys of the ext_authz dynamic metadata that Envoy's rate-limit actions read after the
@@ -21,13 +22,11 @@ METADATA_KEYS = {kind: f"pe_{kind}" for kind in TOKEN_KINDS}
 
 
 def outcome(kind: str, limit: int, used: int, cost: int) -> tuple[bool, int]:
-    """(exceeded, remaining). Requests need room for this one; tokens only unspent budget,
-    because the real count is known after the response (the estimate is a reservation)."""
-    if kind == "requests":
-        exceeded = used + cost > limit
-        return exceeded, 0 if exceeded else limit - used - cost
-    exceeded = used >= limit
-    return exceeded, 0 if exceeded else limit - used
+    """(exceeded, remaining) by the counter stores' admission rule."""
+    is_request = kind == "requests"
+    if exceeds(used, cost, limit, refuse_at_limit=not is_request):
+        return True, 0
+    return False, limit - used - (cost if is_request else 0)
 
 
 def rate_headers(check: QuotaCheck, denied: bool) -> dict[str, str]:
@@ -65,14 +64,7 @@ def _without_rate_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in headers.items() if not k.startswith("x-ratelimit-") and k != "retry-after"}
 
 
-@dataclasses.dataclass(frozen=True)
-class Settled:
-    counter: str
-    used: int
-    reset_s: float
-
-
-def settle(decision: Decision, states: Sequence[Settled], admitted: bool) -> Decision:
+def settle(decision: Decision, states: Sequence[CounterState], admitted: bool) -> Decision:
     """Apply the store's usage to an allowed decision's checks; deny when a budget is exceeded."""
     by_counter = {s.counter: s for s in states}
     checks = []

@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from policy_engine.quota.store import Admission, Algorithm, CounterState, Demand
+from policy_engine.quota.store import Admission, Algorithm, CounterState, Demand, exceeds
 
 # reset_s is documented as > 0: a caller sleeping for it must make progress, and "0" would read as
 # "retry now" exactly when the usage sits on a bucket-weight boundary.
@@ -61,11 +61,7 @@ def weighted_usage(current: int, previous: int, weight: float) -> int:
 
 
 def is_exceeded(demand: Demand, used: int) -> bool:
-    if demand.refuse_at_limit:
-        # Token budgets: the exact cost is unknown until the response, so a request is let
-        # through while anything is left and the overshoot is charged afterwards.
-        return used >= demand.limit
-    return used + demand.cost > demand.limit
+    return exceeds(used, demand.cost, demand.limit, demand.refuse_at_limit)
 
 
 def reset_after(

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from policy_engine.audit.metrics import Metrics
 from policy_engine.decide.decision import Decision
-from policy_engine.decide.quota import Settled, settle, store_failed
+from policy_engine.decide.quota import settle, store_failed
 from policy_engine.policy.bundle import Bundle
 from policy_engine.quota.store import CounterStore, Demand, StoreUnavailable
 from policy_engine.quota.view import parse_counter
@@ -48,8 +48,7 @@ class QuotaService:
             return store_failed(decision, str(error))
         finally:
             self._metrics.store_latency.labels("admit").observe(time.perf_counter() - start)
-        states = [Settled(s.counter, s.used, s.reset_s) for s in admission.states]
-        return settle(decision, states, admission.admitted)
+        return settle(decision, admission.states, admission.admitted)
 
     async def charge_usage(self, entries_json: str, actual: int, kind: str) -> int:
         """After the response: charge `actual - reserved` on each counter named in the metadata.

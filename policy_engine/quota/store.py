@@ -32,6 +32,12 @@ class Demand:
     refuse_at_limit: bool
 
 
+def exceeds(used: int, cost: int, limit: int, refuse_at_limit: bool) -> bool:
+    """The one admission rule. Requests need room for this one; token budgets only need some
+    budget left, because the real count is known after the response (the cost is an estimate)."""
+    return used >= limit if refuse_at_limit else used + cost > limit
+
+
 @dataclass(frozen=True)
 class CounterState:
     counter: str
