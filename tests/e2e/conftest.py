@@ -24,9 +24,6 @@ class Gateway:
     backends: dict[str, BackendServer]
     policies: Path
 
-    def service_policies(self) -> Path:
-        return self.policies
-
     @property
     def url(self) -> str:
         return self.envoy.url

@@ -46,7 +46,7 @@ def test_policy_change_during_traffic(reload_gateway: Gateway) -> None:
         time.sleep(0.5)
         first = bundle_version(reload_gateway)
         assert statuses and set(statuses) == {200}
-        policy = reload_gateway.service_policies() / "policy.yaml"
+        policy = reload_gateway.policies / "policy.yaml"
         # A good change: route everything to model-b.
         policy.write_text(
             policy.read_text().replace("candidates: [model-a, model-b]", "candidates: [model-b]")
