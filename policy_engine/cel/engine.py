@@ -7,6 +7,7 @@ project sees `Environment`, `Program`, `Activation` and the two error types.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -14,9 +15,11 @@ from typing import Any
 
 from cel_expr_python import cel
 from cel_expr_python.ext import ext_bindings, ext_math, ext_optional, ext_strings
-from google.protobuf import message_factory
+from google.api.expr.v1alpha1 import checked_pb2
+from google.protobuf import any_pb2, message_factory
 from google.protobuf.message import Message
 
+from policy_engine.cel.cost import CostReport, estimate
 from policy_engine.cel.schema import (
     MESSAGES,
     VARIABLES,
@@ -133,14 +136,28 @@ class Program:
         self.result_type = result_type
 
     def eval(self, activation: Activation) -> Any:
-        value = self._compiled.eval(activation)
+        try:
+            value = self._compiled.eval(activation)
+        except RuntimeError as error:  # engine limits (iteration budget) raise instead
+            raise CelEvalError(str(error)) from None
         if value.type() == cel.Type.ERROR:
             raise CelEvalError(str(value.value()))
         return value.plain_value()
 
+    def cost(self) -> CostReport:
+        """Worst-case size of the values it builds and work it does (see cel/cost.py)."""
+        wrapper = any_pb2.Any()
+        wrapper.ParseFromString(self._compiled.serialize())
+        checked = checked_pb2.CheckedExpr()
+        checked.ParseFromString(wrapper.value)
+        return estimate(checked)
+
     def test(self, activation: Activation) -> bool:
         """A condition's value; CelEvalError for an error or a non-bool."""
-        value = self._compiled.eval(activation)
+        try:
+            value = self._compiled.eval(activation)
+        except RuntimeError as error:
+            raise CelEvalError(str(error)) from None
         result = value.value()
         if result is True or result is False:
             return result  # the hot path: one call into the engine, no type inspection
@@ -194,6 +211,15 @@ class Environment:
         if allowed and type_name not in allowed and type_name != "dyn":
             raise CelCompileError(f"expression must be {result}, but it is {type_name}")
         return Program(source, compiled, type_name)
+
+    def pattern_error(self, pattern: str) -> str | None:
+        """Why the engine's RE2 rejects a matches() pattern, or None: checked once at load."""
+        literal = json.dumps(pattern).replace("\\/", "/")
+        try:
+            self.compile(f'"".matches({literal})', "bool").eval(self.activation({}))
+        except CelError as error:
+            return str(error).removeprefix("INVALID_ARGUMENT: ").removesuffix(" [INVALID_ARGUMENT]")
+        return None
 
     def activation(self, values: Mapping[str, Any]) -> Activation:
         return self._env.Activation(dict(values))

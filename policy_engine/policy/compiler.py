@@ -132,6 +132,15 @@ class _Compiler:
                 Issue(where, f"{error.message} in `{path[-1]}`: {source.strip()}", policy, rule)
             )
             return None
+        report = program.cost()
+        problem = report.problem or next(
+            (f"bad matches() pattern: {e}" for e in map((env or self.env).pattern_error, report.patterns) if e),
+            None,
+        )
+        if problem is not None:
+            where = doc.expression_position(path, 1, 1)
+            self.issues.append(Issue(where, f"{problem} in `{path[-1]}`: {source.strip()}", policy, rule))
+            return None
         for match in _TERM_LIST_REF.finditer(source):
             if match.group(2) not in self.term_lists:
                 where = doc.expression_position(path, 1, match.start(2) + 1)
@@ -204,6 +213,7 @@ class _Compiler:
             tenants=TenantRegistry(tenant_sets),
             env=self.env,
             backend_env=self.backend_env,
+            analysis_env=self.analysis_env,
             references=frozenset(self.references),
         )
 
