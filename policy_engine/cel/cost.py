@@ -130,9 +130,7 @@ class _Estimator:
             return Bound(operand.size if self._sized(expr.id) else SCALAR, operand.work + 1)
         if kind == "list_expr":
             parts = [self.bound(e, scope) for e in expr.list_expr.elements]
-            return Bound(
-                sum(p.size for p in parts) + len(parts), sum(p.work for p in parts) + len(parts) + 1
-            )
+            return Bound(sum(p.size for p in parts) + len(parts), sum(p.work for p in parts) + len(parts) + 1)
         if kind == "struct_expr":
             parts = []
             for entry in expr.struct_expr.entries:

@@ -156,8 +156,15 @@ def parse_documents(file: str, text: str) -> Iterator[Document]:
         mark = error.problem_mark or error.context_mark
         position = Position(file, mark.line + 1, mark.column + 1) if mark else Position(file, 1, 1)
         raise SourceError([Issue(position, f"YAML syntax error: {error.problem or error}")]) from None
+    except yaml.reader.ReaderError as error:  # a character YAML forbids: located by its offset
+        before = text[: error.position]
+        position = Position(file, before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1)
+        character = f"#x{error.character:04x}" if isinstance(error.character, int) else repr(error.character)
+        message = f"YAML error: unacceptable character {character}: {error.reason}"
+        raise SourceError([Issue(position, message)]) from None
     except yaml.YAMLError as error:
-        raise SourceError([Issue(Position(file, 1, 1), f"YAML error: {error}")]) from None
+        message = " ".join(str(error).split())
+        raise SourceError([Issue(Position(file, 1, 1), f"YAML error: {message}")]) from None
     issues: list[Issue] = []
     documents: list[Document] = []
     for index, root in enumerate(composed):
