@@ -180,7 +180,7 @@ def llm_request(attrs: RequestAttributes, body: Any) -> LlmRequest:
         model=model_value if isinstance(model_value, str) else "",
         kind=kind,
         stream=body.get("stream") is True,
-        max_tokens=_int(max_tokens),
+        max_tokens=max(0, _int(max_tokens)),  # a negative budget would refund tokens
         temperature=_float(body.get("temperature")),
         user=user_value if isinstance(user_value, str) else "",
         messages=tuple(messages),

@@ -308,6 +308,7 @@ class Pipeline:
             "output_tokens": llm.max_tokens,
             "total_tokens": llm.prompt_tokens + llm.max_tokens,
         }[budget.kind]
+        cost = max(cost, 0)
         exceeded, remaining = outcome(budget.kind, budget.limit, usage.used, cost)
         return QuotaCheck(
             counter=str(counter),

@@ -14,6 +14,9 @@ from policy_engine.decide.quota import METADATA_KEYS
 from policy_engine.quota.service import QuotaService
 
 DESCRIPTOR_KEYS = {key: kind for kind, key in METADATA_KEYS.items()}
+# Envoy sends one descriptor per configured action (a handful); more is not a real proxy.
+MAX_DESCRIPTORS = 64
+MAX_HITS = 1 << 32  # usage beyond this per response is not a real model answer
 
 
 class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
@@ -24,8 +27,13 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         self, request: rls_pb2.RateLimitRequest, context: object
     ) -> rls_pb2.RateLimitResponse:
         statuses = []
-        for descriptor in request.descriptors:
+        for index, descriptor in enumerate(request.descriptors):
+            if index >= MAX_DESCRIPTORS:
+                # Answered OK without charging: the usage still counts in the descriptors before.
+                statuses.append(rls_pb2.RateLimitResponse.DescriptorStatus(code=rls_pb2.RateLimitResponse.OK))
+                continue
             hits = descriptor.hits_addend.value if descriptor.HasField("hits_addend") else request.hits_addend
+            hits = min(hits, MAX_HITS)
             for entry in descriptor.entries:
                 kind = DESCRIPTOR_KEYS.get(entry.key)
                 if kind is not None and hits > 0:
