@@ -1,0 +1,62 @@
+"""API keys exist only as salted hashes, and a presented key is compared in constant time."""
+
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+
+import pytest
+
+from policy_engine.decide import tenants
+from policy_engine.decide.tenants import TenantRegistry, hash_key
+from policy_engine.policy.compiler import BundleError, load_bundle
+from policy_engine.policy.schema import ApiKey, TenantEntry, TenantSet, TenantSpec
+
+KEY = "sk-test-tenant-key-0001"
+
+
+def registry(stored: ApiKey) -> TenantRegistry:
+    entry = TenantEntry(id="t1", api_keys=[ApiKey(id="k1", hash=stored.hash, prefix=stored.prefix)])
+    tenant_set = TenantSet(
+        apiVersion="policy-engine/v1",
+        kind="TenantSet",
+        metadata={"name": "t"},  # type: ignore[arg-type]
+        spec=TenantSpec(tenants=[entry]),
+    )
+    return TenantRegistry([tenant_set])
+
+
+def test_the_same_key_hashes_differently_each_time_and_both_verify() -> None:
+    first, second = hash_key(KEY), hash_key(KEY)
+    assert first.hash != second.hash  # a fresh salt each time
+    assert KEY not in first.hash and KEY not in second.hash
+    assert first.prefix == second.prefix == KEY[:8]
+    for stored in (first, second):
+        tenant = registry(stored).resolve({"authorization": f"Bearer {KEY}"}, "")
+        assert (tenant.id, tenant.credential) == ("t1", "api_key")
+
+
+def test_a_key_is_compared_with_compare_digest(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, str]] = []
+    compare = hmac.compare_digest
+
+    def spy(a: str, b: str) -> bool:
+        calls.append((a, b))
+        return compare(a, b)
+
+    monkeypatch.setattr(tenants.hmac, "compare_digest", spy)
+    found = registry(hash_key(KEY))
+    wrong = KEY[:-1] + "9"  # same prefix: reaches the digest comparison
+    assert found.resolve({"x-api-key": wrong}, "").credential == "invalid_key"
+    assert found.resolve({"x-api-key": KEY}, "").credential == "api_key"
+    assert len(calls) == 2 and all(len(a) == len(b) == 64 for a, b in calls)
+
+
+def test_a_plaintext_key_in_a_policy_file_is_rejected(tmp_path: Path) -> None:
+    (tmp_path / "tenants.yaml").write_text(
+        "apiVersion: policy-engine/v1\nkind: TenantSet\nmetadata: {name: t}\nspec:\n  tenants:\n"
+        f"    - id: t1\n      api_keys:\n        - {{id: k1, prefix: sk-test-, key: {KEY}}}\n"
+    )
+    with pytest.raises(BundleError) as raised:
+        load_bundle(tmp_path)
+    assert "tenants.yaml:8:" in str(raised.value)
