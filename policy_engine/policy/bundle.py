@@ -168,6 +168,8 @@ class Bundle:
     tenants: TenantRegistry
     env: Environment = field(repr=False)
     backend_env: Environment = field(repr=False)
+    # Variables `canary`, `stable`, `now`: the environment rollout analyses are evaluated in.
+    analysis_env: Environment | None = field(default=None, repr=False)
     # Identifiers used by any expression: values nobody reads are not converted.
     references: frozenset[str] = frozenset()
 

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from policy_engine.cel import library
-from policy_engine.cel.engine import CelCompileError, Environment, Program
+from policy_engine.cel.engine import CelCompileError, Environment, FunctionDef, Program
 from policy_engine.cel.functions import library_functions
 from policy_engine.cel.schema import BACKEND_VARIABLE, PACKAGE, VARIABLES, Variable
 from policy_engine.decide.tenants import TenantRegistry
@@ -42,6 +42,18 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 T = TypeVar("T")
 
 
+def _library_calls(documents: Sequence[tuple[Document, Any]], functions: Sequence[FunctionDef]) -> int:
+    """An upper bound of the distinct library calls in the files: the size of the hoisting pool."""
+    texts = {id(doc.text_lines): "\n".join(doc.text_lines) for doc, _ in documents}
+    pattern = re.compile("|".join(re.escape(f.name) + r"\s*\(" for f in functions) or "$^")
+    return sum(len(pattern.findall(text)) for text in texts.values())
+
+
+def _one_line(source: str) -> str:
+    """An expression quoted in a one-line error message."""
+    return " ".join(source.split())
+
+
 class BundleError(Exception):
     def __init__(self, issues: list[Issue]) -> None:
         self.issues = sorted(issues, key=lambda i: (i.position, i.message))
@@ -52,10 +64,20 @@ def is_test_file(path: Path) -> bool:
     return path.name.endswith(("_test.yaml", "_test.yml"))
 
 
+def is_hidden(path: Path, directory: Path) -> bool:
+    """Under a hidden directory: a mounted ConfigMap keeps its files in `..<timestamp>/` next to
+    the symlinks a reader should use, so reading both would load every policy twice."""
+    return any(part.startswith(".") for part in path.relative_to(directory).parts)
+
+
 def policy_files(directory: Path) -> list[Path]:
     if not directory.is_dir():
         raise BundleError([Issue(Position(str(directory), 1, 1), "not a directory")])
-    files = [p for p in directory.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file()]
+    files = [
+        p
+        for p in directory.rglob("*")
+        if p.suffix in (".yaml", ".yml") and p.is_file() and not is_hidden(p, directory)
+    ]
     return sorted(
         (p for p in files if not is_test_file(p)), key=lambda p: p.relative_to(directory).as_posix()
     )
@@ -108,9 +130,10 @@ class _Compiler:
                         )
                     self.term_lists[name] = library.TermMatcher(terms)
         functions = library_functions(self.term_lists)
-        self.env = Environment(functions, VARIABLES)
-        self.backend_env = Environment(functions, (*VARIABLES, BACKEND_VARIABLE))
-        self.analysis_env = Environment(functions, ANALYSIS_VARIABLES)
+        slots = _library_calls(documents, functions)
+        self.env = Environment(functions, VARIABLES, slots)
+        self.backend_env = Environment(functions, (*VARIABLES, BACKEND_VARIABLE), slots)
+        self.analysis_env = Environment(functions, ANALYSIS_VARIABLES, slots)
         self.references: set[str] = set()
 
     def expr(
@@ -129,17 +152,15 @@ class _Compiler:
         except CelCompileError as error:
             where = doc.expression_position(path, error.line, error.column)
             self.issues.append(
-                Issue(where, f"{error.message} in `{path[-1]}`: {source.strip()}", policy, rule)
+                Issue(where, f"{error.message} in `{path[-1]}`: {_one_line(source)}", policy, rule)
             )
             return None
         report = program.cost()
-        problem = report.problem or next(
-            (f"bad matches() pattern: {e}" for e in map((env or self.env).pattern_error, report.patterns) if e),
-            None,
-        )
+        bad_patterns = filter(None, map((env or self.env).pattern_error, report.patterns))
+        problem = report.problem or next((f"bad matches() pattern: {e}" for e in bad_patterns), None)
         if problem is not None:
             where = doc.expression_position(path, 1, 1)
-            self.issues.append(Issue(where, f"{problem} in `{path[-1]}`: {source.strip()}", policy, rule))
+            self.issues.append(Issue(where, f"{problem} in `{path[-1]}`: {_one_line(source)}", policy, rule))
             return None
         for match in _TERM_LIST_REF.finditer(source):
             if match.group(2) not in self.term_lists:

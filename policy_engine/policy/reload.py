@@ -59,7 +59,8 @@ class BundleHolder:
 
         def relevant(_change: object, path: str) -> bool:
             p = Path(path)
-            return p.suffix in (".yaml", ".yml") and not is_test_file(p)
+            # A mounted ConfigMap changes by swapping its `..data` symlink to a new directory.
+            return p.name == "..data" or (p.suffix in (".yaml", ".yml") and not is_test_file(p))
 
         async for _changes in awatch(
             self.directory, stop_event=stop, watch_filter=relevant, debounce=debounce_ms, recursive=True

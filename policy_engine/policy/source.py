@@ -147,6 +147,13 @@ def _convert(node: Node, path: Path, nodes: dict[Path, Node], issues: list[Issue
     return None
 
 
+def _yaml_message(error: yaml.YAMLError) -> str:
+    """One line: PyYAML's own text repeats the position over several lines."""
+    if isinstance(error, yaml.MarkedYAMLError) and (error.problem or error.context):
+        return " ".join(" ".join(p for p in (error.context, error.problem) if p).split())
+    return " ".join(str(error).split())
+
+
 def parse_documents(file: str, text: str) -> Iterator[Document]:
     """Every YAML document of a file, with positions; SourceError on syntax errors."""
     lines = text.splitlines()
@@ -155,7 +162,7 @@ def parse_documents(file: str, text: str) -> Iterator[Document]:
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         position = Position(file, mark.line + 1, mark.column + 1) if mark else Position(file, 1, 1)
-        raise SourceError([Issue(position, f"YAML syntax error: {error.problem or error}")]) from None
+        raise SourceError([Issue(position, f"YAML syntax error: {_yaml_message(error)}")]) from None
     except yaml.reader.ReaderError as error:  # a character YAML forbids: located by its offset
         before = text[: error.position]
         position = Position(file, before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1)
@@ -176,7 +183,7 @@ def parse_documents(file: str, text: str) -> Iterator[Document]:
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             position = Position(file, mark.line + 1, mark.column + 1) if mark else Position(file, 1, 1)
-            issues.append(Issue(position, f"YAML error: {error}"))
+            issues.append(Issue(position, f"YAML error: {_yaml_message(error)}"))
             continue
         documents.append(Document(file, index, data, nodes, lines))
     if issues:

@@ -17,7 +17,7 @@ from policy_engine.decide.attributes import Peer, RequestAttributes
 from policy_engine.decide.decision import Decision
 from policy_engine.decide.pipeline import Pipeline
 from policy_engine.policy.bundle import Bundle
-from policy_engine.policy.compiler import is_test_file
+from policy_engine.policy.compiler import is_hidden, is_test_file
 from policy_engine.policy.source import Issue, Position, SourceError, parse_documents
 from policy_engine.quota.view import StaticUsage
 from policy_engine.telemetry.snapshot import BackendStats, TelemetrySnapshot
@@ -243,7 +243,9 @@ def compare(decision: Decision, expect: Expect) -> list[str]:
 
 
 def test_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.is_file() and is_test_file(p))
+    return sorted(
+        p for p in directory.rglob("*") if p.is_file() and is_test_file(p) and not is_hidden(p, directory)
+    )
 
 
 def run_tests(bundle: Bundle, directory: Path, name_filter: str = "") -> TestReport:
