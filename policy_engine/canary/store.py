@@ -1,0 +1,215 @@
+"""Where rollout states and pending commands live: a local JSON file, or Redis.
+
+The controller is the only writer of states; the CLI only adds commands (promote, abort,
+restart), which the controller takes and applies on its next tick. Every serving worker reads
+the states to apply the same weights.
+
+* `FileStore`: one JSON document `{"rollouts": {policy: state}, "commands": {policy: command}}`.
+  A write goes to a temporary file in the same directory and is renamed over the document, so a
+  reader never sees half of it; writers serialise on an advisory lock file next to it.
+* `RedisStore`: one hash per policy, `{prefix}{policy}`, fields `state` and `command`; a command
+  is taken with HGET + HDEL in one MULTI/EXEC.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from policy_engine.canary.state import COMMANDS, Command, RolloutState
+
+
+class StoreError(Exception):
+    """The store cannot be read or written; the message says which and why."""
+
+
+class RolloutStore(Protocol):
+    async def load(self, policy: str) -> RolloutState | None: ...
+
+    async def load_many(self, policies: Sequence[str]) -> dict[str, RolloutState]: ...
+
+    async def load_all(self) -> dict[str, RolloutState]: ...
+
+    async def save(self, state: RolloutState) -> None: ...
+
+    async def request(self, policy: str, command: Command) -> None: ...
+
+    async def take_command(self, policy: str) -> Command | None: ...
+
+    async def close(self) -> None: ...
+
+    def describe(self) -> str: ...
+
+
+def _command(value: object) -> Command | None:
+    for command in COMMANDS:
+        if value == command:
+            return command
+    return None
+
+
+class FileStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock_path = path.with_name(path.name + ".lock")
+
+    def describe(self) -> str:
+        return f"file {self.path}"
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return {"rollouts": {}, "commands": {}}
+        except OSError as error:
+            raise StoreError(f"cannot read canary state {self.path}: {error}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise StoreError(f"canary state {self.path} is not valid JSON: {error}") from None
+        if not isinstance(data, dict):
+            raise StoreError(f"canary state {self.path} is not a JSON object")
+        data.setdefault("rollouts", {})
+        data.setdefault("commands", {})
+        return data
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict[str, Any]]:
+        """Read-modify-write under the lock; the document is replaced atomically on exit."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock = self._lock_path.open("a")
+        except OSError as error:
+            raise StoreError(f"cannot write canary state next to {self.path}: {error}") from None
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = self._read()
+            yield data
+            try:
+                handle, temporary = tempfile.mkstemp(prefix=self.path.name, dir=self.path.parent)
+                with os.fdopen(handle, "w", encoding="utf-8") as sink:
+                    json.dump(data, sink, sort_keys=True)
+                    sink.flush()
+                    os.fsync(sink.fileno())
+                os.replace(temporary, self.path)
+            except OSError as error:
+                with contextlib.suppress(OSError, UnboundLocalError):
+                    os.unlink(temporary)
+                raise StoreError(f"cannot write canary state {self.path}: {error}") from None
+
+    def _states(self, data: dict[str, Any], names: Sequence[str] | None) -> dict[str, RolloutState]:
+        rollouts = data["rollouts"]
+        states: dict[str, RolloutState] = {}
+        for name in rollouts if names is None else names:
+            if name in rollouts:
+                try:
+                    states[name] = RolloutState.from_json(json.dumps(rollouts[name]))
+                except ValueError as error:
+                    raise StoreError(f"{self.path}: rollout {name}: {error}") from None
+        return states
+
+    async def load(self, policy: str) -> RolloutState | None:
+        return self._states(self._read(), [policy]).get(policy)
+
+    async def load_many(self, policies: Sequence[str]) -> dict[str, RolloutState]:
+        return self._states(self._read(), policies)
+
+    async def load_all(self) -> dict[str, RolloutState]:
+        return self._states(self._read(), None)
+
+    async def save(self, state: RolloutState) -> None:
+        with self._locked() as data:
+            data["rollouts"][state.policy] = json.loads(state.to_json())
+
+    async def request(self, policy: str, command: Command) -> None:
+        with self._locked() as data:
+            data["commands"][policy] = command
+
+    async def take_command(self, policy: str) -> Command | None:
+        if policy not in self._read()["commands"]:
+            return None  # the common case: no lock, no write
+        with self._locked() as data:
+            return _command(data["commands"].pop(policy, None))
+
+    async def close(self) -> None:
+        return None
+
+
+class RedisStore:
+    def __init__(self, url: str, prefix: str = "pe:canary:", timeout_s: float = 2.0) -> None:
+        from redis.asyncio import Redis
+
+        self.url = url
+        self.prefix = prefix
+        self._redis = Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+
+    def describe(self) -> str:
+        return f"redis {self.url} (keys {self.prefix}*)"
+
+    def _key(self, policy: str) -> str:
+        return f"{self.prefix}{policy}"
+
+    def _parse(self, policy: str, raw: bytes | None) -> RolloutState | None:
+        if raw is None:
+            return None
+        try:
+            return RolloutState.from_json(raw)
+        except ValueError as error:
+            raise StoreError(f"{self._key(policy)}: {error}") from None
+
+    async def _call(self, operation: str, coroutine: Any) -> Any:
+        from redis.exceptions import RedisError
+
+        try:
+            return await coroutine
+        except (RedisError, OSError) as error:
+            raise StoreError(f"canary state in {self.url}: {operation} failed: {error}") from None
+
+    async def load(self, policy: str) -> RolloutState | None:
+        raw = await self._call("HGET", self._redis.hget(self._key(policy), "state"))
+        return self._parse(policy, raw)
+
+    async def load_many(self, policies: Sequence[str]) -> dict[str, RolloutState]:
+        if not policies:
+            return {}
+        pipe = self._redis.pipeline(transaction=False)
+        for policy in policies:
+            pipe.hget(self._key(policy), "state")
+        raws = await self._call("HGET", pipe.execute())
+        states = {p: self._parse(p, raw) for p, raw in zip(policies, raws, strict=True)}
+        return {p: s for p, s in states.items() if s is not None}
+
+    async def load_all(self) -> dict[str, RolloutState]:
+        names: list[str] = []
+        async for key in self._redis.scan_iter(match=f"{self.prefix}*"):
+            names.append(key.decode()[len(self.prefix) :])
+        return await self.load_many(sorted(names))
+
+    async def save(self, state: RolloutState) -> None:
+        await self._call("HSET", self._redis.hset(self._key(state.policy), "state", state.to_json()))
+
+    async def request(self, policy: str, command: Command) -> None:
+        await self._call("HSET", self._redis.hset(self._key(policy), "command", command))
+
+    async def take_command(self, policy: str) -> Command | None:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hget(self._key(policy), "command")
+        pipe.hdel(self._key(policy), "command")
+        raw, _ = await self._call("MULTI", pipe.execute())
+        return _command(raw.decode() if isinstance(raw, bytes) else raw)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def open_store(redis_url: str | None, path: Path) -> RolloutStore:
+    """Redis when a URL is given (shared by every replica), else the local file."""
+    if redis_url:
+        return RedisStore(redis_url)
+    return FileStore(path)
