@@ -77,6 +77,9 @@ class BackendStatus:
     consecutive_failures: int
     ejected_for_s: float  # remaining ejection; 0 when healthy
     ejections: int
+    # Cumulative since this hub started (the canary controller judges a step on their growth).
+    requests_total: int = 0
+    errors_total: int = 0
 
 
 class _Backend:
@@ -84,11 +87,13 @@ class _Backend:
         "consecutive_failures",
         "ejected_until",
         "ejections",
+        "errors_total",
         "labels",
         "last_failure_connect",
         "last_request_at",
         "last_scrape_at",
         "last_scrape_error",
+        "requests_total",
         "scrape",
         "scrape_failures",
         "spec",
@@ -110,6 +115,8 @@ class _Backend:
         self.last_failure_connect = False
         self.ejected_until = -math.inf
         self.ejections = 0
+        self.requests_total = 0
+        self.errors_total = 0
 
     def last_fresh(self) -> float | None:
         times = [t for t in (self.last_request_at, self.last_scrape_at) if t is not None]
@@ -217,6 +224,8 @@ class TelemetryHub:
                 # Only an answer (or a refused connection) says something about the backend now; a
                 # request the client gave up on must not keep a hung backend looking fresh.
                 state.last_request_at = now
+                state.requests_total += 1
+                state.errors_total += observation.failed
             state.stats.record(
                 now,
                 latency_ms=observation.latency_ms,
@@ -347,4 +356,6 @@ class TelemetryHub:
                 consecutive_failures=state.consecutive_failures,
                 ejected_for_s=max(state.ejected_until - now, 0.0),
                 ejections=state.ejections,
+                requests_total=state.requests_total,
+                errors_total=state.errors_total,
             )

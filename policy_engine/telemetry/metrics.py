@@ -51,6 +51,19 @@ class TelemetryCollector(Collector):
         yield GaugeMetricFamily(
             "pe_telemetry_snapshot_version", "Version of the snapshot decisions read.", value=snapshot.version
         )
+        requests = CounterMetricFamily(
+            "pe_telemetry_backend_requests", "Requests the backend answered (or refused).", labels=["backend"]
+        )
+        errors = CounterMetricFamily(
+            "pe_telemetry_backend_errors", "Of those, 5xx answers and connect failures.", labels=["backend"]
+        )
+        for name in snapshot.backends:
+            counted = self._hub.status(name)
+            if counted is not None:
+                requests.add_metric([name], counted.requests_total)
+                errors.add_metric([name], counted.errors_total)
+        yield requests
+        yield errors
         failures = GaugeMetricFamily(
             "pe_telemetry_consecutive_failures", "Consecutive failed requests.", labels=["backend"]
         )
