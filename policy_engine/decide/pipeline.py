@@ -8,6 +8,7 @@ evaluated in full, but what they would have done is only recorded.
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -341,6 +342,10 @@ class Pipeline:
             if eligible:
                 key = self._eval(run, policy, "sticky_key", policy.sticky_key)
                 if isinstance(key, str):
+                    if not key:
+                        # No identity to stick to: each such request is assigned on its own, so
+                        # together they follow the weight instead of sharing one bucket.
+                        key = "request:" + (run.values["request"].id or secrets.token_hex(8))
                     weight = max(0, min(100, weights.get(policy.name, policy.weight)))
                     bucket = stable_bucket(f"{policy.name}:{key}", _BUCKETS)
                     variant = "canary" if bucket < weight * (_BUCKETS // 100) else "stable"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -207,6 +208,20 @@ spec:
     raised = {u: p.decide(chat(user=u), canary_weights={"c": 60}).canary["c"] for u in first}
     assert all(raised[u] == "canary" for u, v in first.items() if v == "canary")
     assert p.decide(chat(user="user-1")).upstream_headers["x-pe-canary"] in ("v1", "v2")
+
+
+def test_requests_without_a_sticky_key_follow_the_weight_one_by_one(tmp_path: Path) -> None:
+    canary = (
+        "kind: CanaryPolicy\nmetadata: {name: c}\n"
+        "spec: {stable: v1, canary: v2, weight: 30, sticky_key: llm.user}\n"
+    )
+    p = pipeline(tmp_path, access("a", ALLOW_ALL), canary)
+    variants = []
+    for index in range(400):
+        attrs = dataclasses.replace(chat(), id=f"request-{index}")  # no user: the sticky key is ""
+        variants.append(p.decide(attrs).canary["c"])
+    share = variants.count("canary") / len(variants)
+    assert 0.22 < share < 0.38, share
 
 
 def test_internal_failure_is_a_decision(tmp_path: Path) -> None:
