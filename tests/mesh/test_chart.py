@@ -1,0 +1,225 @@
+"""The Helm chart: lint, render with several values files, validate every object it renders.
+
+Rendering uses the real Helm binary; objects are validated without a Kubernetes API server
+(none can run here): Istio kinds against Istio's CRD schemas and CEL rules, built-in kinds
+against Kubernetes' JSON schemas in strict mode.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from policy_engine.mesh.crds import CrdSchemas
+from policy_engine.mesh.providers import validate_mesh_config
+from policy_engine.policy.compiler import load_bundle
+from tests.conftest import POLICIES
+from tests.mesh.rendering import CHART, VALUES, by_kind, helm, render, validate_object
+
+VALUE_SETS = {
+    "defaults": (),
+    "everything": ("--values", str(VALUES / "everything.yaml")),
+    "redis-monitoring-hpa": ("--values", str(VALUES / "redis-monitoring-hpa.yaml")),
+}
+
+
+def test_helm_lint_strict_passes_for_every_values_file() -> None:
+    for name, args in VALUE_SETS.items():
+        result = helm("lint", "--strict", str(CHART), *args)
+        assert result.returncode == 0, f"{name}: {result.stdout}{result.stderr}"
+
+
+@pytest.mark.parametrize("values", sorted(VALUE_SETS))
+def test_every_rendered_object_validates(values: str, crds: CrdSchemas) -> None:
+    objects = render(*VALUE_SETS[values])
+    assert len(objects) >= 5
+    errors = [
+        f"{o.get('kind')}/{o.get('metadata', {}).get('name')}: {e}"
+        for o in objects
+        for e in validate_object(o, crds)
+    ]
+    assert errors == []
+
+
+def test_the_defaults_render_the_core_objects_only() -> None:
+    kinds = sorted(o["kind"] for o in render())
+    assert kinds == [
+        "ConfigMap",
+        "Deployment",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+        "Service",
+        "ServiceAccount",
+    ]
+
+
+def test_everything_on_renders_every_optional_object() -> None:
+    kinds = {o["kind"] for o in render(*VALUE_SETS["everything"])}
+    assert kinds >= {
+        "AuthorizationPolicy",
+        "EnvoyFilter",
+        "Telemetry",
+        "HorizontalPodAutoscaler",
+        "ServiceMonitor",
+        "Secret",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+    }
+
+
+def container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    (deployment,) = by_kind(objects, "Deployment")
+    (main,) = deployment["spec"]["template"]["spec"]["containers"]
+    return dict(main)
+
+
+@pytest.mark.parametrize("values", sorted(VALUE_SETS))
+def test_the_pod_runs_non_root_read_only_without_privileges(values: str) -> None:
+    objects = render(*VALUE_SETS[values])
+    (deployment,) = by_kind(objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["automountServiceAccountToken"] is False
+    security = container(objects)["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    # Whatever the service writes goes to volumes, never the image's filesystem.
+    mounts = {m["mountPath"]: m for m in container(objects)["volumeMounts"]}
+    assert mounts["/etc/policy-engine/policies"]["readOnly"] is True
+    assert {"/tmp", "/var/lib/policy-engine"} <= set(mounts)
+
+
+def test_probes_use_grpc_health_on_the_grpc_port() -> None:
+    main = container(render())
+    port = next(p["containerPort"] for p in main["ports"] if p["name"] == "grpc")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert main[probe]["grpc"] == {"port": port}, probe
+
+
+def test_the_service_exposes_grpc_and_metrics() -> None:
+    (service,) = by_kind(render(), "Service")
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert ports["grpc"]["port"] == 9001 and ports["grpc"]["appProtocol"] == "grpc"
+    assert ports["http-metrics"]["port"] == 9090
+
+
+def test_the_policies_configmap_holds_loadable_policies(tmp_path: Path) -> None:
+    objects = render(*VALUE_SETS["everything"])
+    configmap = next(o for o in by_kind(objects, "ConfigMap") if o["metadata"]["name"].endswith("-policies"))
+    for name, text in configmap["data"].items():
+        (tmp_path / name).write_text(text)
+    bundle = load_bundle(tmp_path)
+    assert "extra-access" in {p.name for p in bundle.policies()}
+
+
+def test_the_charts_policy_files_are_the_examples_without_tenants() -> None:
+    chart_files = {p.name: p.read_text() for p in (CHART / "files" / "policies").glob("*.yaml")}
+    examples = {
+        p.name: p.read_text()
+        for p in POLICIES.glob("*.yaml")
+        if not p.name.endswith("_test.yaml") and p.name != "tenants.yaml"
+    }
+    assert chart_files == examples
+
+
+def test_tenants_and_redis_come_from_secrets() -> None:
+    objects = render(*VALUE_SETS["everything"])
+    main = container(objects)
+    redis = next(e for e in main["env"] if e["name"] == "PE_REDIS_URL")
+    secret_name = redis["valueFrom"]["secretKeyRef"]["name"]
+    secrets = {s["metadata"]["name"]: s for s in by_kind(objects, "Secret")}
+    assert secrets[secret_name]["stringData"]["url"].startswith("redis://")
+    (deployment,) = by_kind(objects, "Deployment")
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "policies")
+    sources = volume["projected"]["sources"]
+    tenants = next(s["secret"] for s in sources if "secret" in s)
+    assert "tenants.yaml" in secrets[tenants["name"]]["stringData"]
+
+
+def test_an_existing_redis_secret_is_referenced_not_created() -> None:
+    objects = render(*VALUE_SETS["redis-monitoring-hpa"])
+    redis = next(e for e in container(objects)["env"] if e["name"] == "PE_REDIS_URL")
+    assert redis["valueFrom"]["secretKeyRef"] == {"name": "redis-credentials", "key": "redis-url"}
+    assert by_kind(objects, "Secret") == []
+    (hpa,) = by_kind(objects, "HorizontalPodAutoscaler")
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 12)
+    (deployment,) = by_kind(objects, "Deployment")
+    assert "replicas" not in deployment["spec"]  # the HPA owns the replica count
+
+
+def test_redis_without_a_url_or_secret_fails_clearly() -> None:
+    result = helm("template", "pe", str(CHART), "--set", "redis.enabled=true")
+    assert result.returncode != 0
+    assert "redis.enabled needs redis.url or redis.existingSecret" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("service.grpcPort=abc", "service.grpcPort: Invalid type. Expected: integer, given: string"),
+        ("workers=0", "workers: Must be greater than or equal to 1"),
+        ("istio.patchContext=GATEWAYS", "istio.patchContext: istio.patchContext must be one of"),
+        ("redis.url=http://redis:6379", "redis.url: Does not match pattern"),
+        ("replicas=3", "Additional property replicas is not allowed"),
+    ],
+)
+def test_values_schema_rejects_bad_values(setting: str, message: str) -> None:
+    result = helm("template", "pe", str(CHART), "--set", setting)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_the_mesh_config_the_chart_prints_is_well_formed() -> None:
+    objects = render(*VALUE_SETS["everything"])
+    configmap = next(
+        o for o in by_kind(objects, "ConfigMap") if o["metadata"]["name"].endswith("-mesh-config")
+    )
+    snippet = yaml.safe_load(configmap["data"]["mesh-config.yaml"])
+    assert validate_mesh_config(snippet) == []
+    providers = {p["name"]: p for p in snippet["meshConfig"]["extensionProviders"]}
+    authz = providers["policy-engine"]["envoyExtAuthzGrpc"]
+    assert authz["service"] == "pe-policy-engine.policy-engine.svc.cluster.local"
+    assert authz["port"] == 9001
+    assert authz["clearRouteCache"] is True
+    assert authz["includeRequestBodyInCheck"]["maxRequestBytes"] == 1048576
+    assert authz["failOpen"] is False
+
+
+def test_the_istio_objects_name_the_providers_of_the_mesh_config() -> None:
+    objects = render(*VALUE_SETS["everything"])
+    configmap = next(
+        o for o in by_kind(objects, "ConfigMap") if o["metadata"]["name"].endswith("-mesh-config")
+    )
+    providers = {
+        p["name"]
+        for p in yaml.safe_load(configmap["data"]["mesh-config.yaml"])["meshConfig"]["extensionProviders"]
+    }
+    (policy,) = by_kind(objects, "AuthorizationPolicy")
+    assert policy["spec"]["action"] == "CUSTOM" and policy["spec"]["provider"]["name"] in providers
+    (telemetry,) = by_kind(objects, "Telemetry")
+    used = {
+        p["name"]
+        for entry in telemetry["spec"]["accessLogging"] + telemetry["spec"]["tracing"]
+        for p in entry["providers"]
+    }
+    assert used <= providers
+
+
+def test_dashboards_are_included_from_the_chart_directory() -> None:
+    objects = render(*VALUE_SETS["everything"])
+    dashboards = [o for o in by_kind(objects, "ConfigMap") if o["metadata"]["name"].endswith("-dashboards")]
+    files = sorted(p.name for p in (CHART / "dashboards").glob("*.json"))
+    if not files:
+        assert dashboards == []  # no dashboard written yet: no empty ConfigMap either
+        return
+    (configmap,) = dashboards
+    assert sorted(configmap["data"]) == files
+    for name in files:
+        json.loads(configmap["data"][name])

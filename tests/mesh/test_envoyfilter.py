@@ -1,0 +1,158 @@
+"""One source: the EnvoyFilter of the chart and of mesh/ carries the filters the e2e Envoy runs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from policy_engine.envoy.bootstrap import (
+    POLICY_CLUSTER,
+    GatewayConfig,
+    Upstream,
+    bootstrap,
+    ext_authz_filter,
+)
+from policy_engine.mesh.cli import CHART_FILES
+from policy_engine.mesh.envoyfilter import MeshTarget, envoy_filter, istio_cluster
+from policy_engine.mesh.providers import ServiceAddress, mesh_config, validate_mesh_config
+from tests.e2e.harness import envoy_binary
+from tests.mesh.rendering import CHART, MESH, by_kind, load_manifests, render
+
+GATEWAY = GatewayConfig(backends={"llama-8b-a": Upstream("127.0.0.1", 8001)})
+ISTIO_CLUSTER = istio_cluster("pe-policy-engine.policy-engine.svc.cluster.local", 9001)
+
+
+def e2e_filters() -> list[dict[str, Any]]:
+    """The HTTP filters of the bootstrap the end-to-end tests run."""
+    listener = bootstrap(GATEWAY)["static_resources"]["listeners"][0]
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    return list(manager["http_filters"])
+
+
+def retarget(value: Any, cluster: str) -> Any:
+    """A copy of `value` with every reference to the policy cluster renamed (Istio names clusters
+    by service)."""
+    if isinstance(value, dict):
+        return {
+            k: cluster if k == "cluster_name" and v == POLICY_CLUSTER else retarget(v, cluster)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [retarget(v, cluster) for v in value]
+    return value
+
+
+def chart_envoy_filter() -> dict[str, Any]:
+    (resource,) = by_kind(render("--set", "istio.enabled=true"), "EnvoyFilter")
+    return resource
+
+
+def test_the_chart_files_are_generated_from_the_builders() -> None:
+    for name, generate in CHART_FILES.items():
+        path = CHART / "files" / name
+        assert path.read_text(encoding="utf-8") == generate(), (
+            f"{path} is stale: run `policy-engine mesh-config chart-files`"
+        )
+
+
+def test_the_chart_envoy_filter_inserts_the_e2e_filters_before_the_router() -> None:
+    patches = chart_envoy_filter()["spec"]["configPatches"]
+    inserted = [p["patch"]["value"] for p in patches if p["patch"]["operation"] == "INSERT_BEFORE"]
+    assert all(
+        p["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == "envoy.filters.http.router"
+        for p in patches
+        if p["patch"]["operation"] == "INSERT_BEFORE"
+    )
+    by_name = {f["name"]: f for f in e2e_filters()}
+    expected = [
+        retarget(by_name[n], ISTIO_CLUSTER)
+        for n in ("envoy.filters.http.ratelimit", "envoy.filters.http.lua")
+    ]
+    assert inserted == expected
+    # the token charge: after the stream, hits from the usage the Lua filter stored
+    entries = inserted[0]["typed_config"]["rate_limits"]
+    assert entries and all(e["apply_on_stream_done"] for e in entries)
+    assert all("policy_engine.usage" in e["hits_addend"]["format"] for e in entries)
+
+
+def test_the_route_cache_merge_matches_the_e2e_ext_authz() -> None:
+    (merge,) = [
+        p for p in chart_envoy_filter()["spec"]["configPatches"] if p["patch"]["operation"] == "MERGE"
+    ]
+    authz = ext_authz_filter(GATEWAY)
+    assert merge["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == authz["name"]
+    merged = merge["patch"]["value"]["typed_config"]
+    assert merged == {"@type": authz["typed_config"]["@type"], "clear_route_cache": True}
+    assert authz["typed_config"]["clear_route_cache"] is True
+
+
+def test_the_chart_fills_context_and_cluster_from_values() -> None:
+    (resource,) = by_kind(
+        render(
+            "--set",
+            "istio.enabled=true",
+            "--set",
+            "istio.patchContext=SIDECAR_INBOUND",
+            "--set",
+            "service.grpcPort=7000",
+        ),
+        "EnvoyFilter",
+    )
+    text = json.dumps(resource)
+    assert "@@" not in text
+    assert {p["match"]["context"] for p in resource["spec"]["configPatches"]} == {"SIDECAR_INBOUND"}
+    assert "outbound|7000||pe-policy-engine.policy-engine.svc.cluster.local" in text
+
+
+def test_the_mesh_directory_files_are_current() -> None:
+    (filter_on_disk,) = load_manifests(MESH / "envoyfilter.yaml")
+    assert filter_on_disk == envoy_filter(MeshTarget())
+    (snippet,) = load_manifests(MESH / "mesh-config.yaml")
+    service = ServiceAddress("policy-engine.policy-engine.svc.cluster.local", 9001)
+    collector = ServiceAddress("otel-collector.observability.svc.cluster.local", 4317)
+    assert snippet == mesh_config(service, collector)
+    assert validate_mesh_config(snippet) == []
+
+
+def test_a_malformed_mesh_config_is_rejected() -> None:
+    (snippet,) = load_manifests(MESH / "mesh-config.yaml")
+    bad = copy.deepcopy(snippet)
+    bad["meshConfig"]["extensionProviders"][0]["envoyExtAuthzGrpc"]["port"] = "9001x"
+    bad["meshConfig"]["extensionProviders"][1]["envoyHttpAls"]["clearRouteCache"] = True
+    errors = validate_mesh_config(bad)
+    assert any(e.startswith("meshConfig.extensionProviders.0.envoyExtAuthzGrpc.port:") for e in errors)
+    assert any(e.startswith("meshConfig.extensionProviders.1.envoyHttpAls.clearRouteCache:") for e in errors)
+
+
+def test_envoy_accepts_the_chart_filter_chain(tmp_path: Path) -> None:
+    """The gateway's chain as Istio assembles it (its ext_authz, then the EnvoyFilter's inserts
+    with the MERGE applied, then the router), checked by Envoy itself with --mode validate."""
+    config = bootstrap(GATEWAY)
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    patches = chart_envoy_filter()["spec"]["configPatches"]
+    authz = retarget(ext_authz_filter(GATEWAY), ISTIO_CLUSTER)
+    authz["typed_config"]["clear_route_cache"] = False  # as Istio may emit it; the MERGE fixes it
+    for patch in patches:
+        if patch["patch"]["operation"] == "MERGE":
+            authz["typed_config"].update(patch["patch"]["value"]["typed_config"])
+    inserted = [p["patch"]["value"] for p in patches if p["patch"]["operation"] == "INSERT_BEFORE"]
+    manager["http_filters"] = [authz, *inserted, manager["http_filters"][-1]]
+    clusters = config["static_resources"]["clusters"]
+    policy = next(c for c in clusters if c["name"] == POLICY_CLUSTER)
+    policy["name"] = policy["load_assignment"]["cluster_name"] = ISTIO_CLUSTER
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path), "--disable-hot-restart", "-l", "error"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert authz["typed_config"]["clear_route_cache"] is True
