@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from tests.e2e.harness import start_envoy, start_service, stop_process, wait_until  # noqa: E402
 
 BACKENDS = [
-    "embed-a", "embed-b", "sdxl", "whisper", "llama-70b-eu", "llama-70b-v1", "llama-70b-v2",
+    "embed-a", "embed-b", "sdxl", "whisper", "llama-70b-eu", "llama-70b-v2",
     "llama-70b-h100-a", "llama-70b-h100-b", "llama-70b-a100-a", "llama-70b-a100-b",
     "llama-8b-a", "llama-8b-b",
 ]  # fmt: skip
