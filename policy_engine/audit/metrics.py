@@ -21,6 +21,12 @@ class Metrics:
             ["policy", "rule", "effect"],
             registry=registry,
         )
+        self.rule_decisions = Counter(
+            "pe_rule_decisions_total",
+            "Decisions by each rule that fired in them: policy, rule and the decision's result.",
+            ["policy", "rule", "result"],
+            registry=registry,
+        )
         self.latency = Histogram(
             "pe_decision_seconds", "Time to answer a Check call.", buckets=_LATENCY_BUCKETS, registry=registry
         )
@@ -43,6 +49,23 @@ class Metrics:
         self.reloads = Counter(
             "pe_policy_reloads_total", "Policy reloads by result.", ["result"], registry=registry
         )
+        self.reload_ok = Gauge(
+            "pe_policy_reload_ok",
+            "1 if the last policy load succeeded, 0 if it failed (the previous bundle still serves).",
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+        self.reload_time = Gauge(
+            "pe_policy_reload_timestamp_seconds",
+            "Unix time of the last policy load attempt.",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        # Zero-valued series from the start: an error rate needs the series before the first error.
+        for operation in ("admit", "charge"):
+            self.store_errors.labels(operation)
+        for result in ("ok", "error"):
+            self.reloads.labels(result)
         self.bundle = Gauge(
             "pe_bundle_info",
             "The active policy bundle (value 1, version label).",
@@ -61,9 +84,17 @@ class Metrics:
 
     def observe(self, decision: Decision, seconds: float) -> None:
         self.latency.observe(seconds)
-        self._child(self.decisions, ("allow" if decision.allowed else "deny", decision.reason or "ok")).inc()
+        result = "allow" if decision.allowed else "deny"
+        self._child(self.decisions, (result, decision.reason or "ok")).inc()
         for fired in decision.fired:
             self._child(self.rules, (fired.policy, fired.rule, fired.effect)).inc()
+            self._child(self.rule_decisions, (fired.policy, fired.rule, result)).inc()
+
+    def reloaded(self, ok: bool, version: str, when: float) -> None:
+        self.reloads.labels("ok" if ok else "error").inc()
+        self.reload_ok.set(1 if ok else 0)
+        self.reload_time.set(when)
+        self.set_bundle(version)
 
     def _child(self, metric: Counter, labels: tuple[str, ...]) -> Counter:
         # labels() validates and locks on every call (~3 µs); the set of label values is small.

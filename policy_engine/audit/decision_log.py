@@ -1,0 +1,300 @@
+"""The decision log: one JSON line per decision, for audits and for `policy-engine explain`.
+
+Each line holds the outcome (tenant, decision, fired rules, route, bundle, latency, trace ids)
+and the inputs `explain` replays: the request with its secrets removed, the parsed body, the
+quota usage seen and the telemetry snapshot. Secrets never reach the log: the credential
+headers (authorization, proxy-authorization, x-api-key, cookies and every TenantSet
+`key_headers` entry) are replaced by a short `sha256:` digest or dropped, and so are
+credential-like query parameters. Quota counter keys are not logged (an author may key a
+counter on anything, even a credential); the counter's policy, limit and kind are.
+
+Lines are buffered and written with one `write()` per batch to a file opened in append mode,
+so several worker processes can share one file without interleaving lines; the buffer is
+flushed every second and when the service drains. The file is never rotated by the service
+(use logrotate's copytruncate, or a sidecar that ships stdout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode
+
+from policy_engine.decide.attributes import LlmRequest, Peer, RequestAttributes
+from policy_engine.decide.decision import Decision
+from policy_engine.telemetry.snapshot import TelemetrySnapshot
+
+log = logging.getLogger("policy_engine.audit")
+
+RECORD_TYPE = "decision"
+SECRET_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key", "cookie", "set-cookie"}
+)
+SECRET_QUERY = frozenset({"key", "api_key", "api-key", "apikey", "access_token", "token", "auth"})
+PATH_HEADERS = frozenset({":path", "x-envoy-original-path"})  # carry the query string too
+MAX_RAW_BODY = 65_536
+_BUFFER_BYTES = 65_536
+
+Only = Literal["all", "deny", "allow"]
+SecretMode = Literal["hash", "drop"]
+
+
+def digest(value: str) -> str:
+    """A short, stable stand-in for a secret: equal secrets give equal digests, nothing more."""
+    return "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def redact_headers(headers: Mapping[str, str], secret: frozenset[str], mode: SecretMode) -> dict[str, str]:
+    redacted: dict[str, str] = {}
+    for name, value in headers.items():
+        if name in secret:
+            if mode == "hash":
+                redacted[name] = digest(value)
+        elif name in PATH_HEADERS:
+            redacted[name] = redact_path(value, mode)
+        else:
+            redacted[name] = value
+    return redacted
+
+
+def redact_path(path: str, mode: SecretMode) -> str:
+    if "?" not in path:
+        return path
+    base, query = path.split("?", 1)
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if not any(name.lower() in SECRET_QUERY for name, _ in pairs):
+        return path
+    kept = [
+        (name, digest(value) if mode == "hash" else "")
+        if name.lower() in SECRET_QUERY
+        else (name, value)
+        for name, value in pairs
+        if mode == "hash" or name.lower() not in SECRET_QUERY
+    ]
+    return f"{base}?{urlencode(kept)}" if kept else base
+
+
+def _peer(peer: Peer) -> dict[str, Any]:
+    return {"principal": peer.principal, "address": peer.address, "labels": dict(peer.labels)}
+
+
+@dataclass(frozen=True)
+class Timing:
+    start_ns: int  # wall clock, when the Check call arrived
+    latency_s: float  # the whole Check: pipeline, counter store, response
+    eval_s: float  # the pipeline alone
+
+    @property
+    def end_ns(self) -> int:
+        return self.start_ns + int(self.latency_s * 1e9)
+
+
+@dataclass(frozen=True)
+class LogPolicy:
+    """Which decisions are written: `only` filters by result; `sample` thins the allowed ones
+    (denials are always kept when the filter lets them through)."""
+
+    only: Only = "all"
+    sample: float = 1.0
+
+    def keeps(self, allowed: bool, draw: Callable[[], float]) -> bool:
+        if (self.only == "deny" and allowed) or (self.only == "allow" and not allowed):
+            return False
+        if not allowed or self.sample >= 1.0:
+            return True
+        return draw() < self.sample
+
+
+class LogSink:
+    """Append-only JSON lines to a file, or to standard output for `-`."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        if target == "-":
+            self._fd = sys.stdout.fileno()
+            self._owned = False
+        else:
+            self._fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._owned = True
+        self._lines: list[str] = []
+        self._size = 0
+        self._failed = False
+
+    def write(self, line: str) -> None:
+        self._lines.append(line)
+        self._size += len(line)
+        if self._size >= _BUFFER_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._lines:
+            return
+        data = "".join(self._lines).encode("utf-8", "replace")
+        self._lines.clear()
+        self._size = 0
+        try:
+            while data:
+                written = os.write(self._fd, data)
+                data = data[written:]
+            self._failed = False
+        except OSError as error:
+            if not self._failed:  # once per outage, not once per batch
+                log.warning("decision log %s: lines lost: %s", self.target, error)
+            self._failed = True
+
+    def close(self) -> None:
+        self.flush()
+        if self._owned:
+            os.close(self._fd)
+            self._owned = False
+
+
+def _telemetry(snapshot: TelemetrySnapshot) -> dict[str, Any]:
+    backends = {}
+    for name, stats in snapshot.backends.items():
+        fields = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats) if f.name != "name"}
+        fields["labels"] = dict(stats.labels)
+        # JSON has no infinity: a backend never heard from has age null.
+        if fields["age_s"] == float("inf"):
+            fields["age_s"] = None
+        backends[name] = fields
+    return {"version": snapshot.version, "load": snapshot.load, "backends": backends}
+
+
+def _body(attrs: RequestAttributes, body: Any) -> str:
+    """The body as JSON text: the parsed body's own bytes when they are UTF-8 (no re-encoding),
+    else the body as text."""
+    if body is not None:
+        try:
+            text = attrs.body.decode("utf-8")
+        except UnicodeDecodeError:
+            return '"body":' + json.dumps(body, separators=(",", ":"))
+        # Outside strings, JSON whitespace; inside, a raw line break is invalid: one line either way.
+        return '"body":' + text.replace("\n", " ").replace("\r", " ")
+    if not attrs.body:
+        return '"body":null'
+    raw = attrs.body[:MAX_RAW_BODY].decode("utf-8", "replace")
+    cut = "true" if len(attrs.body) > MAX_RAW_BODY else "false"
+    return f'"body":null,"raw_body":{json.dumps(raw)},"raw_body_cut":{cut}'
+
+
+class DecisionLog:
+    """Builds decision records and writes the ones the policy keeps."""
+
+    def __init__(
+        self,
+        sink: LogSink,
+        policy: LogPolicy = LogPolicy(),
+        secrets: SecretMode = "hash",
+        draw: Callable[[], float] = random.random,
+    ) -> None:
+        self._sink = sink
+        self._policy = policy
+        self._secrets = secrets
+        self._draw = draw
+        self._telemetry_cache: tuple[TelemetrySnapshot | None, str] = (None, "null")
+
+    def keeps(self, decision: Decision) -> bool:
+        return self._policy.keeps(decision.allowed, self._draw)
+
+    def write(self, line: str) -> None:
+        self._sink.write(line)
+
+    def flush(self) -> None:
+        self._sink.flush()
+
+    def close(self) -> None:
+        self._sink.close()
+
+    def _snapshot(self, snapshot: TelemetrySnapshot) -> str:
+        # A snapshot object is reused until its content changes: encode each one once.
+        cached, encoded = self._telemetry_cache
+        if cached is not snapshot:
+            encoded = json.dumps(_telemetry(snapshot), separators=(",", ":"))
+            self._telemetry_cache = (snapshot, encoded)
+        return encoded
+
+    def record(self, *args: Any) -> dict[str, Any]:
+        """The record `line(*args)` writes, as a dict."""
+        record: dict[str, Any] = json.loads(self.line(*args))
+        return record
+
+    def line(
+        self,
+        attrs: RequestAttributes,
+        body: Any,
+        llm: LlmRequest,
+        decision: Decision,
+        telemetry: TelemetrySnapshot,
+        timing: Timing,
+        ids: tuple[str, str],
+        secret_headers: Iterable[str],
+        tenant: tuple[str, str],
+    ) -> str:
+        """One JSON line for a decision; `ids` = (trace id, span id) in hex or empty,
+        `tenant` = (credential kind, key id) of the resolved tenant. The body and the telemetry
+        snapshot come last, spliced in as JSON text (the costly parts to encode)."""
+        secret = SECRET_HEADERS.union(secret_headers)
+        when = attrs.time or datetime.fromtimestamp(timing.start_ns / 1e9, UTC)
+        head = {
+            "type": RECORD_TYPE,
+            "time": datetime.fromtimestamp(timing.start_ns / 1e9, UTC).isoformat(timespec="microseconds"),
+            "request_id": attrs.id,
+            "trace_id": ids[0],
+            "span_id": ids[1],
+            "tenant": decision.tenant,
+            "credential": tenant[0],
+            "key_id": tenant[1],
+            "decision": "allow" if decision.allowed else "deny",
+            "status": decision.status,
+            "reason": decision.reason,
+            "fired": [{"rule": f.id, "effect": f.effect, "dry_run": f.dry_run} for f in decision.fired],
+            "dry_run": [{"rule": f.id, "effect": f.effect} for f in decision.dry_run],
+            "errors": list(decision.errors),
+            "route": decision.route,
+            "canary": dict(decision.canary),
+            "bundle": decision.bundle_version,
+            "latency_ms": round(timing.latency_s * 1000, 3),
+            "eval_us": round(timing.eval_s * 1e6, 1),
+            "model": llm.model,
+            "kind": llm.kind,
+            "prompt_tokens": llm.prompt_tokens,
+            "max_tokens": llm.max_tokens,
+            "quota": [
+                {
+                    "rule": f"{q.policy}/{q.limit_name}",
+                    "kind": q.kind,
+                    "used": q.used,
+                    "cost": q.cost,
+                    "limit": q.limit,
+                    "remaining": q.remaining,
+                    "exceeded": q.exceeded,
+                }
+                for q in decision.quota
+            ],
+            "input": {
+                "method": attrs.method,
+                "path": redact_path(attrs.path, self._secrets),
+                "host": attrs.host,
+                "scheme": attrs.scheme,
+                "protocol": attrs.protocol,
+                "headers": redact_headers(attrs.headers, secret, self._secrets),
+                "truncated": attrs.body_truncated,
+                "size": attrs.size,
+                "time": when.isoformat(),
+                "source": _peer(attrs.source),
+                "destination": _peer(attrs.destination),
+                "context": dict(attrs.context),
+            },
+        }
+        text = json.dumps(head, separators=(",", ":"), default=str)
+        return f'{text[:-1]},{_body(attrs, body)},"telemetry":{self._snapshot(telemetry)}}}\n'
