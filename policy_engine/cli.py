@@ -170,6 +170,115 @@ def evaluate(
 
 
 @app.command()
+def audit(
+    log: Annotated[Path, typer.Argument(help="Decision log file (JSON lines).")],
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant id.")] = None,
+    rule: Annotated[
+        str | None, typer.Option(help="Only decisions where this POLICY/RULE (or any rule of POLICY) fired.")
+    ] = None,
+    decision: Annotated[str | None, typer.Option(help="Only allow or deny.")] = None,
+    since: Annotated[str | None, typer.Option(help="From this time: ISO 8601 or ago (-10m, 2h, 1d).")] = None,
+    until: Annotated[str | None, typer.Option(help="Up to this time: ISO 8601 or ago.")] = None,
+    limit: Annotated[int, typer.Option(min=0, help="Show at most the last N matches; 0 = all.")] = 0,
+    json_output: Annotated[bool, typer.Option("--json", help="Matching records as JSON lines.")] = False,
+) -> None:
+    """Search a decision log by tenant, fired rule, decision and time range."""
+    from policy_engine.audit import log_query as q
+
+    if decision not in (None, "allow", "deny"):
+        err.print(f"--decision must be allow or deny, not {decision!r}")
+        raise typer.Exit(2)
+    try:
+        query = q.Query(
+            tenant=tenant,
+            rule=rule,
+            decision=decision,
+            since=q.parse_time(since) if since else None,
+            until=q.parse_time(until) if until else None,
+        )
+        skipped: list[q.Skipped] = []
+        matches = [r for r in q.read_records(q.open_log(log), skipped) if query.matches(r)]
+    except q.LogQueryError as error:
+        err.print(str(error), markup=False)
+        raise typer.Exit(2) from None
+    if limit:
+        matches = matches[-limit:]
+    if json_output:
+        for record in matches:
+            sys.stdout.write(json.dumps(record, separators=(",", ":")) + "\n")
+    else:
+        table = Table(title=f"{len(matches)} decision(s) in {log}")
+        for column in ("time", "request id", "tenant", "decision", "reason", "route", "fired", "ms"):
+            table.add_column(column, overflow="fold")
+        for record in matches:
+            denied = record.get("decision") == "deny"
+            table.add_row(
+                str(record.get("time", ""))[:23],
+                str(record.get("request_id", "")),
+                str(record.get("tenant") or "-"),
+                f"[red]deny {record.get('status')}[/red]" if denied else "[green]allow[/green]",
+                str(record.get("reason") or ""),
+                str(record.get("route") or "-"),
+                ", ".join(str(f.get("rule")) for f in record.get("fired", []) if isinstance(f, dict)),
+                str(record.get("latency_ms", "")),
+            )
+        out.print(table)
+    if skipped:
+        err.print(f"skipped {len(skipped)} line(s) that are not decision records (first: {skipped[0].line})")
+
+
+@app.command()
+def explain(
+    log: Annotated[Path, typer.Argument(help="Decision log file (JSON lines).")],
+    request_id: Annotated[str, typer.Argument(help="The request id (x-request-id) to explain.")],
+    policies: Annotated[
+        Path, typer.Option("--policies", "-p", help="Policy directory to replay with.")
+    ] = Path("policies"),
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable explanation.")] = False,
+) -> None:
+    """Replay a logged decision: which rules fired, and the value of each part of their conditions."""
+    from policy_engine.audit.explain import Part, display
+    from policy_engine.audit.explain import explain as explain_record
+    from policy_engine.audit.log_query import LogQueryError, find_request
+
+    try:
+        record = find_request(log, request_id)
+    except LogQueryError as error:
+        err.print(str(error), markup=False)
+        raise typer.Exit(2) from None
+    if record is None:
+        err.print(f"request {request_id!r} is not in {log}", markup=False)
+        raise typer.Exit(1)
+    explanation = explain_record(record, _load(policies))
+    if json_output:
+        out.print_json(json.dumps(explanation.to_dict(), default=str))
+        return
+    for warning in explanation.warnings:
+        err.print(f"warning: {warning}", soft_wrap=True, markup=False)
+    logged = f"deny {record.get('status')}" if record.get("decision") == "deny" else "allow"
+    out.print(
+        f"request {request_id} at {record.get('time')}: {logged} {record.get('reason') or ''}  "
+        f"tenant: {record.get('tenant') or '-'}  route: {record.get('route') or '-'}  "
+        f"bundle: {record.get('bundle')}",
+        markup=False,
+    )
+
+    def show(part: Part, depth: int) -> None:
+        value = f"error: {part.error}" if part.error else display(part.value)
+        out.print(f"{'    ' * depth}{part.text}  =>  {value}", markup=False)
+        for child in part.children:
+            show(child, depth + 1)
+
+    for fired in explanation.fired:
+        out.print(f"\n{fired.rule} ({fired.effect})", markup=False)
+        if not fired.conditions:
+            out.print("    (no condition: the policy's default)")
+        for role, part in fired.conditions:
+            out.print(f"  {role}:", markup=False)
+            show(part, 1)
+
+
+@app.command()
 def schema(
     tests: Annotated[bool, typer.Option("--tests", help="Schema of *_test.yaml files instead.")] = False,
 ) -> None:
@@ -229,8 +338,38 @@ def serve(
         bool, typer.Option("--no-reload", help="Do not watch the policy directory.")
     ] = False,
     port_file: Annotated[Path | None, typer.Option(help="Write the bound gRPC port to this file.")] = None,
+    canary_state: Annotated[
+        Path | None,
+        typer.Option(help="Rollout state file if no --redis-url (env PE_CANARY_STATE).", show_default=False),
+    ] = None,
+    no_canary_controller: Annotated[
+        bool,
+        typer.Option("--no-canary-controller", help="Only follow stored weights (`canary run` drives them)."),
+    ] = False,
+    decision_log: Annotated[
+        str | None,
+        typer.Option(help="Decision log: JSON lines to this file, - for stdout (env PE_DECISION_LOG)."),
+    ] = None,
+    decision_log_sample: Annotated[
+        float | None,
+        typer.Option(help="Fraction 0..1 of allowed decisions logged; denials are always kept."),
+    ] = None,
+    decision_log_only: Annotated[
+        str | None, typer.Option(help="Log only: all | deny | allow (env PE_DECISION_LOG_ONLY).")
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="PEM certificate: TLS on the gRPC port (env PE_TLS_CERT).")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM key of --tls-cert (env PE_TLS_KEY).")] = None,
+    tls_client_ca: Annotated[
+        Path | None,
+        typer.Option(help="PEM CA: require verified client certificates (env PE_TLS_CLIENT_CA)."),
+    ] = None,
 ) -> None:
-    """Run the decision service: ext_authz Check and the rate-limit service on one gRPC port."""
+    """Run the decision service: ext_authz Check and the rate-limit service on one gRPC port.
+
+    Decision spans: set OTEL_TRACES_EXPORTER=otlp (or console) and OTEL_EXPORTER_OTLP_ENDPOINT.
+    """
     from pydantic import ValidationError
 
     from policy_engine.config import Settings
@@ -247,14 +386,32 @@ def serve(
         "backends": backend,
         "backends_file": backends_file,
         "port_file": port_file,
+        "canary_state": canary_state,
+        "decision_log": decision_log,
+        "decision_log_sample": decision_log_sample,
+        "decision_log_only": decision_log_only,
+        "tls_cert": tls_cert,
+        "tls_key": tls_key,
+        "tls_client_ca": tls_client_ca,
     }
     overrides: dict[str, object] = {k: v for k, v in given.items() if v is not None}
     if no_reload:
         overrides["reload"] = False
+    if no_canary_controller:
+        overrides["canary_controller"] = False
     try:
         settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as error:
         err.print(f"invalid settings: {error}", markup=False)
+        raise typer.Exit(2) from None
+    try:
+        import os
+
+        from policy_engine.audit.tracing import check_environment
+
+        check_environment(os.environ)
+    except ValueError as error:
+        err.print(f"invalid tracing settings: {error}", markup=False)
         raise typer.Exit(2) from None
     try:
         from policy_engine.server import backend_specs
@@ -285,6 +442,9 @@ def envoy_config(
     ] = None,
     authz_timeout: Annotated[float, typer.Option(help="Seconds Envoy waits for a decision.")] = 1.0,
     fail_open: Annotated[bool, typer.Option(help="Let requests through when the service is down.")] = False,
+    otlp_endpoint: Annotated[
+        str | None, typer.Option(help="HOST:PORT of an OTLP/gRPC collector: Envoy traces every request.")
+    ] = None,
 ) -> None:
     """Print an Envoy bootstrap: ext_authz with the body, token charging, routes on x-pe-route."""
     import yaml
@@ -313,14 +473,74 @@ def envoy_config(
         backends=backends,
         authz_timeout_s=authz_timeout,
         failure_mode_allow=fail_open,
+        otlp_endpoint=upstream(otlp_endpoint, "--otlp-endpoint") if otlp_endpoint else None,
     )
     sys.stdout.write(yaml.safe_dump(bootstrap(config), sort_keys=False))
+
+
+@app.command()
+def demo(
+    duration: Annotated[float, typer.Option(min=1, help="Seconds of traffic before the summary.")] = 60.0,
+    policies: Annotated[
+        Path | None,
+        typer.Option(
+            "--policies", "-p", help="Policy directory (hot-reloaded). Default: the demo's copy of policies/."
+        ),
+    ] = None,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Gateway port; 0 = any free port.")] = 8080,
+    rate: Annotated[float, typer.Option(min=0.5, max=200, help="Steady requests per second.")] = 10.0,
+    dashboard: Annotated[
+        bool | None,
+        typer.Option("--dashboard/--no-dashboard", help="Live screen; default: only on a terminal."),
+    ] = None,
+    workdir: Annotated[
+        Path | None, typer.Option(help="Where logs, configs and the decision log go (default: a temp dir).")
+    ] = None,
+    json_summary: Annotated[Path | None, typer.Option(help="Also write the summary as JSON here.")] = None,
+) -> None:
+    """Run the whole gateway locally: simulated backends, the service and Envoy, with mixed traffic."""
+    from policy_engine.demo.processes import DemoError
+    from policy_engine.demo.runner import Demo, DemoOptions
+
+    options = DemoOptions(
+        duration=duration,
+        policies=policies,
+        port=port,
+        rate=rate,
+        dashboard=out.is_terminal if dashboard is None else dashboard,
+        workdir=workdir,
+        json_summary=json_summary,
+    )
+    try:
+        code = Demo(options, out).run()
+    except DemoError as error:
+        err.print(f"demo: {error}", markup=False)
+        raise typer.Exit(1) from None
+    raise typer.Exit(code)
 
 
 @app.command()
 def version() -> None:
     """Print the version."""
     out.print(__version__)
+
+
+def _add_mesh_commands() -> None:
+    from policy_engine.mesh.cli import mesh_app
+
+    app.add_typer(mesh_app, name="mesh-config")
+
+
+_add_mesh_commands()
+
+
+def _add_canary_commands() -> None:
+    from policy_engine.canary.cli import canary_app
+
+    app.add_typer(canary_app, name="canary")
+
+
+_add_canary_commands()
 
 
 def main() -> None:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -38,6 +38,43 @@ class Settings(BaseSettings):
     )
     scrape_interval_s: float = Field(1.0, gt=0, description="How often backends' /metrics are scraped.")
     port_file: Path | None = Field(None, description="Write the bound gRPC port here once serving.")
+    canary_state: Path = Field(
+        Path(".policy-engine/canary-state.json"),
+        description="Rollout state file, written only if a CanaryPolicy has a rollout (Redis if redis_url).",
+    )
+    canary_controller: bool = Field(
+        True, description="Run the rollout controller in worker 0 (off when `canary run` drives the mesh)."
+    )
+    canary_refresh_s: float = Field(
+        1.0, gt=0, description="How often every worker re-reads the rollout weights from the state store."
+    )
+    tls_cert: Path | None = Field(
+        None, description="PEM certificate for TLS on the gRPC port (outside a mesh); with --tls-key."
+    )
+    tls_key: Path | None = Field(None, description="PEM private key of --tls-cert.")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM CA bundle: require and verify client certificates (mutual TLS)."
+    )
+    decision_log: str | None = Field(
+        None, description="Decision log (JSON lines): a file path, or - for standard output; unset = off."
+    )
+    decision_log_sample: float = Field(
+        1.0, ge=0, le=1, description="Fraction of allowed decisions logged (denials are always kept)."
+    )
+    decision_log_only: Literal["all", "deny", "allow"] = Field(
+        "all", description="Log only denials, only allowed requests, or all."
+    )
+    decision_log_secrets: Literal["hash", "drop"] = Field(
+        "hash", description="Credential headers in the log: a sha256 digest prefix, or dropped."
+    )
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return self
 
     @field_validator("backends", mode="before")
     @classmethod

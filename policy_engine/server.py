@@ -14,6 +14,8 @@ import multiprocessing
 import os
 import signal
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -26,8 +28,13 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 from pydantic import BaseModel, ConfigDict, Field
 
+from policy_engine.audit.auditor import Auditor
+from policy_engine.audit.decision_log import DecisionLog, LogPolicy, LogSink
 from policy_engine.audit.metrics import Metrics
+from policy_engine.audit.tracing import DecisionTracer, tracer_provider
+from policy_engine.canary.service import start_canary
 from policy_engine.config import Settings
+from policy_engine.decide.tenants import TenantRegistry
 from policy_engine.envoy.authz import AuthorizationService
 from policy_engine.envoy.ratelimit import RateLimitService
 from policy_engine.policy.reload import BundleHolder, ReloadResult
@@ -101,17 +108,56 @@ def backend_specs(entries: list[str], file: Path | None = None) -> list[BackendS
     return list(specs.values())
 
 
+def build_auditor(settings: Settings, tenants: Callable[[], TenantRegistry]) -> Auditor | None:
+    """Spans (from the OTEL_* variables) and the decision log (from settings); None when both are off."""
+    provider = tracer_provider(os.environ)
+    tracer = DecisionTracer(provider) if provider is not None else None
+    decision_log = None
+    if settings.decision_log:
+        decision_log = DecisionLog(
+            LogSink(settings.decision_log),
+            LogPolicy(only=settings.decision_log_only, sample=settings.decision_log_sample),
+            secrets=settings.decision_log_secrets,
+        )
+    if tracer is None and decision_log is None:
+        return None
+    return Auditor(tracer, decision_log, tenants)
+
+
+async def _flush_every(auditor: Auditor, stop: asyncio.Event, interval_s: float = 1.0) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
+        auditor.flush()
+
+
+def _listen(server: grpc.aio.Server, settings: Settings) -> int:
+    """Plaintext inside a mesh (the sidecar does mTLS); TLS, optionally mutual, outside one."""
+    address = f"{settings.host}:{settings.port}"
+    if settings.tls_cert is None or settings.tls_key is None:
+        return server.add_insecure_port(address)
+    client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    credentials = grpc.ssl_server_credentials(
+        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+    return server.add_secure_port(address, credentials)
+
+
 async def serve(settings: Settings, worker: int = 0) -> None:
     """Run one serving process until SIGTERM/SIGINT, then drain in-flight calls."""
     registry = CollectorRegistry(auto_describe=True)
     metrics = Metrics(registry)
 
     def reloaded(result: ReloadResult) -> None:
-        metrics.reloads.labels("ok" if result.ok else "error").inc()
-        metrics.set_bundle(result.version)
+        metrics.reloaded(result.ok, result.version, time.time())
 
     holder = BundleHolder(settings.policies, on_reload=reloaded)
     metrics.set_bundle(holder.version)
+    metrics.reload_ok.set(1)
+    metrics.reload_time.set(time.time())
+    auditor = build_auditor(settings, lambda: holder.pipeline.bundle.tenants)
     hub = TelemetryHub(
         backend_specs(settings.backends, settings.backends_file),
         stale_after_s=settings.stale_after_s,
@@ -121,10 +167,19 @@ async def serve(settings: Settings, worker: int = 0) -> None:
     scraper = MetricsScraper(hub, interval_s=settings.scrape_interval_s)
     store = _store(settings)
     quota = QuotaService(store, lambda: holder.pipeline.bundle, metrics)
+    canary = start_canary(settings, worker, lambda: holder.pipeline.bundle, hub, registry)
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-        AuthorizationService(lambda: holder.pipeline, hub.snapshot, quota, metrics, settings.max_body_bytes),
+        AuthorizationService(
+            lambda: holder.pipeline,
+            hub.snapshot,
+            quota,
+            metrics,
+            settings.max_body_bytes,
+            auditor,
+            canary_weights=canary.weights,
+        ),
         server,
     )
     rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(quota), server)
@@ -137,7 +192,7 @@ async def serve(settings: Settings, worker: int = 0) -> None:
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    port = _listen(server, settings)
     if port == 0:
         raise OSError(f"cannot listen on {settings.host}:{settings.port}: address in use or not permitted")
     if scraper.targets:
@@ -160,12 +215,18 @@ async def serve(settings: Settings, worker: int = 0) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     watcher = asyncio.create_task(holder.watch(stop)) if settings.reload else None
+    flusher = asyncio.create_task(_flush_every(auditor, stop)) if auditor is not None else None
     await stop.wait()
     log.info("worker %d draining (grace %.1fs)", worker, settings.grace_s)
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.stop(settings.grace_s)
     await scraper.stop()
+    await canary.close()
+    if flusher is not None:
+        await flusher
+    if auditor is not None:
+        auditor.close()
     if watcher is not None:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):

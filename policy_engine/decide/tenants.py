@@ -60,17 +60,29 @@ class TenantRegistry:
     def __init__(self, sets: Iterable[TenantSet]) -> None:
         self._by_prefix: dict[str, list[tuple[ApiKey, TenantEntry]]] = {}
         self._by_principal: dict[str, TenantEntry] = {}
+        self._by_id: dict[str, TenantEntry] = {}
         headers: list[str] = []
         for tenant_set in sets:
             for name in tenant_set.spec.key_headers:
                 if name not in headers:
                     headers.append(name)
             for entry in tenant_set.spec.tenants:
+                self._by_id.setdefault(entry.id, entry)
                 for key in entry.api_keys:
                     self._by_prefix.setdefault(key.prefix[:_PREFIX_LENGTH], []).append((key, entry))
                 for principal in entry.principals:
                     self._by_principal[principal] = entry
         self._key_headers = tuple(headers) or ("authorization", "x-api-key")
+
+    @property
+    def key_headers(self) -> tuple[str, ...]:
+        """Headers that may carry an API key (secrets: never logged)."""
+        return self._key_headers
+
+    def known(self, tenant_id: str, credential: str, key_id: str = "") -> Tenant | None:
+        """The tenant with this id as it would resolve through `credential` (for replays)."""
+        entry = self._by_id.get(tenant_id)
+        return None if entry is None else _tenant(entry, credential, key_id)
 
     def presented_key(self, headers: Mapping[str, str]) -> str:
         for name in self._key_headers:

@@ -16,6 +16,7 @@ from policy_engine.decide.pipeline import ROUTE_HEADER
 from policy_engine.decide.quota import METADATA_KEYS
 
 POLICY_CLUSTER = "policy-engine"
+OTLP_CLUSTER = "otlp-collector"
 _HCM_TYPE = (
     "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 )
@@ -90,6 +91,9 @@ class GatewayConfig:
     upstream_timeout_s: float = 120.0
     failure_mode_allow: bool = False
     access_log_flush_s: float = 0.2
+    # OTLP/gRPC collector for Envoy's own spans (every request sampled); None = no tracing.
+    otlp_endpoint: Upstream | None = None
+    tracing_service_name: str = "policy-gateway"
 
 
 def _cluster(
@@ -116,7 +120,7 @@ def _cluster(
     return cluster
 
 
-def _access_log(config: GatewayConfig) -> dict[str, Any]:
+def grpc_access_log(config: GatewayConfig) -> dict[str, Any]:
     """Every request's outcome streamed to the service: the live telemetry of the backends."""
     return {
         "name": "envoy.access_loggers.http_grpc",
@@ -157,6 +161,88 @@ def _token_rate_limits() -> list[dict[str, Any]]:
     return entries
 
 
+def _tracing(config: GatewayConfig) -> dict[str, Any]:
+    """Envoy's OpenTelemetry tracer: its spans go to the collector, and the ext_authz Check
+    carries their context (`traceparent`), so the service's decision span joins the trace."""
+    return {
+        "random_sampling": {"value": 100},
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+                "grpc_service": {"envoy_grpc": {"cluster_name": OTLP_CLUSTER}, "timeout": "1s"},
+                "service_name": config.tracing_service_name,
+            },
+        },
+    }
+
+
+def ext_authz_filter(config: GatewayConfig, cluster: str = POLICY_CLUSTER) -> dict[str, Any]:
+    """The Check call: request body included, routes recomputed from the headers the service adds."""
+    return {
+        "name": "envoy.filters.http.ext_authz",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+            "transport_api_version": "V3",
+            "grpc_service": {
+                "envoy_grpc": {"cluster_name": cluster},
+                "timeout": f"{config.authz_timeout_s}s",
+            },
+            "with_request_body": {
+                "max_request_bytes": config.max_request_bytes,
+                "allow_partial_message": True,
+                "pack_as_bytes": True,
+            },
+            "clear_route_cache": True,
+            "failure_mode_allow": config.failure_mode_allow,
+            # A service outage answers 503, distinguishable from a policy denial (403).
+            "status_on_error": {"code": "ServiceUnavailable"},
+        },
+    }
+
+
+def ratelimit_filter(cluster: str = POLICY_CLUSTER) -> dict[str, Any]:
+    """Token charging: the entries run when the stream is done, with the usage the Lua filter found."""
+    return {
+        "name": "envoy.filters.http.ratelimit",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+            "domain": RATE_LIMIT_DOMAIN,
+            "failure_mode_deny": False,
+            "timeout": "1s",
+            "rate_limits": _token_rate_limits(),
+            "rate_limit_service": {
+                "transport_api_version": "V3",
+                "grpc_service": {"envoy_grpc": {"cluster_name": cluster}},
+            },
+        },
+    }
+
+
+def usage_filter() -> dict[str, Any]:
+    """The Lua filter that stores the backend's reported token usage as dynamic metadata."""
+    return {
+        "name": "envoy.filters.http.lua",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": USAGE_LUA},
+        },
+    }
+
+
+def gateway_http_filters(config: GatewayConfig) -> list[dict[str, Any]]:
+    """The gateway's HTTP filter chain, in order; the mesh's EnvoyFilter inserts the same filters."""
+    return [
+        ext_authz_filter(config),
+        ratelimit_filter(),
+        usage_filter(),
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+        },
+    ]
+
+
 def bootstrap(config: GatewayConfig) -> dict[str, Any]:
     routes: list[dict[str, Any]] = [
         {
@@ -179,53 +265,19 @@ def bootstrap(config: GatewayConfig) -> dict[str, Any]:
             },
         }
     )
-    http_filters = [
-        {
-            "name": "envoy.filters.http.ext_authz",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-                "transport_api_version": "V3",
-                "grpc_service": {
-                    "envoy_grpc": {"cluster_name": POLICY_CLUSTER},
-                    "timeout": f"{config.authz_timeout_s}s",
-                },
-                "with_request_body": {
-                    "max_request_bytes": config.max_request_bytes,
-                    "allow_partial_message": True,
-                    "pack_as_bytes": True,
-                },
-                "clear_route_cache": True,
-                "failure_mode_allow": config.failure_mode_allow,
-                # A service outage answers 503, distinguishable from a policy denial (403).
-                "status_on_error": {"code": "ServiceUnavailable"},
-            },
+    http_filters = gateway_http_filters(config)
+    manager: dict[str, Any] = {
+        "@type": _HCM_TYPE,
+        "stat_prefix": "gateway",
+        "route_config": {
+            "name": "models",
+            "virtual_hosts": [{"name": "models", "domains": ["*"], "routes": routes}],
         },
-        {
-            "name": "envoy.filters.http.ratelimit",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
-                "domain": RATE_LIMIT_DOMAIN,
-                "failure_mode_deny": False,
-                "timeout": "1s",
-                "rate_limits": _token_rate_limits(),
-                "rate_limit_service": {
-                    "transport_api_version": "V3",
-                    "grpc_service": {"envoy_grpc": {"cluster_name": POLICY_CLUSTER}},
-                },
-            },
-        },
-        {
-            "name": "envoy.filters.http.lua",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-                "default_source_code": {"inline_string": USAGE_LUA},
-            },
-        },
-        {
-            "name": "envoy.filters.http.router",
-            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-        },
-    ]
+        "http_filters": http_filters,
+        "access_log": [grpc_access_log(config)],
+    }
+    if config.otlp_endpoint is not None:
+        manager["tracing"] = _tracing(config)
     listener = {
         "name": "gateway",
         "address": {"socket_address": {"address": config.listen_address, "port_value": config.listen_port}},
@@ -234,16 +286,7 @@ def bootstrap(config: GatewayConfig) -> dict[str, Any]:
                 "filters": [
                     {
                         "name": "envoy.filters.network.http_connection_manager",
-                        "typed_config": {
-                            "@type": _HCM_TYPE,
-                            "stat_prefix": "gateway",
-                            "route_config": {
-                                "name": "models",
-                                "virtual_hosts": [{"name": "models", "domains": ["*"], "routes": routes}],
-                            },
-                            "http_filters": http_filters,
-                            "access_log": [_access_log(config)],
-                        },
+                        "typed_config": manager,
                     }
                 ]
             }
@@ -251,6 +294,8 @@ def bootstrap(config: GatewayConfig) -> dict[str, Any]:
     }
     clusters = [_cluster(POLICY_CLUSTER, config.policy, http2=True, replicas=config.policy_replicas)]
     clusters += [_cluster(f"backend-{name}", upstream) for name, upstream in sorted(config.backends.items())]
+    if config.otlp_endpoint is not None:
+        clusters.append(_cluster(OTLP_CLUSTER, config.otlp_endpoint, http2=True))
     return {
         "admin": {
             "address": {"socket_address": {"address": config.admin_address, "port_value": config.admin_port}}

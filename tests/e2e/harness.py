@@ -112,6 +112,9 @@ def start_service(
         str(port),
         "--port-file",
         str(port_file),
+        # Rollout state private to this process (not the repository's .policy-engine/).
+        "--canary-state",
+        str(workdir / "canary-state.json"),
         "--metrics-port",
         str(metrics_port),
         "--host",
