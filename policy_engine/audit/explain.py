@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from policy_engine.cel.engine import Activation, CelError, Environment
+from policy_engine.cel.source_text import code_positions
 from policy_engine.decide.attributes import Peer, RequestAttributes
 from policy_engine.decide.decision import Decision
 from policy_engine.decide.pipeline import Pipeline
@@ -48,30 +49,15 @@ class Part:
         return data
 
 
-def _skip_string(source: str, i: int) -> int:
-    """The index just past the string literal starting at `i` (raw, triple-quoted or not)."""
-    raw = i > 0 and source[i - 1] in "rR"
-    quote = source[i : i + 3] if source[i : i + 3] in ('"""', "'''") else source[i]
-    i += len(quote)
-    while i < len(source) and source[i : i + len(quote)] != quote:
-        i += 2 if source[i] == "\\" and not raw else 1
-    return i + len(quote)
-
-
 def _scan(source: str) -> tuple[list[tuple[int, str]], bool]:
     """Positions of `&&`, `||` and `?` outside strings, comments and brackets, and whether the
     bracket depth ever went below zero (the text closes a group it did not open)."""
     found: list[tuple[int, str]] = []
-    depth, i, n, underflow = 0, 0, len(source), False
-    while i < n:
+    depth, underflow, after = 0, False, -1
+    for i in code_positions(source):
+        if i <= after:  # the second character of `&&` or `||`
+            continue
         char = source[i]
-        if char in "\"'":
-            i = _skip_string(source, i)
-            continue
-        if source.startswith("//", i):
-            newline = source.find("\n", i)
-            i = n if newline < 0 else newline + 1
-            continue
         if char in _OPEN:
             depth += 1
         elif char in _CLOSE:
@@ -79,11 +65,9 @@ def _scan(source: str) -> tuple[list[tuple[int, str]], bool]:
             underflow = underflow or depth < 0
         elif depth == 0 and source[i : i + 2] in ("&&", "||"):
             found.append((i, source[i : i + 2]))
-            i += 2
-            continue
+            after = i + 1
         elif depth == 0 and char == "?":
             found.append((i, "?"))
-        i += 1
     return found, underflow
 
 

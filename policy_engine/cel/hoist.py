@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from policy_engine.cel.source_text import code_positions
+
 HOISTED = "__pe_hoisted"
 
 Arg = tuple[str, Any]  # ("const", value) or ("path", ("llm", "prompt"))
@@ -190,47 +192,17 @@ class _Finder:
                 self.walk(part, inner)
 
 
-def _skip_string(source: str, at: int) -> int:
-    """Index just past the string literal that starts at `at` (a quote character)."""
-    quote = source[at]
-    raw = at > 0 and source[at - 1] in "rR"
-    if source.startswith(quote * 3, at):
-        end = source.find(quote * 3, at + 3)
-        while end != -1 and not raw and _escaped(source, end):
-            end = source.find(quote * 3, end + 1)
-        return len(source) if end == -1 else end + 3
-    index = at + 1
-    while index < len(source) and source[index] != quote:
-        index += 2 if source[index] == "\\" and not raw else 1
-    return index + 1
-
-
-def _escaped(source: str, index: int) -> bool:
-    backslashes = 0
-    while index - backslashes - 1 >= 0 and source[index - backslashes - 1] == "\\":
-        backslashes += 1
-    return backslashes % 2 == 1
-
-
 def _closing(source: str, open_at: int) -> int | None:
     """Index just past the parenthesis matching the one at `open_at`."""
-    depth, index = 0, open_at
-    while index < len(source):
-        char = source[index]
-        if char in "\"'":
-            index = _skip_string(source, index)
-            continue
-        if source.startswith("//", index):
-            newline = source.find("\n", index)
-            index = len(source) if newline == -1 else newline
-            continue
+    depth = 0
+    for index in code_positions(source[open_at:]):
+        char = source[open_at + index]
         if char == "(":
             depth += 1
         elif char == ")":
             depth -= 1
             if depth == 0:
-                return index + 1
-        index += 1
+                return open_at + index + 1
     return None
 
 
