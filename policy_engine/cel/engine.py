@@ -156,6 +156,10 @@ class Program:
             raise CelEvalError(str(value.value()))
         return value.plain_value()
 
+    def variables(self) -> frozenset[str]:
+        """The declared variables the expression reads."""
+        return frozenset(r.name for r in self._checked.reference_map.values() if not r.overload_id)
+
     def cost(self) -> CostReport:
         """Worst-case size of the values it builds and work it does (see cel/cost.py)."""
         return estimate(self._checked)

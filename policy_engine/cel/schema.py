@@ -151,7 +151,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "canary",
         "map<string,string>",
-        "Canary assignments so far: canary policy name → 'canary' or 'stable' (routing stage).",
+        "Canary assignments: canary policy name → 'canary' or 'stable'; only in routing routes.",
     ),
 )
 

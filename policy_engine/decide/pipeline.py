@@ -357,8 +357,7 @@ class Pipeline:
                 run.canary[policy.name] = variant
                 run.upstream[policy.header] = backend
         if run.canary:
-            run.values["canary"] = dict(run.canary)
-            run.activation = self.bundle.env.activation(run.values)
+            run.values["canary"].update(run.canary)
 
     def _routing(self, run: _Run) -> None:
         for policy in self.bundle.routing:

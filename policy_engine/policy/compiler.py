@@ -155,6 +155,16 @@ class _Compiler:
                 Issue(where, f"{error.message} in `{path[-1]}`: {_one_line(source)}", policy, rule)
             )
             return None
+        if (
+            "canary" in program.variables()
+            and (env or self.env) is not self.analysis_env
+            and tuple(path[:2]) != ("spec", "routes")
+        ):
+            # The canary stage fills `canary` after access, moderation, shedding and quota ran.
+            where = doc.expression_position(path, 1, 1)
+            message = "the `canary` variable is only known in routing routes (the canary stage runs first)"
+            self.issues.append(Issue(where, message, policy, rule))
+            return None
         report = program.cost()
         bad_patterns = filter(None, map((env or self.env).pattern_error, report.patterns))
         problem = report.problem or next((f"bad matches() pattern: {e}" for e in bad_patterns), None)

@@ -132,3 +132,11 @@ def test_iteration_budget_is_an_evaluation_error(env: Environment) -> None:
     assert program.cost().problem is not None  # rejected at load in a policy file
     with pytest.raises(CelEvalError, match="budget"):
         program.eval(env.activation({}))
+
+
+def test_the_canary_variable_is_only_known_in_routes(tmp_path: Path) -> None:
+    """Its value is set by the canary stage, after access, moderation, shedding and quota."""
+    errors = load_errors(write_access(tmp_path, [("early", 'canary[?"c"].orValue("") == "canary"')]))
+    assert len(errors) == 1
+    assert "a/early: the `canary` variable is only known in routing routes" in errors[0]
+    assert ":8:14:" in errors[0]
