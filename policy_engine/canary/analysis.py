@@ -45,6 +45,8 @@ def analyser(
     def analyse(window: Counts) -> Verdict:
         if expr is None:
             return Verdict(None, "the policy has no analysis")
+        if stable is None:
+            return Verdict(None, f"no telemetry for the stable backend {policy.stable!r}", conclusive=False)
         stable_stats = dataclasses.replace(
             stable or BackendStats(policy.stable, healthy=False, stale=True),
             error_rate=_rate(window.stable_errors, window.stable_requests),

@@ -56,6 +56,9 @@ class Reading:
 class Verdict:
     healthy: bool | None  # None: the analysis could not be evaluated
     detail: str
+    # False: nothing to compare with yet (e.g. no telemetry for the stable backend); the interval
+    # counts as one without enough traffic, which ends in an explicit `inconclusive`.
+    conclusive: bool = True
 
 
 # Judges the step's traffic (the counters of the step window; live statistics are the caller's).
@@ -171,6 +174,8 @@ def advance(
         return _short_interval(synced, spec, now)
     verdict = analyse(window)
     detail = verdict.detail
+    if not verdict.conclusive:
+        return _short_interval(synced, spec, now, detail)
     if verdict.healthy is None:  # fail safe: stable is the side known to work
         return _move(synced, now, "rolled_back", 0, "analysis could not be evaluated", analysis=detail)
     if not verdict.healthy:
@@ -190,11 +195,12 @@ def advance(
     )
 
 
-def _short_interval(state: RolloutState, spec: RolloutSpec, now: float) -> Outcome:
-    """An interval ended without enough canary traffic: wait, or give up explicitly."""
+def _short_interval(state: RolloutState, spec: RolloutSpec, now: float, missing: str = "") -> Outcome:
+    """An interval ended without enough traffic (or data) to judge: wait, or give up explicitly."""
     short = state.short_intervals + 1
     waiting = (
-        f"{state.window.canary_requests}/{spec.min_requests} canary requests after {short} interval(s)"
+        f"{missing or f'{state.window.canary_requests}/{spec.min_requests} canary requests'}"
+        f" after {short} interval(s)"
     )
     if state.phase == "inconclusive" or short < spec.inconclusive_after:
         waited = replace(

@@ -75,6 +75,20 @@ def test_unhealthy_analysis_rolls_back() -> None:
     assert outcome.events[0].analysis == "error rate too high"
 
 
+def test_nothing_to_compare_with_ends_inconclusive_not_rolled_back() -> None:
+    def no_stable(_: Counts) -> Verdict:
+        return Verdict(None, "no telemetry for the stable backend 'v1'", conclusive=False)
+
+    state, now = begin(), 1000.0
+    for interval in range(1, SPEC.inconclusive_after + 1):
+        now += 60
+        outcome = advance(state, SPEC, reading(25 * interval), now, no_stable)
+        state = outcome.state
+        assert state.phase != "rolled_back" and state.weight == 5
+    assert state.phase == "inconclusive"
+    assert "no telemetry for the stable backend 'v1' after 3 interval(s)" in state.history[-1].reason
+
+
 def test_an_analysis_that_cannot_be_evaluated_rolls_back() -> None:
     outcome = advance(begin(), SPEC, reading(25), 1060.0, broken)
     assert outcome.state.phase == "rolled_back"
