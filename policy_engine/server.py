@@ -238,6 +238,8 @@ def _worker_main(settings: Settings, worker: int) -> None:
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s w{worker} %(levelname)s %(name)s: %(message)s"
     )
+    # httpx logs every backend scrape at INFO: one line per backend per second.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     asyncio.run(serve(settings, worker))
 
 
