@@ -22,8 +22,8 @@ from opentelemetry import trace
 
 from policy_engine.canary.analysis import analyser
 from policy_engine.canary.local import policy_revision, rollout_policies
-from policy_engine.canary.machine import Outcome, Reading, RolloutSpec, advance, start
-from policy_engine.canary.state import HISTORY_LIMIT, Counts, RolloutState, Transition
+from policy_engine.canary.machine import UNAVAILABLE, Outcome, Reading, RolloutSpec, advance, start
+from policy_engine.canary.state import HISTORY_LIMIT, Command, Counts, RolloutState, Transition
 from policy_engine.canary.store import RolloutStore, StoreError
 from policy_engine.canary.telemetry import Observation, TelemetryError, TelemetrySource
 from policy_engine.decide.activation import MessageBuilder
@@ -87,7 +87,7 @@ class CanaryController:
             log.warning("canary %s: no telemetry this tick (counted as no traffic): %s", policy.name, error)
             if previous is not None:
                 return Observation(Reading(previous.source, previous.seen), None, None)
-            return Observation(Reading("unavailable", Counts()), None, None)
+            return Observation(Reading(UNAVAILABLE, Counts()), None, None)
 
     async def _tick_policy(self, bundle: b.Bundle, policy: b.CanaryPolicy) -> RolloutState:
         assert policy.rollout is not None
@@ -95,6 +95,23 @@ class CanaryController:
         now = self._clock()
         state = await self._store.load(policy.name)
         command = await self._store.take_command(policy.name)
+        try:
+            return await self._apply(bundle, policy, spec, now, state, command)
+        except BaseException:
+            if command is not None:  # the CLI said it will be applied: keep it for the next tick
+                with contextlib.suppress(StoreError):
+                    await self._store.request(policy.name, command)
+            raise
+
+    async def _apply(
+        self,
+        bundle: b.Bundle,
+        policy: b.CanaryPolicy,
+        spec: RolloutSpec,
+        now: float,
+        state: RolloutState | None,
+        command: Command | None,
+    ) -> RolloutState:
         observation = await self._observe(policy, state)
         events: tuple[Transition, ...] = ()
         if state is None or state.revision != policy_revision(policy):

@@ -52,6 +52,9 @@ class Reading:
     counts: Counts
 
 
+UNAVAILABLE = "unavailable"  # the source of a reading taken while telemetry could not be read
+
+
 @dataclass(frozen=True)
 class Verdict:
     healthy: bool | None  # None: the analysis could not be evaluated
@@ -93,6 +96,10 @@ def start(policy: str, revision: str, spec: RolloutSpec, reading: Reading, now: 
 
 def _delta(state: RolloutState, reading: Reading) -> Counts:
     """Traffic since the last tick; counters that went down (a restarted source) count from zero."""
+    if state.source == UNAVAILABLE or reading.source == UNAVAILABLE:
+        # Nothing was known before (or is now): the next real reading is only a baseline, or all
+        # the traffic a source ever saw would land in this step.
+        return Counts()
     if reading.source != state.source:
         return reading.counts
     now, seen = reading.counts, state.seen
@@ -164,7 +171,10 @@ def advance(
 ) -> Outcome:
     """The state after one tick, and the transitions that happened in it (at most one)."""
     delta = _delta(state, reading)
-    synced = replace(state, source=reading.source, seen=reading.counts, window=state.window + delta)
+    if reading.source == UNAVAILABLE and state.source != UNAVAILABLE:
+        synced = state  # keep the baseline: the traffic of the outage counts once telemetry is back
+    else:
+        synced = replace(state, source=reading.source, seen=reading.counts, window=state.window + delta)
     if command is not None:
         return _command(synced, spec, command, now)
     if synced.phase in TERMINAL or now - synced.interval_started_at < spec.interval:

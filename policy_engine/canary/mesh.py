@@ -24,6 +24,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any, Literal
 
+import urllib3
 from kubernetes.client import ApiClient, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 
@@ -47,6 +48,12 @@ def _names(destination: dict[str, Any]) -> tuple[str, ...]:
         return (str(subset),)
     host = str(destination.get("host", ""))
     return (host, host.split(".", 1)[0])
+
+
+def _host_namespace(host: str, default: str) -> str:
+    """The namespace of a service host name: `svc.ns` or `svc.ns.svc.cluster.local`; else `default`."""
+    parts = host.split(".")
+    return parts[1] if len(parts) >= 2 and (len(parts) == 2 or parts[2] == "svc") else default
 
 
 def _api_message(error: ApiException) -> str:
@@ -145,18 +152,23 @@ class MeshExecutor:
         if self.destination_rule:
             rules = [self._get("destinationrules", self.destination_rule)]
         else:
-            try:
-                listed = self.api.list_namespaced_custom_object(
-                    GROUP, self.version, self.namespace, "destinationrules"
-                )
-            except ApiException as error:
-                where = f"destinationrules in {self.namespace}"
-                raise MeshError(f"cannot list {where}: {_api_message(error)}") from None
             wanted = {name for host in hosts for name in (host, host.split(".")[0])}
-            items = listed.get("items", []) if isinstance(listed, dict) else []
-            rules = [i for i in items if wanted & set(_names({"host": i.get("spec", {}).get("host")}))]
+            rules = []
+            # A host `svc.ns[.svc.cluster.local]` has its DestinationRule in `ns`, usually.
+            namespaces = sorted({_host_namespace(host, self.namespace) for host in hosts})
+            for namespace in namespaces:
+                try:
+                    listed = self.api.list_namespaced_custom_object(
+                        GROUP, self.version, namespace, "destinationrules"
+                    )
+                except ApiException as error:
+                    where = f"destinationrules in {namespace}"
+                    raise MeshError(f"cannot list {where}: {_api_message(error)}") from None
+                items = listed.get("items", []) if isinstance(listed, dict) else []
+                rules += [i for i in items if wanted & set(_names({"host": i.get("spec", {}).get("host")}))]
         if not rules:
-            raise MeshError(f"no DestinationRule in {self.namespace} for host(s) {', '.join(sorted(hosts))}")
+            where = ", ".join(sorted({_host_namespace(host, self.namespace) for host in hosts}))
+            raise MeshError(f"no DestinationRule in {where} for host(s) {', '.join(sorted(hosts))}")
         defined = {
             str(subset.get("name"))
             for rule in rules
@@ -170,6 +182,12 @@ class MeshExecutor:
 
     def apply_sync(self, stable: str, canary: str, weight: int) -> bool:
         """Write the weights; True if the object changed. Retries on 409, MeshError otherwise."""
+        try:
+            return self._apply_sync(stable, canary, weight)
+        except (urllib3.exceptions.HTTPError, OSError) as error:  # the API server is unreachable
+            raise MeshError(f"cannot reach the Kubernetes API server: {error}") from None
+
+    def _apply_sync(self, stable: str, canary: str, weight: int) -> bool:
         if not 0 <= weight <= 100:
             raise MeshError(f"canary weight must be 0..100, not {weight}")
         for _ in range(self.max_conflicts + 1):

@@ -13,6 +13,7 @@ the states to apply the same weights.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
@@ -114,28 +115,43 @@ class FileStore:
                     raise StoreError(f"{self.path}: rollout {name}: {error}") from None
         return states
 
+    # The file work (a lock another process may hold, fsync) runs in a thread: the controller
+    # shares its event loop with the gRPC handlers of worker 0.
+
     async def load(self, policy: str) -> RolloutState | None:
-        return self._states(self._read(), [policy]).get(policy)
+        return (await asyncio.to_thread(self._states_now, [policy])).get(policy)
 
     async def load_many(self, policies: Sequence[str]) -> dict[str, RolloutState]:
-        return self._states(self._read(), policies)
+        return await asyncio.to_thread(self._states_now, policies)
 
     async def load_all(self) -> dict[str, RolloutState]:
-        return self._states(self._read(), None)
+        return await asyncio.to_thread(self._states_now, None)
+
+    def _states_now(self, names: Sequence[str] | None) -> dict[str, RolloutState]:
+        return self._states(self._read(), names)
 
     async def save(self, state: RolloutState) -> None:
-        with self._locked() as data:
-            data["rollouts"][state.policy] = json.loads(state.to_json())
+        def write() -> None:
+            with self._locked() as data:
+                data["rollouts"][state.policy] = json.loads(state.to_json())
+
+        await asyncio.to_thread(write)
 
     async def request(self, policy: str, command: Command) -> None:
-        with self._locked() as data:
-            data["commands"][policy] = command
+        def write() -> None:
+            with self._locked() as data:
+                data["commands"][policy] = command
+
+        await asyncio.to_thread(write)
 
     async def take_command(self, policy: str) -> Command | None:
-        if policy not in self._read()["commands"]:
-            return None  # the common case: no lock, no write
-        with self._locked() as data:
-            return _command(data["commands"].pop(policy, None))
+        def take() -> Command | None:
+            if policy not in self._read()["commands"]:
+                return None  # the common case: no lock, no write
+            with self._locked() as data:
+                return _command(data["commands"].pop(policy, None))
+
+        return await asyncio.to_thread(take)
 
     async def close(self) -> None:
         return None
@@ -186,9 +202,13 @@ class RedisStore:
         return {p: s for p, s in states.items() if s is not None}
 
     async def load_all(self) -> dict[str, RolloutState]:
-        names: list[str] = []
-        async for key in self._redis.scan_iter(match=f"{self.prefix}*"):
-            names.append(key.decode()[len(self.prefix) :])
+        async def scan() -> list[str]:
+            return [
+                key.decode()[len(self.prefix) :]
+                async for key in self._redis.scan_iter(match=f"{self.prefix}*")
+            ]
+
+        names: list[str] = await self._call("SCAN", scan())
         return await self.load_many(sorted(names))
 
     async def save(self, state: RolloutState) -> None:

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from policy_engine.canary.controller import CanaryController
 from policy_engine.canary.local import LocalExecutor
-from policy_engine.canary.store import FileStore
+from policy_engine.canary.state import RolloutState
+from policy_engine.canary.store import FileStore, StoreError
 from policy_engine.canary.telemetry import HubSource
 from policy_engine.cli import app
 from policy_engine.policy.compiler import load_bundle
@@ -98,3 +99,33 @@ def test_policy_change_starts_a_new_rollout(tmp_path: Path) -> None:
     state = asyncio.run(controller.tick())["c"]
     assert (state.phase, state.weight) == ("progressing", 20)
     assert [t.reason for t in state.history].count("rollout started") == 2  # the old history is kept
+
+
+class FlakyStore(FileStore):
+    """The real file store, with saves that fail while `failing` (a full disk)."""
+
+    failing = False
+
+    async def save(self, state: RolloutState) -> None:
+        if self.failing:
+            raise StoreError("disk full")
+        await super().save(state)
+
+
+def test_a_command_survives_a_failed_save(tmp_path: Path) -> None:
+    bundle = load_bundle(POLICIES)
+    store, clock = FlakyStore(tmp_path / "state.json"), Clock()
+    controller = CanaryController(
+        lambda: bundle, HubSource(TelemetryHub(["v1", "v2"])), store, LocalExecutor(), clock=clock
+    )
+
+    async def scenario() -> RolloutState:
+        await controller.tick()
+        await store.request("c", "abort")  # what `policy-engine canary abort c` does
+        store.failing = True
+        await controller.tick()  # logged and retried next tick
+        store.failing = False
+        return (await controller.tick())["c"]
+
+    state = asyncio.run(scenario())
+    assert (state.phase, state.weight) == ("aborted", 0)

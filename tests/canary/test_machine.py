@@ -7,7 +7,7 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policy_engine.canary.machine import Reading, RolloutSpec, Verdict, advance, start
+from policy_engine.canary.machine import UNAVAILABLE, Reading, RolloutSpec, Verdict, advance, start
 from policy_engine.canary.state import TERMINAL, Counts, RolloutState
 
 SPEC = RolloutSpec((5, 10, 25, 50, 100), 60.0, 20, 3, "hold")
@@ -212,3 +212,19 @@ def test_no_traffic_never_stalls_silently(spec: RolloutSpec, fraction: float) ->
         state = advance(state, spec, reading(0), now, healthy).state
     assert state.phase in ("inconclusive", "rolled_back", "promoted")
     assert state.history[-1].reason.startswith("inconclusive")
+
+
+def test_a_first_reading_after_no_telemetry_is_only_a_baseline() -> None:
+    blind = start("c", "rev", SPEC, Reading(UNAVAILABLE, Counts()), 1000.0).state
+    state = advance(blind, SPEC, reading(60, stable=10_000, errors=5, source="hub"), 1010.0, healthy).state
+    assert state.window == Counts() and state.source == "hub"
+    state = advance(state, SPEC, reading(64, stable=10_010, source="hub"), 1020.0, healthy).state
+    assert (state.window.canary_requests, state.window.stable_requests) == (4, 10)
+
+
+def test_an_outage_of_telemetry_keeps_the_baseline() -> None:
+    state = advance(begin(), SPEC, reading(10, source="s"), 1010.0, healthy).state
+    state = advance(state, SPEC, Reading(UNAVAILABLE, Counts()), 1020.0, healthy).state
+    assert state.source == "s" and state.window.canary_requests == 10
+    state = advance(state, SPEC, reading(15, source="s"), 1030.0, healthy).state
+    assert state.window.canary_requests == 15  # the outage's traffic counts once, when seen

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kubernetes.client import ApiClient, Configuration, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 
@@ -20,6 +22,7 @@ from policy_engine.mesh.crds import CrdFileNotFoundError, CrdSchemas, load_crds
 from tests.canary.apiserver_standin import ApiServerStandIn
 
 NS = "models"
+MESH = Path(__file__).resolve().parents[2] / "mesh"
 
 VIRTUAL_SERVICE: dict[str, Any] = {
     "apiVersion": "networking.istio.io/v1",
@@ -180,3 +183,26 @@ def test_the_standin_refuses_stale_and_invalid_writes(
     with pytest.raises(ApiException) as invalid:
         api.replace_namespaced_custom_object(GROUP, "v1", NS, "virtualservices", "llama-70b", bad)
     assert invalid.value.status == 422 and "wieght" in str(invalid.value.body)
+
+
+def test_the_sample_gateway_finds_its_destination_rules_in_the_hosts_namespace(
+    standin: ApiServerStandIn, api: CustomObjectsApi
+) -> None:
+    """mesh/: the VirtualService in ai-gateway, the DestinationRules next to the models."""
+    for path in ("virtualservice.yaml", "destinationrules.yaml"):
+        for document in yaml.safe_load_all((MESH / path).read_text()):
+            if document:
+                standin.put_object(document)
+    executor = MeshExecutor(api, "ai-gateway", "models", route="llama-70b-rollout")  # type: ignore[arg-type]
+    assert executor.apply_sync("llama-70b-a100-b", "llama-70b-v2", 25) is True
+    written = standin.objects[("ai-gateway", "virtualservices", "models")]
+    rollout = next(r for r in written["spec"]["http"] if r["name"] == "llama-70b-rollout")
+    assert [d["weight"] for d in rollout["route"]] == [75, 25]
+
+
+def test_an_unreachable_api_server_is_a_mesh_error() -> None:
+    with ApiClient(Configuration(host="http://127.0.0.1:1")) as client:
+        client.configuration.retries = 0
+        executor = MeshExecutor(CustomObjectsApi(client), NS, "llama-70b")
+        with pytest.raises(MeshError, match="cannot reach the Kubernetes API server"):
+            executor.apply_sync("llama-70b-v1", "llama-70b-v2", 10)
