@@ -13,7 +13,10 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
+import socket
 import time
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Protocol
@@ -60,11 +63,27 @@ class CanaryController:
         self._on_state = on_state
         self._messages = MessageBuilder()
         self._tracer = trace.get_tracer("policy_engine.canary")
+        self._owner = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        self._leading: bool | None = None
+
+    async def _lead(self) -> bool:
+        """Whether this controller drives the rollouts (one per shared store) for the next ticks."""
+        try:
+            leading = await self._store.lease(self._owner, ttl_s=max(5.0, 4 * self.period()))
+        except StoreError as error:
+            log.warning("canary controller: cannot take the lease, skipping this tick: %s", error)
+            return False
+        if leading != self._leading:
+            log.info("canary controller %s %s", self._owner, "leads" if leading else "follows another")
+            self._leading = leading
+        return leading
 
     async def tick(self) -> dict[str, RolloutState]:
         """One pass over every rollout; the states after it (policies whose store failed are left out)."""
         bundle = self._bundle()
         states: dict[str, RolloutState] = {}
+        if not rollout_policies(bundle) or not await self._lead():
+            return states
         for policy in rollout_policies(bundle):
             try:
                 state = await self._tick_policy(bundle, policy)

@@ -43,6 +43,10 @@ class RolloutStore(Protocol):
 
     async def take_command(self, policy: str) -> Command | None: ...
 
+    async def lease(self, owner: str, ttl_s: float) -> bool:
+        """Take or renew the right to drive the rollouts: one controller per shared store."""
+        ...
+
     async def close(self) -> None: ...
 
     def describe(self) -> str: ...
@@ -153,6 +157,9 @@ class FileStore:
 
         return await asyncio.to_thread(take)
 
+    async def lease(self, owner: str, ttl_s: float) -> bool:
+        return True  # a local file is one pod's; only its worker 0 runs a controller
+
     async def close(self) -> None:
         return None
 
@@ -167,6 +174,10 @@ class RedisStore:
 
     def describe(self) -> str:
         return f"redis {self.url} (keys {self.prefix}*)"
+
+    @property
+    def _leader_key(self) -> str:
+        return self.prefix.rstrip(":") + "-leader"  # outside `prefix*`: not a rollout
 
     def _key(self, policy: str) -> str:
         return f"{self.prefix}{policy}"
@@ -224,8 +235,25 @@ class RedisStore:
         raw, _ = await self._call("MULTI", pipe.execute())
         return _command(raw.decode() if isinstance(raw, bytes) else raw)
 
+    async def lease(self, owner: str, ttl_s: float) -> bool:
+        # Replicas sharing this Redis elect one controller; the others only follow the weights.
+        taken = await self._call(
+            "EVAL", self._redis.eval(_LEASE, 1, self._leader_key, owner, max(1, int(ttl_s * 1000)))
+        )
+        return bool(taken)
+
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+_LEASE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
 
 
 def open_store(redis_url: str | None, path: Path) -> RolloutStore:

@@ -355,7 +355,10 @@ class Pipeline:
             self._fire(run, policy, variant, variant, backend)
             if not policy.dry_run:
                 run.canary[policy.name] = variant
-                run.upstream[policy.header] = backend
+                if eligible:
+                    # Only requests in the rollout carry the header: a mesh route that splits on
+                    # it must never see an ineligible request.
+                    run.upstream[policy.header] = backend
         if run.canary:
             run.values["canary"].update(run.canary)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,5 +87,29 @@ def test_redis_store_unavailable_is_a_clear_error() -> None:
                 await store.load("c")
         finally:
             await store.close()
+
+    asyncio.run(run())
+
+
+def test_replicas_sharing_redis_elect_one_controller(redis_server: RedisProcess) -> None:
+    async def run() -> None:
+        prefix = f"pe-test-{uuid.uuid4().hex[:8]}:"
+        first, second = (
+            RedisStore(redis_server.url, prefix=prefix),
+            RedisStore(redis_server.url, prefix=prefix),
+        )
+        try:
+            assert await first.lease("pod-a", ttl_s=0.3) is True
+            assert await second.lease("pod-b", ttl_s=0.3) is False
+            assert await first.lease("pod-a", ttl_s=0.3) is True  # renewed by its holder
+            assert await first.load_all() == {}  # the lease is not a rollout
+            deadline = time.monotonic() + 10
+            while not await second.lease("pod-b", ttl_s=5):  # pod-a stopped renewing
+                assert time.monotonic() < deadline, "the lease never expired"
+                await asyncio.sleep(0.1)
+            assert await first.lease("pod-a", ttl_s=5) is False
+        finally:
+            await first.close()
+            await second.close()
 
     asyncio.run(run())

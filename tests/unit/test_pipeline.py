@@ -224,6 +224,17 @@ def test_requests_without_a_sticky_key_follow_the_weight_one_by_one(tmp_path: Pa
     assert 0.22 < share < 0.38, share
 
 
+def test_only_eligible_requests_carry_the_canary_header(tmp_path: Path) -> None:
+    canary = (
+        "kind: CanaryPolicy\nmetadata: {name: c}\n"
+        "spec: {stable: v1, canary: v2, weight: 100, eligible: 'llm.user != \"vip\"'}\n"
+    )
+    p = pipeline(tmp_path, access("a", ALLOW_ALL), canary)
+    eligible, vip = p.decide(chat(user="u1")), p.decide(chat(user="vip"))
+    assert eligible.canary["c"] == "canary" and eligible.upstream_headers["x-pe-canary"] == "v2"
+    assert vip.canary["c"] == "stable" and "x-pe-canary" not in vip.upstream_headers
+
+
 def test_internal_failure_is_a_decision(tmp_path: Path) -> None:
     class Broken:
         def usage(self, counter: CounterId, window: float) -> Usage:
