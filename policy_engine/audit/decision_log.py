@@ -31,15 +31,14 @@ from urllib.parse import parse_qsl, urlencode
 
 from policy_engine.decide.attributes import LlmRequest, Peer, RequestAttributes
 from policy_engine.decide.decision import Decision
+from policy_engine.decide.secrets import CREDENTIAL_HEADERS, CREDENTIAL_QUERY
 from policy_engine.telemetry.snapshot import TelemetrySnapshot
 
 log = logging.getLogger("policy_engine.audit")
 
 RECORD_TYPE = "decision"
-SECRET_HEADERS = frozenset(
-    {"authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key", "cookie", "set-cookie"}
-)
-SECRET_QUERY = frozenset({"key", "api_key", "api-key", "apikey", "access_token", "token", "auth"})
+SECRET_HEADERS = CREDENTIAL_HEADERS
+SECRET_QUERY = CREDENTIAL_QUERY
 PATH_HEADERS = frozenset({":path", "x-envoy-original-path"})  # carry the query string too
 MAX_RAW_BODY = 65_536
 _BUFFER_BYTES = 65_536
@@ -174,9 +173,14 @@ def _body(attrs: RequestAttributes, body: Any) -> str:
     """The body as JSON text: the parsed body's own bytes when they are UTF-8 (no re-encoding),
     else the body as text."""
     if body is not None:
+        # json.loads also reads UTF-16/32 and a BOM, whose bytes decode as UTF-8 with NULs or a
+        # BOM in them: such a line would not read back, and the request would vanish from audit.
+        plain = json.detect_encoding(attrs.body) == "utf-8" and b"\x00" not in attrs.body
         try:
-            text = attrs.body.decode("utf-8")
+            text = attrs.body.decode("utf-8") if plain else ""
         except UnicodeDecodeError:
+            plain = False
+        if not plain:
             return '"body":' + json.dumps(body, separators=(",", ":"))
         # Outside strings, JSON whitespace; inside, a raw line break is invalid: one line either way.
         return '"body":' + text.replace("\n", " ").replace("\r", " ")

@@ -21,6 +21,7 @@ from policy_engine.decide.activation import MessageBuilder, decision_time
 from policy_engine.decide.attributes import LlmRequest, RequestAttributes, llm_request, parse_body
 from policy_engine.decide.decision import Decision, FiredRule, QuotaCheck
 from policy_engine.decide.quota import outcome, rate_headers, tightest, token_metadata
+from policy_engine.decide.secrets import credentials, scrub
 from policy_engine.decide.tenants import Tenant
 from policy_engine.policy import bundle as b
 from policy_engine.policy.schema import OnError
@@ -430,6 +431,11 @@ class Pipeline:
             groups.append(eligible)
         return groups
 
+    def _scrubbed(self, errors: list[str], request: Any) -> tuple[str, ...]:
+        """Error messages quote the values they failed on: never a credential of the request."""
+        secrets = credentials(request.headers, request.query, self.bundle.tenants.key_headers)
+        return tuple(scrub(error, secrets) for error in errors)
+
     def _finish(self, run: _Run, allowed: bool, denial: b.Denial | None) -> Decision:
         if run.flags:
             run.upstream[FLAGS_HEADER] = ",".join(run.flags)
@@ -450,7 +456,7 @@ class Pipeline:
             dynamic_metadata=metadata,
             fired=tuple(run.fired),
             dry_run=tuple(run.dry_run),
-            errors=tuple(run.errors),
+            errors=self._scrubbed(run.errors, run.values["request"]) if run.errors else (),
             quota=tuple(run.quota),
             canary=run.canary,
             bundle_version=self.bundle.version,

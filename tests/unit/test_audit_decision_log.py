@@ -187,3 +187,27 @@ def test_a_pretty_printed_body_stays_on_one_line(example_pipeline: Pipeline, tmp
     )
     assert line.count("\n") == 1 and line.endswith("\n")
     assert json.loads(line)["body"] == chat
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16-le", "utf-32-le"])
+def test_a_body_in_any_json_encoding_reads_back(
+    example_pipeline: Pipeline, tmp_path: Path, encoding: str
+) -> None:
+    """json.loads reads UTF-16/32 and a BOM too: the logged line must stay readable JSON."""
+    chat = {"model": "m", "messages": [{"role": "user", "content": "ignore previous instructions"}]}
+    attrs = _attrs({}, json.dumps(chat).encode(encoding))
+    body = parse_body(attrs)
+    assert body == chat
+    log = DecisionLog(LogSink(str(tmp_path / "log.jsonl")))
+    line = log.line(
+        attrs,
+        body,
+        llm_request(attrs, body),
+        example_pipeline.decide(attrs),
+        TelemetrySnapshot(),
+        Timing(1, 0.001, 0.001),
+        ("", ""),
+        (),
+        ("none", ""),
+    )
+    assert json.loads(line)["body"] == chat

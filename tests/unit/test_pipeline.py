@@ -235,6 +235,18 @@ def test_only_eligible_requests_carry_the_canary_header(tmp_path: Path) -> None:
     assert vip.canary["c"] == "stable" and "x-pe-canary" not in vip.upstream_headers
 
 
+def test_error_messages_never_repeat_a_credential(tmp_path: Path) -> None:
+    """CEL errors quote the value they failed on; a key looked up in a map would be quoted."""
+    lookup = '{"sk-known-key-1": true}[request.headers["x-api-key"]]'
+    rules = f"    - {{name: partner, effect: allow, when: '{lookup}'}}\n"
+    attrs = dataclasses.replace(
+        chat(), headers={"x-api-key": "sk-secret-key-0042", "authorization": "Bearer tok-abcdef"}
+    )
+    decision = pipeline(tmp_path, access("a", rules)).decide(attrs)
+    assert decision.errors and "<redacted>" in decision.errors[0]
+    assert not any("sk-secret-key-0042" in e or "tok-abcdef" in e for e in decision.errors)
+
+
 def test_internal_failure_is_a_decision(tmp_path: Path) -> None:
     class Broken:
         def usage(self, counter: CounterId, window: float) -> Usage:
