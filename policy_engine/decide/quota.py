@@ -64,6 +64,9 @@ def _without_rate_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in headers.items() if not k.startswith("x-ratelimit-") and k != "retry-after"}
 
 
+_AFTER_QUOTA = frozenset({"canary", "stable", "route"})  # effects of the canary and routing stages
+
+
 def settle(decision: Decision, states: Sequence[CounterState], admitted: bool) -> Decision:
     """Apply the store's usage to an allowed decision's checks; deny when a budget is exceeded."""
     by_counter = {s.counter: s for s in states}
@@ -87,6 +90,15 @@ def settle(decision: Decision, states: Sequence[CounterState], admitted: bool) -
             headers.update(rate_headers(best, denied=False))
         return dataclasses.replace(decision, quota=tuple(checks), response_headers=headers)
     headers.update(rate_headers(refused, denied=True))
+    # As if the quota stage had refused: its rule fired `deny`, and nothing after it ran (later
+    # quota limits, the canary and routing stages).
+    fired: list[FiredRule] = []
+    for rule in decision.fired:
+        if (rule.policy, rule.rule, rule.effect) == (refused.policy, refused.limit_name, "quota"):
+            fired.append(dataclasses.replace(rule, effect="deny"))
+            break
+        if rule.effect not in _AFTER_QUOTA:
+            fired.append(rule)
     return dataclasses.replace(
         decision,
         allowed=False,
@@ -99,7 +111,7 @@ def settle(decision: Decision, states: Sequence[CounterState], admitted: bool) -
         dynamic_metadata={},
         canary={},
         quota=tuple(checks),
-        fired=(*decision.fired, FiredRule(refused.policy, refused.limit_name, "deny", False, refused.key)),
+        fired=tuple(fired),
     )
 
 

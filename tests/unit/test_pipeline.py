@@ -8,7 +8,9 @@ from pathlib import Path
 
 from policy_engine.decide.attributes import Peer, RequestAttributes
 from policy_engine.decide.pipeline import Pipeline
+from policy_engine.decide.quota import settle
 from policy_engine.policy.compiler import load_bundle
+from policy_engine.quota.store import CounterState
 from policy_engine.quota.view import CounterId, StaticUsage, Usage
 from policy_engine.telemetry.snapshot import BackendStats, TelemetrySnapshot
 
@@ -164,6 +166,23 @@ def test_quota_counters_metadata_and_headers(tmp_path: Path) -> None:
         "x-ratelimit-remaining": "2",
         "x-ratelimit-reset": "13",
     }
+
+
+def test_a_store_refusal_reads_like_a_quota_stage_refusal(tmp_path: Path) -> None:
+    """The store refused after the decision: the record must match deciding with that usage."""
+    routing = "kind: RoutingPolicy\nmetadata: {name: r}\nspec: {routes: [{name: all, candidates: [b1]}]}\n"
+    p = pipeline(tmp_path, access("a", ALLOW_ALL), QUOTA, routing)
+    telemetry = TelemetrySnapshot({"b1": BackendStats("b1")})
+    allowed = p.decide(chat(), telemetry)
+    assert allowed.allowed and "r/all" in allowed.fired_ids()
+    states = [
+        CounterState(check.counter, 5 if check.kind == "requests" else 0, 3.0, False)
+        for check in allowed.quota
+    ]
+    refused = settle(allowed, states, admitted=False)
+    direct = p.decide(chat(), telemetry, quota=Recording({"requests": 5}))
+    assert (refused.allowed, refused.status, refused.reason) == (False, 429, "rate_limit_exceeded")
+    assert [(f.id, f.effect) for f in refused.fired] == [(f.id, f.effect) for f in direct.fired]
 
 
 def test_output_token_budget_spent(tmp_path: Path) -> None:
