@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from policy_engine.decide.decision import Decision
@@ -77,8 +79,12 @@ class Metrics:
         self._children: dict[tuple[object, ...], Counter] = {}
 
     def set_bundle(self, version: str) -> None:
-        if self._version:
-            self.bundle.remove(self._version)
+        if self._version and self._version != version:
+            # In multiprocess mode remove() is not supported (a warning, the series stays): 0 first.
+            self.bundle.labels(self._version).set(0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                self.bundle.remove(self._version)
         self.bundle.labels(version).set(1)
         self._version = version
 
