@@ -21,8 +21,10 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import random
 import sys
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -42,6 +44,7 @@ SECRET_QUERY = CREDENTIAL_QUERY
 PATH_HEADERS = frozenset({":path", "x-envoy-original-path"})  # carry the query string too
 MAX_RAW_BODY = 65_536
 _BUFFER_BYTES = 65_536
+MAX_PENDING_BYTES = 16 * 1024 * 1024
 
 Only = Literal["all", "deny", "allow"]
 SecretMode = Literal["hash", "drop"]
@@ -114,7 +117,13 @@ class LogPolicy:
 
 
 class LogSink:
-    """Append-only JSON lines to a file, or to standard output for `-`."""
+    """Append-only JSON lines to a file, or to standard output for `-`.
+
+    Lines are collected in memory and written in whole batches (one `write` each, so workers
+    sharing a file never interleave lines) by a thread of their own: a slow disk or a full pipe
+    must never stall the event loop that answers Envoy. When the writer falls behind by more than
+    `MAX_PENDING_BYTES`, new batches are dropped and counted instead.
+    """
 
     def __init__(self, target: str) -> None:
         self.target = target
@@ -127,31 +136,79 @@ class LogSink:
         self._lines: list[str] = []
         self._size = 0
         self._failed = False
+        self._torn = False  # a batch was cut by an error: the next one starts on a new line
+        self.dropped = 0  # lines lost: writer too far behind, or the target failing
+        self._pending = 0  # bytes handed to the writer and not yet written
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._markers: list[threading.Event] = []
+        self._writer = threading.Thread(target=self._write_batches, name="decision-log", daemon=True)
+        self._writer.start()
 
     def write(self, line: str) -> None:
         self._lines.append(line)
         self._size += len(line)
         if self._size >= _BUFFER_BYTES:
-            self.flush()
+            self.hand_off()
 
-    def flush(self) -> None:
+    def hand_off(self) -> None:
+        """Give the buffered lines to the writer thread; never blocks."""
         if not self._lines:
             return
         data = "".join(self._lines).encode("utf-8", "replace")
+        count = len(self._lines)
         self._lines.clear()
         self._size = 0
+        with self._lock:
+            if self._pending + len(data) > MAX_PENDING_BYTES:
+                self.dropped += count
+                return
+            self._pending += len(data)
+        self._queue.put(data)
+
+    def flush(self) -> None:
+        """Hand off and wait until everything handed off is written (shutdown, tests)."""
+        self.hand_off()
+        done = threading.Event()
+        self._markers.append(done)
+        self._queue.put(b"")  # a marker: everything before it has been written
+        done.wait(timeout=30)
+
+    def _write_batches(self) -> None:
+        while True:
+            data = self._queue.get()
+            if data is None:
+                return
+            if not data:
+                self._markers.pop(0).set()
+                continue
+            self._write(data)
+            with self._lock:
+                self._pending -= len(data)
+
+    def _write(self, data: bytes) -> None:
+        if self._torn:
+            data = b"\n" + data
+        written_any = False
         try:
             while data:
                 written = os.write(self._fd, data)
+                written_any = written_any or written > 0
                 data = data[written:]
-            self._failed = False
+            self._failed = self._torn = False
         except OSError as error:
+            self._torn = self._torn or written_any
+            self.dropped += data.count(b"\n")
             if not self._failed:  # once per outage, not once per batch
                 log.warning("decision log %s: lines lost: %s", self.target, error)
             self._failed = True
 
     def close(self) -> None:
+        if not self._writer.is_alive():
+            return
         self.flush()
+        self._queue.put(None)
+        self._writer.join(timeout=30)
         if self._owned:
             os.close(self._fd)
             self._owned = False
@@ -214,7 +271,8 @@ class DecisionLog:
         self._sink.write(line)
 
     def flush(self) -> None:
-        self._sink.flush()
+        """Hand the buffered lines to the writer thread (the periodic flush: never blocks)."""
+        self._sink.hand_off()
 
     def close(self) -> None:
         self._sink.close()

@@ -324,6 +324,9 @@ class Demo:
             await asyncio.gather(*helpers, return_exceptions=True)
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
+            # remove_signal_handler() restores the default action: until asyncio.run() returns, a
+            # SIGTERM would kill the demo without stopping its children or printing a summary.
+            signal.signal(signal.SIGTERM, _interrupt)
         return not interrupted and not self.failure
 
     def run(self) -> int:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
 
+from policy_engine.audit import decision_log
 from policy_engine.audit.decision_log import (
     DecisionLog,
     LogPolicy,
@@ -211,3 +213,29 @@ def test_a_body_in_any_json_encoding_reads_back(
         ("none", ""),
     )
     assert json.loads(line)["body"] == chat
+
+
+def test_a_stalled_reader_never_blocks_the_caller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full pipe (`--decision-log -` with a slow reader) stalls only the writer thread; past the
+    pending limit lines are dropped and counted, and what was kept arrives whole."""
+    monkeypatch.setattr(decision_log, "MAX_PENDING_BYTES", 256 * 1024)
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    sink = LogSink(str(fifo))
+    line = json.dumps({"pad": "x" * 1000}) + "\n"
+    for _ in range(2000):  # ~2 MB: far more than the pipe holds
+        sink.write(line)
+    sink.hand_off()  # returns although nobody reads (a hang here fails by the suite's timeout)
+    assert sink.dropped > 0
+    received = bytearray()
+    os.set_blocking(reader, True)
+    closer = threading.Thread(target=sink.close)
+    closer.start()
+    while chunk := os.read(reader, 1 << 16):
+        received += chunk
+    closer.join(timeout=30)
+    os.close(reader)
+    lines = received.decode().splitlines()
+    assert len(lines) + sink.dropped == 2000
+    assert all(json.loads(text) == {"pad": "x" * 1000} for text in lines)
