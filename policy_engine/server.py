@@ -258,23 +258,31 @@ def run(settings: Settings) -> None:
     with tempfile.TemporaryDirectory(prefix="pe-metrics-") as metrics_dir:
         os.environ[_MULTIPROC_ENV] = metrics_dir
         context = multiprocessing.get_context("spawn")
+        # The metrics port first: when it is taken, fail before any worker exists.
+        _serve_multiprocess_metrics(settings)
         workers = [
             context.Process(target=_worker_main, args=(settings, i), daemon=False)
             for i in range(settings.workers)
         ]
-        for process in workers:
-            process.start()
-        _serve_multiprocess_metrics(settings)
 
         def forward(signum: int, _frame: object) -> None:
             for process in workers:
                 if process.pid is not None and process.is_alive():
                     os.kill(process.pid, signum)
 
+        # Installed before the first start: a SIGTERM during start-up reaches the workers too.
         signal.signal(signal.SIGTERM, forward)
         signal.signal(signal.SIGINT, forward)
-        for process in workers:
-            process.join()
+        try:
+            for process in workers:
+                process.start()
+        except BaseException:
+            forward(signal.SIGTERM, None)
+            raise
+        finally:
+            for process in workers:
+                if process.pid is not None:
+                    process.join()
 
 
 def _serve_multiprocess_metrics(settings: Settings) -> None:

@@ -56,3 +56,23 @@ def _alive(pid: int) -> bool:
             return handle.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+def test_a_taken_metrics_port_fails_before_any_worker_starts(tmp_path: object) -> None:
+    import socket
+    import sys
+
+    from tests.e2e.harness import ROOT, free_port
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        metrics_port = taken.getsockname()[1]
+        args = [
+            sys.executable, "-m", "policy_engine", "serve", "--policies", str(TOKEN_POLICIES),
+            "--host", "127.0.0.1", "--port", str(free_port()), "--workers", "2",
+            "--metrics-port", str(metrics_port), "--canary-state", f"{tmp_path}/canary.json",
+        ]  # fmt: skip
+        result = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 1, result.stderr
+    assert "cannot start" in result.stderr and "Traceback" not in result.stderr, result.stderr
