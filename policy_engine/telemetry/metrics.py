@@ -21,12 +21,15 @@ _GAUGES = (
     ("healthy", "1 if the backend is not ejected by consecutive failures."),
     ("stale", "1 if no fresh telemetry arrived within the staleness bound."),
     ("age_s", "Seconds since the last fresh telemetry (+Inf if never)."),
+    ("latency_p50_ms", "Decayed median upstream latency."),
     ("latency_p99_ms", "Decayed p99 upstream latency."),
     ("ttft_p99_ms", "Decayed p99 time to first token."),
     ("error_rate", "Decayed fraction of 5xx answers and connect failures."),
     ("rps", "Decayed requests per second."),
     ("inflight", "Requests being served (scraped, else estimated)."),
     ("queue_depth", "Requests waiting (scraped)."),
+    ("kv_cache_usage", "KV-cache usage 0..1 (scraped)."),
+    ("tokens_per_s", "Decayed generated tokens per second."),
 )
 
 
