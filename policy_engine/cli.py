@@ -374,7 +374,7 @@ def serve(
 
     from policy_engine.config import Settings
     from policy_engine.policy.compiler import BundleError
-    from policy_engine.server import run
+    from policy_engine.server import WorkersFailing, run
 
     given = {
         "policies": policies,
@@ -426,7 +426,7 @@ def serve(
         for issue in error.issues:
             err.print(f"[red]error[/red] {issue}")
         raise typer.Exit(1) from None
-    except OSError as error:
+    except (OSError, WorkersFailing) as error:
         err.print(f"cannot start: {error}", markup=False)
         raise typer.Exit(1) from None
 

@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import yaml
@@ -37,6 +38,7 @@ from policy_engine.config import Settings
 from policy_engine.decide.tenants import TenantRegistry
 from policy_engine.envoy.authz import AuthorizationService
 from policy_engine.envoy.ratelimit import RateLimitService
+from policy_engine.policy.compiler import load_bundle
 from policy_engine.policy.reload import BundleHolder, ReloadResult
 from policy_engine.quota.memory import MemoryStore
 from policy_engine.quota.service import QuotaService
@@ -255,17 +257,18 @@ def run(settings: Settings) -> None:
             "%d workers with in-memory quotas: each worker counts separately; use --redis-url",
             settings.workers,
         )
+    load_bundle(settings.policies)  # a bad directory fails here, not in every worker over and over
     with tempfile.TemporaryDirectory(prefix="pe-metrics-") as metrics_dir:
         os.environ[_MULTIPROC_ENV] = metrics_dir
         context = multiprocessing.get_context("spawn")
         # The metrics port first: when it is taken, fail before any worker exists.
         _serve_multiprocess_metrics(settings)
-        workers = [
-            context.Process(target=_worker_main, args=(settings, i), daemon=False)
-            for i in range(settings.workers)
-        ]
+        workers = [_worker_process(context, settings, i) for i in range(settings.workers)]
+        stopping = False
 
         def forward(signum: int, _frame: object) -> None:
+            nonlocal stopping
+            stopping = True
             for process in workers:
                 if process.pid is not None and process.is_alive():
                     os.kill(process.pid, signum)
@@ -276,6 +279,7 @@ def run(settings: Settings) -> None:
         try:
             for process in workers:
                 process.start()
+            _supervise(workers, lambda i: _worker_process(context, settings, i), lambda: stopping)
         except BaseException:
             forward(signal.SIGTERM, None)
             raise
@@ -283,6 +287,44 @@ def run(settings: Settings) -> None:
             for process in workers:
                 if process.pid is not None:
                     process.join()
+
+
+class WorkersFailing(RuntimeError):
+    """Workers keep exiting right after they start: restarting them would only repeat it."""
+
+
+def _worker_process(context: Any, settings: Settings, index: int) -> Any:
+    return context.Process(target=_worker_main, args=(settings, index), daemon=False, name=f"worker-{index}")
+
+
+def _supervise(workers: list[Any], replacement: Callable[[int], Any], stopping: Callable[[], bool]) -> None:
+    """Until a signal stops the service: a worker that exits (a crash, the OOM killer) is replaced,
+    so the others serve meanwhile and the capacity comes back."""
+    from multiprocessing.connection import wait
+
+    from prometheus_client import multiprocess
+
+    restarts: list[float] = []
+    while not stopping():
+        wait([p.sentinel for p in workers if p.is_alive()], timeout=1.0)
+        for index, process in enumerate(workers):
+            if process.exitcode is None or stopping():
+                continue
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < _RESTART_WINDOW_S] + [now]
+            if len(restarts) > _MAX_RESTARTS * len(workers):
+                raise WorkersFailing(
+                    f"workers exited {len(restarts)} times within {_RESTART_WINDOW_S:.0f} s "
+                    f"(worker {index}: exit code {process.exitcode}); see the log above"
+                )
+            log.warning("worker %d exited (code %s): starting a new one", index, process.exitcode)
+            multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
+            workers[index] = replacement(index)
+            workers[index].start()
+
+
+_RESTART_WINDOW_S = 60.0
+_MAX_RESTARTS = 3  # per worker and window
 
 
 def _serve_multiprocess_metrics(settings: Settings) -> None:

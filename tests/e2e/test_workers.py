@@ -76,3 +76,53 @@ def test_a_taken_metrics_port_fails_before_any_worker_starts(tmp_path: object) -
         result = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 1, result.stderr
     assert "cannot start" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def worker_pids(pid: int) -> set[int]:
+    """The service's worker processes (not multiprocessing's resource tracker)."""
+    found = set()
+    for child in children(pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as handle:
+                cmdline = handle.read()
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+            found.add(child)
+    return found
+
+
+def test_a_killed_worker_is_replaced_while_the_other_serves(tmp_path: object) -> None:
+    import os
+    import signal
+
+    from tests.e2e.harness import wait_until
+
+    backend = BackendServer("model-a").start()
+    backend.behaviour.completion_tokens = 1
+    service = start_service(TOKEN_POLICIES, backends=["model-a"], workers=2, extra_args=["--no-reload"])
+    envoy = start_envoy(service.port, {"model-a": backend.port})
+    try:
+        wait_until(lambda: len(worker_pids(service.process.pid)) == 2, 30, "two workers")
+        before = worker_pids(service.process.pid)
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)  # what the OOM killer does
+        with httpx.Client() as client:
+            statuses = [
+                client.post(f"{envoy.url}/v1/chat/completions", json=CHAT, headers=PRO).status_code
+                for _ in range(10)
+            ]
+        # Envoy may have had a request in flight on the killed worker; the survivor takes the rest.
+        assert statuses.count(200) >= 9, statuses
+
+        def replaced() -> bool:
+            now = worker_pids(service.process.pid)
+            return len(now) == 2 and victim not in now
+
+        wait_until(replaced, 60, "a new worker in place of the killed one")
+        assert "worker 0 exited" in service.output() or "worker 1 exited" in service.output()
+    finally:
+        envoy.stop()
+        code = service.stop()
+        backend.stop()
+    assert code == 0
