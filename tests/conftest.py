@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from policy_engine.decide.pipeline import Pipeline
+from policy_engine.mesh.crds import CrdFileNotFoundError, CrdSchemas, load_crds
 from policy_engine.policy.bundle import Bundle
 from policy_engine.policy.compiler import load_bundle
 
@@ -29,3 +30,12 @@ def policy_copy(tmp_path: Path) -> Path:
     target = tmp_path / "policies"
     shutil.copytree(POLICIES, target)
     return target
+
+
+@pytest.fixture(scope="session")
+def crds() -> CrdSchemas:
+    """Istio's CRD schemas (reference data outside the project): missing is a failure, not a skip."""
+    try:
+        return load_crds()
+    except CrdFileNotFoundError as error:
+        pytest.fail(str(error), pytrace=False)

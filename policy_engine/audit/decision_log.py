@@ -39,8 +39,6 @@ from policy_engine.telemetry.snapshot import TelemetrySnapshot
 log = logging.getLogger("policy_engine.audit")
 
 RECORD_TYPE = "decision"
-SECRET_HEADERS = CREDENTIAL_HEADERS
-SECRET_QUERY = CREDENTIAL_QUERY
 PATH_HEADERS = frozenset({":path", "x-envoy-original-path"})  # carry the query string too
 MAX_RAW_BODY = 65_536
 _BUFFER_BYTES = 65_536
@@ -73,14 +71,14 @@ def redact_path(path: str, mode: SecretMode) -> str:
         return path
     base, query = path.split("?", 1)
     pairs = parse_qsl(query, keep_blank_values=True)
-    if not any(name.lower() in SECRET_QUERY for name, _ in pairs):
+    if not any(name.lower() in CREDENTIAL_QUERY for name, _ in pairs):
         return path
     kept = [
         (name, digest(value) if mode == "hash" else "")
-        if name.lower() in SECRET_QUERY
+        if name.lower() in CREDENTIAL_QUERY
         else (name, value)
         for name, value in pairs
-        if mode == "hash" or name.lower() not in SECRET_QUERY
+        if mode == "hash" or name.lower() not in CREDENTIAL_QUERY
     ]
     return f"{base}?{urlencode(kept)}" if kept else base
 
@@ -305,7 +303,7 @@ class DecisionLog:
         """One JSON line for a decision; `ids` = (trace id, span id) in hex or empty,
         `tenant` = (credential kind, key id) of the resolved tenant. The body and the telemetry
         snapshot come last, spliced in as JSON text (the costly parts to encode)."""
-        secret = SECRET_HEADERS.union(secret_headers)
+        secret = CREDENTIAL_HEADERS.union(secret_headers)
         when = attrs.time or datetime.fromtimestamp(timing.start_ns / 1e9, UTC)
         head = {
             "type": RECORD_TYPE,

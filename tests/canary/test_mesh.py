@@ -18,7 +18,7 @@ from kubernetes.client import ApiClient, Configuration, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 
 from policy_engine.canary.mesh import GROUP, MeshError, MeshExecutor
-from policy_engine.mesh.crds import CrdFileNotFoundError, CrdSchemas, load_crds
+from policy_engine.mesh.crds import CrdSchemas
 from tests.canary.apiserver_standin import ApiServerStandIn
 
 NS = "models"
@@ -57,14 +57,6 @@ DESTINATION_RULE: dict[str, Any] = {
         ],
     },
 }
-
-
-@pytest.fixture(scope="module")
-def crds() -> CrdSchemas:
-    try:
-        return load_crds()
-    except CrdFileNotFoundError as error:
-        pytest.fail(str(error), pytrace=False)
 
 
 @pytest.fixture
