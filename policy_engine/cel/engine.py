@@ -21,6 +21,7 @@ from google.protobuf.message import Message
 
 from policy_engine.cel.cost import CostReport, estimate
 from policy_engine.cel.hoist import HOISTED, BoundActivation, Calls, hoist
+from policy_engine.cel.native import Fallback, Native, NativeError, translate
 from policy_engine.cel.schema import (
     MESSAGES,
     VARIABLES,
@@ -135,18 +136,56 @@ def _checked(compiled: Any) -> Any:
 
 
 class Program:
-    """A compiled, type-checked expression."""
+    """A compiled, type-checked expression.
 
-    __slots__ = ("_calls", "_checked", "_compiled", "result_type", "source")
+    It runs as translated Python when cel/native.py covers everything it uses, otherwise in
+    the engine (`native` tells which).
+    """
 
-    def __init__(self, source: str, compiled: Any, result_type: str, calls: Calls, checked: Any) -> None:
+    __slots__ = ("_calls", "_checked", "_compiled", "_native", "result_type", "source")
+
+    def __init__(
+        self,
+        source: str,
+        compiled: Any,
+        result_type: str,
+        calls: Calls,
+        checked: Any,
+        native: Native | None = None,
+    ) -> None:
         self.source = source
         self._compiled = compiled  # with library calls on request data hoisted (cel/hoist.py)
         self._calls = calls
         self._checked = checked  # the expression as written
+        self._native = native
         self.result_type = result_type
 
+    @property
+    def native(self) -> bool:
+        return self._native is not None
+
+    def _run_native(self, native: Native, activation: Activation) -> Any:
+        if not native.roots <= activation.names:
+            missing = sorted(native.roots - activation.names)[0]
+            raise CelEvalError(f'No value with name "{missing}" found in Activation')
+        try:
+            return native.run(activation.values, activation.memo)
+        except NativeError as error:
+            raise CelEvalError(str(error)) from None
+        except Fallback:
+            raise
+        except RecursionError:
+            raise CelEvalError("expression nested too deeply") from None
+        except Exception as error:
+            raise CelEvalError(f"{type(error).__name__}: {error}") from None
+
     def eval(self, activation: Activation) -> Any:
+        native = self._native
+        if native is not None:
+            try:
+                return self._run_native(native, activation)
+            except Fallback:
+                pass  # a value the translation does not reproduce: the engine decides
         self._calls.current = activation
         try:
             value = self._compiled.eval(activation.native)
@@ -166,6 +205,16 @@ class Program:
 
     def test(self, activation: Activation) -> bool:
         """A condition's value; CelEvalError for an error or a non-bool."""
+        native = self._native
+        if native is not None:
+            try:
+                result = self._run_native(native, activation)
+            except Fallback:
+                result = None  # the engine decides, below
+            else:
+                if result is True or result is False:
+                    return result
+                raise CelEvalError(f"expected a bool, got {_kind_name(result)}")
         self._calls.current = activation
         try:
             value = self._compiled.eval(activation.native)
@@ -179,6 +228,15 @@ class Program:
         raise CelEvalError(f"expected a bool, got {value.type().name().lower()}")
 
 
+def _kind_name(value: Any) -> str:
+    names = {str: "string", int: "int", float: "double", bytes: "bytes", type(None): "null_type"}
+    if type(value) in names:
+        return names[type(value)]
+    return (
+        "map" if isinstance(value, Mapping) else "list" if isinstance(value, list) else type(value).__name__
+    )
+
+
 class Environment:
     """Declared variables, message types and functions; compiles expressions against them."""
 
@@ -187,15 +245,20 @@ class Environment:
         functions: Sequence[FunctionDef],
         variables: Sequence[Variable] = VARIABLES,
         hoist_slots: int = 0,
+        native: bool = True,
     ) -> None:
         """`hoist_slots`: how many distinct library calls on request data may be hoisted
-        (cel/hoist.py); each slot is a declared function, about 0.1 ms to create."""
+        (cel/hoist.py); each slot is a declared function, about 0.1 ms to create. `native`:
+        translate expressions to Python where cel/native.py can (off: the engine runs all)."""
         pool = descriptor_pool_for_env()
         declared = {v.name: cel_type(v.type) for v in variables}
         self._roots = tuple(declared)
         self._calls = Calls(hoist_slots)
         self._overloads = {o.id: o.impl for f in functions for o in f.overloads if not o.member}
         self._function_names = {o.id: f.name for f in functions for o in f.overloads}
+        self._library = {o.id: (f.name, o.impl, o.member, o.params) for f in functions for o in f.overloads}
+        self._native = native
+        self._message_types = {full_name(name): cls for name, cls in message_classes().items()}
         decls = [
             cel.FunctionDecl(
                 f.name,
@@ -254,7 +317,12 @@ class Environment:
                 runnable = self._env.compile(rewritten)
             except RuntimeError:
                 runnable = compiled  # never expected: the original still runs, through the bridge
-        return Program(source, runnable, type_name, self._calls, checked)
+        native = None
+        if self._native and estimate(checked).problem is None:
+            # Only expressions with a static bound on their work: the engine's iteration
+            # budget stays the second line of defence for the rest.
+            native = translate(checked, self._library, frozenset(self._roots), self._message_types)
+        return Program(source, runnable, type_name, self._calls, checked, native)
 
     def pattern_error(self, pattern: str) -> str | None:
         """Why the engine's RE2 rejects a matches() pattern, or None: checked once at load."""
@@ -265,8 +333,15 @@ class Environment:
             return str(error).removeprefix("INVALID_ARGUMENT: ").removesuffix(" [INVALID_ARGUMENT]")
         return None
 
-    def activation(self, values: Mapping[str, Any]) -> Activation:
-        return BoundActivation(self._env.Activation(dict(values)), values)
+    def activation(
+        self, values: Mapping[str, Any], engine_values: Callable[[], Mapping[str, Any]] | None = None
+    ) -> Activation:
+        """`values` as translated expressions read them; `engine_values`, when given, builds
+        them as the engine needs them (protobuf messages), only if an expression needs it."""
+        return BoundActivation(values, self._engine_activation, engine_values)
+
+    def _engine_activation(self, values: Mapping[str, Any]) -> Any:
+        return self._env.Activation(dict(values))
 
 
 def message_classes() -> dict[str, type[Message]]:

@@ -20,7 +20,7 @@ go through the bridge.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from policy_engine.cel.source_text import code_positions
@@ -32,13 +32,38 @@ Arg = tuple[str, Any]  # ("const", value) or ("path", ("llm", "prompt"))
 _SCALAR_KINDS = ("string_value", "int64_value", "uint64_value", "double_value", "bool_value")
 
 
-@dataclass
 class BoundActivation:
-    """An engine activation with the values it was built from and the calls it has made."""
+    """The values of one evaluation context, the calls made on them, and the engine's
+    activation built from them on first need (translated programs never need it)."""
 
-    native: Any
-    values: Mapping[str, Any]
-    memo: dict[int, Any] = field(default_factory=dict)
+    __slots__ = ("_build", "_engine_values", "_native", "_native_values", "memo", "names", "values")
+
+    def __init__(
+        self,
+        values: Mapping[str, Any],
+        build: Callable[[Mapping[str, Any]], Any],
+        engine_values: Callable[[], Mapping[str, Any]] | None = None,
+    ) -> None:
+        """`engine_values`: the values in the engine's representation, when `values` are not
+        (built on first need, like the engine activation itself)."""
+        self.values = values
+        self.memo: dict[Any, Any] = {}
+        self.names = frozenset(values)
+        self._build = build
+        self._engine_values = engine_values
+        self._native_values: Mapping[str, Any] | None = None
+        self._native: Any = None
+
+    def engine_values(self) -> Mapping[str, Any]:
+        if self._native_values is None:
+            self._native_values = self.values if self._engine_values is None else self._engine_values()
+        return self._native_values
+
+    @property
+    def native(self) -> Any:
+        if self._native is None:
+            self._native = self._build(self.engine_values())
+        return self._native
 
 
 @dataclass(frozen=True)
