@@ -1,7 +1,11 @@
-"""Attributes → the typed CEL values of the environment (protobuf messages).
+"""Attributes → the CEL values of the environment.
 
-Typed messages let the checker reject unknown fields at load; building them costs ~10 µs a
-request. The telemetry message is built once per snapshot and reused by every decision.
+Expressions translated to Python (cel/native.py) read plain Python objects with the fields of
+the schema's messages: the request's own dataclasses (`LlmRequest`, `Tenant`, `Peer`) and a
+`RequestView`. The engine needs protobuf messages (typed messages let its checker reject
+unknown fields at load); those cost ~25 µs a request, so they are built only when an
+expression the translation does not cover is evaluated. The telemetry message is built once
+per snapshot and reused by every decision, by both paths.
 """
 
 from __future__ import annotations
@@ -26,6 +30,56 @@ _BACKEND_MESSAGE_FIELDS = {
 _BACKEND_FIELDS = tuple(
     spec.name for spec in dataclasses.fields(BackendStats) if spec.name in _BACKEND_MESSAGE_FIELDS
 )
+
+
+def json_numbers_as_doubles(value: Any) -> Any:
+    """A parsed JSON body as CEL sees it: every number is a double (google.protobuf.Value)."""
+    kind = type(value)
+    if kind is dict:
+        return {k: json_numbers_as_doubles(v) for k, v in value.items()}
+    if kind is list:
+        return [json_numbers_as_doubles(v) for v in value]
+    if kind is int:
+        return float(value)  # OverflowError for ints beyond a double: the caller reads null
+    return value
+
+
+class RequestView:
+    """The CEL `request` value for translated expressions (fields of the Request message)."""
+
+    __slots__ = (
+        "body",
+        "body_truncated",
+        "headers",
+        "host",
+        "id",
+        "method",
+        "path",
+        "protocol",
+        "query",
+        "scheme",
+        "size",
+        "time",
+    )
+
+    def __init__(self, attrs: RequestAttributes, body: Any, with_body: bool) -> None:
+        self.id = attrs.id
+        self.method = attrs.method
+        self.path = attrs.path_only
+        self.host = attrs.host
+        self.scheme = attrs.scheme
+        self.protocol = attrs.protocol
+        self.headers = attrs.headers
+        self.query = attrs.query
+        self.size = attrs.size if attrs.size >= 0 else len(attrs.body)
+        self.body_truncated = attrs.body_truncated
+        self.time = attrs.time
+        self.body = None
+        if with_body and isinstance(body, dict | list):
+            try:
+                self.body = json_numbers_as_doubles(body)
+            except (OverflowError, RecursionError):
+                self.body = None  # unrepresentable JSON reads as null, as in the engine
 
 
 class MessageBuilder:

@@ -154,15 +154,16 @@ def llm_request(attrs: RequestAttributes, body: Any) -> LlmRequest:
             model = match.group(1).decode("utf-8", "replace").strip()
         return LlmRequest(model=model, kind=kind)
     messages: list[ChatMessage] = []
+    texts: list[str] = []
     raw_messages = body.get("messages")
     if isinstance(raw_messages, list):
         for item in raw_messages:
             if isinstance(item, dict):
                 role = item.get("role")
-                messages.append(
-                    ChatMessage(role if isinstance(role, str) else "", _text(item.get("content")))
-                )
-    texts = [m.content for m in messages]
+                content = item.get("content")
+                text = content if type(content) is str else _text(content)
+                messages.append(ChatMessage(role if type(role) is str else "", text))
+                texts.append(text)
     for key in ("prompt", "input"):
         value = body.get(key)
         if isinstance(value, str):

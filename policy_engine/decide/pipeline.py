@@ -17,7 +17,7 @@ from google.protobuf.message import Message
 
 from policy_engine.cel.engine import Activation, CelEvalError, Program
 from policy_engine.cel.library import stable_bucket
-from policy_engine.decide.activation import MessageBuilder, decision_time
+from policy_engine.decide.activation import MessageBuilder, RequestView, decision_time
 from policy_engine.decide.attributes import LlmRequest, RequestAttributes, llm_request, parse_body
 from policy_engine.decide.decision import Decision, FiredRule, QuotaCheck
 from policy_engine.decide.quota import outcome, rate_headers, tightest, token_metadata
@@ -104,18 +104,31 @@ class Pipeline:
         llm = llm_request(attrs, body)
         tenant = bundle.tenants.resolve(attrs.headers, attrs.source.principal)
         telemetry_message, backends = messages.telemetry(telemetry)
+        with_body = "body" in bundle.references
         values: dict[str, Any] = {
-            "request": messages.request(attrs, body, "body" in bundle.references),
-            "llm": messages.llm(llm, "messages" in bundle.references),
-            "source": messages.peer(attrs.source),
-            "destination": messages.peer(attrs.destination),
-            "tenant": messages.tenant(tenant),
+            "request": RequestView(attrs, body, with_body),
+            "llm": llm,
+            "source": attrs.source,
+            "destination": attrs.destination,
+            "tenant": tenant,
             "telemetry": telemetry_message,
             "now": decision_time(attrs),
             "context": dict(attrs.context),
             "canary": {},
         }
-        run = _Run(values, bundle.env.activation(values), backends, llm, tenant)
+
+        def engine_values() -> dict[str, Any]:
+            # Only for expressions the translation leaves to the engine (see activation.py).
+            return {
+                **values,
+                "request": messages.request(attrs, body, with_body),
+                "llm": messages.llm(llm, "messages" in bundle.references),
+                "source": messages.peer(attrs.source),
+                "destination": messages.peer(attrs.destination),
+                "tenant": messages.tenant(tenant),
+            }
+
+        run = _Run(values, bundle.env.activation(values, engine_values), backends, llm, tenant)
         if tenant.authenticated:
             run.upstream[TENANT_HEADER] = tenant.id
         try:
@@ -303,14 +316,16 @@ class Pipeline:
         counter = CounterId(policy.name, limit.name, budget.kind, key)
         usage = view.usage(counter, budget.window)
         llm = run.llm
-        cost = {
-            "requests": 1,
-            # Tokens are charged after the response; the estimate is reserved now.
-            "input_tokens": llm.prompt_tokens,
-            "output_tokens": llm.max_tokens,
-            "total_tokens": llm.prompt_tokens + llm.max_tokens,
-        }[budget.kind]
-        cost = max(cost, 0)
+        kind = budget.kind
+        # Tokens are charged after the response; the estimate is reserved now.
+        if kind == "requests":
+            cost = 1
+        elif kind == "input_tokens":
+            cost = max(llm.prompt_tokens, 0)
+        elif kind == "output_tokens":
+            cost = max(llm.max_tokens, 0)
+        else:
+            cost = max(llm.prompt_tokens + llm.max_tokens, 0)
         exceeded, remaining = outcome(budget.kind, budget.limit, usage.used, cost)
         return QuotaCheck(
             counter=str(counter),
@@ -421,7 +436,10 @@ class Pipeline:
             eligible = []
             for name in names:
                 message = run.backends.get(name) or self._messages.unknown_backend(name)
-                act = self.bundle.backend_env.activation({**run.values, "backend": message})
+                act = self.bundle.backend_env.activation(
+                    {**run.values, "backend": message},
+                    lambda message=message: {**run.activation.engine_values(), "backend": message},  # type: ignore[misc]
+                )
                 if not self._test(run, policy, route.name, route.require, act):
                     continue
                 score = self._eval(run, policy, route.name, route.score, act) if route.score else 0.0
