@@ -86,8 +86,16 @@ _PII_MAP: Final = _class_table(
 )
 
 
+# The finders of one decision scan the same prompt (pii.card, pii.iban, pii.phone, pii.ip on
+# llm.prompt): its derived forms are computed once. A few entries: texts are not kept long.
+@functools.lru_cache(maxsize=4)
 def _pii_map(text: str) -> bytes:
     return text.encode("ascii", "replace").translate(_PII_MAP)
+
+
+@functools.lru_cache(maxsize=4)
+def _casefolded(text: str) -> str:
+    return text.casefold()
 
 
 # ---------------------------------------------------------------------------
@@ -682,7 +690,7 @@ class TermMatcher:
     def _folded_if_may_match(self, text: str) -> str | None:
         if self._pattern is None:
             return None
-        folded = text.casefold()
+        folded = _casefolded(text)
         if self._gates is not None and not any(gate in folded for gate in self._gates):
             return None
         return folded
@@ -858,6 +866,7 @@ class _Lowered(NamedTuple):
     letters: frozenset[str]  # the _ANCHOR_LETTERS in lowered
 
     @classmethod
+    @functools.lru_cache(maxsize=4)
     def of(cls, text: str) -> "_Lowered | None":
         lowered = _lower_aligned(text)
         if lowered is None:
