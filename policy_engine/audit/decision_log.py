@@ -74,9 +74,7 @@ def redact_path(path: str, mode: SecretMode) -> str:
     if not any(name.lower() in CREDENTIAL_QUERY for name, _ in pairs):
         return path
     kept = [
-        (name, digest(value) if mode == "hash" else "")
-        if name.lower() in CREDENTIAL_QUERY
-        else (name, value)
+        (name, digest(value) if mode == "hash" else "") if name.lower() in CREDENTIAL_QUERY else (name, value)
         for name, value in pairs
         if mode == "hash" or name.lower() not in CREDENTIAL_QUERY
     ]

@@ -106,4 +106,3 @@ class DecisionTracer:
     def shutdown(self) -> None:
         """Export what is queued, then stop the export thread."""
         self._provider.shutdown()
-

@@ -174,4 +174,3 @@ class CanaryController:
         """A quarter of the shortest interval (bounded): boundaries are seen within that much."""
         intervals = [p.rollout.interval for p in rollout_policies(self._bundle()) if p.rollout is not None]
         return min(max(min(intervals, default=4.0) / 4.0, 0.1), 1.0)
-

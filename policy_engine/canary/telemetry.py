@@ -118,4 +118,3 @@ class MetricsPageSource:
         counts = Counts(canary_total[0], canary_total[1], stable_total[0], stable_total[1])
         # A restarted service resets its counters; the machine notices the drop.
         return Observation(Reading(self.url, counts), stats.get(stable), stats.get(canary))
-
