@@ -777,12 +777,12 @@ def _memo(memo: dict[Any, Any], key: str, name: str, impl: Callable[..., Any], *
     return result
 
 
-def _bind(init: Callable[[], Any], body: Callable[[Any], Any]) -> Any:
+def _bind(init: Callable[[], Any], body: Callable[[Any], Any], boxed: Callable[[Any], Any]) -> Any:
     """cel.bind(name, init, body): a comprehension over nothing, its accumulator the name."""
     try:
         value = init()
-    except Exception as error:
-        value = _Box(error)
+    except Exception as error:  # an error only if the body reads it
+        return boxed(_Box(error))
     return body(value)
 
 
@@ -1043,11 +1043,15 @@ class _Translator:
         item, acc = f"c{number}_item", f"c{number}_acc"
         if _is_bind(comp):
             init = self.translate(comp.accu_init, scope)
-            boxed = init.may_error
-            body = self.translate(comp.result, {**scope, comp.accu_var: (acc, boxed)})
-            if not boxed:
+            body = self.translate(comp.result, {**scope, comp.accu_var: (acc, False)})
+            if not init.may_error:
                 return _Code(f"(lambda {acc}: {body.text})({init.text})", body.may_error)
-            return _Code(f"_bind(lambda: {init.text}, lambda {acc}: {body.text})", True)
+            # Two bodies: the usual one reads the value directly; the other reads an error that
+            # only an absorbing `&&`/`||` may drop.
+            boxed = self.translate(comp.result, {**scope, comp.accu_var: (acc, True)})
+            return _Code(
+                f"_bind(lambda: {init.text}, lambda {acc}: {body.text}, lambda {acc}: {boxed.text})", True
+            )
         iter_range = self.translate(comp.iter_range, scope)
         init = self.translate(comp.accu_init, scope)
         inner = {**scope, comp.iter_var: (item, False), comp.accu_var: (acc, True)}
