@@ -36,7 +36,11 @@ EXPRESSIONS = [
 
 
 def environments(functions: list[FunctionDef]) -> tuple[Environment, Environment]:
-    return Environment(functions, VARIABLES), Environment(functions, VARIABLES, hoist_slots=16)
+    # The engine path: hoisting is what keeps it from leaking (translated expressions never cross).
+    return (
+        Environment(functions, VARIABLES, native=False),
+        Environment(functions, VARIABLES, hoist_slots=16, native=False),
+    )
 
 
 def values(prompt: str, address: str = "10.1.2.3", tier: str = "free") -> dict[str, Any]:
@@ -85,7 +89,7 @@ def spy_functions(calls: list[str]) -> list[FunctionDef]:
 
 def test_calls_are_lazy_memoised_and_errors_stay_errors() -> None:
     calls: list[str] = []
-    env = Environment(spy_functions(calls), VARIABLES, hoist_slots=4)
+    env = Environment(spy_functions(calls), VARIABLES, hoist_slots=4, native=False)
     skipped = env.compile('llm.model == "other" && spy.scan(llm.prompt)', "bool")
     twice = env.compile("spy.scan(llm.prompt) || spy.scan(llm.prompt)", "bool")
     again = env.compile("!spy.scan(llm.prompt)", "bool")
@@ -105,7 +109,7 @@ def test_calls_are_lazy_memoised_and_errors_stay_errors() -> None:
 
 def test_a_call_on_a_loop_variable_is_left_to_the_engine() -> None:
     calls: list[str] = []
-    env = Environment(spy_functions(calls), VARIABLES, hoist_slots=4)
+    env = Environment(spy_functions(calls), VARIABLES, hoist_slots=4, native=False)
     program = env.compile("llm.messages.exists(m, spy.scan(m.content))", "bool")
     chat = MESSAGES["Llm"](
         messages=[MESSAGES["ChatMessage"](content="a"), MESSAGES["ChatMessage"](content="x")]
@@ -115,7 +119,7 @@ def test_a_call_on_a_loop_variable_is_left_to_the_engine() -> None:
 
 
 def test_the_reserved_name_cannot_be_written() -> None:
-    env = Environment(library_functions({}), VARIABLES, hoist_slots=1)
+    env = Environment(library_functions({}), VARIABLES, hoist_slots=1, native=False)
     with pytest.raises(Exception, match="reserved"):
         env.compile("__pe_hoisted0()")
 
