@@ -52,6 +52,12 @@ def check(directory: PolicyDir = Path("policies")) -> None:
         f"ok: {len(bundle.files)} file(s), {len(bundle.policies())} policies, "
         f"{len(bundle.rule_ids())} rules, bundle {bundle.version}"
     )
+    expressions = bundle.expressions()
+    in_engine = [e for e in expressions if not e.program.native]
+    out.print(f"{len(expressions) - len(in_engine)} of {len(expressions)} expressions run as Python")
+    for expr in in_engine:
+        # Still correct, only slower: see docs/authoring.md on what runs in the engine.
+        out.print(f"  in the CEL engine: {expr.position}: {expr.source}", soft_wrap=True, markup=False)
 
 
 def _print_report(report: TestReport, verbose: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -175,6 +176,23 @@ class Bundle:
 
     def policies(self) -> tuple[Policy, ...]:
         return (*self.access, *self.moderation, *self.routing, *self.quota, *self.canary)
+
+    def expressions(self) -> tuple[Expr, ...]:
+        """Every expression of every policy as written in the files (batches excluded)."""
+        found: list[Expr] = []
+
+        def walk(node: object) -> None:
+            if isinstance(node, Expr):
+                found.append(node)
+            elif isinstance(node, tuple | list):
+                for item in node:
+                    walk(item)
+            elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+                for spec in dataclasses.fields(node):
+                    walk(getattr(node, spec.name))
+
+        walk(self.policies())
+        return tuple(found)
 
     def rule_ids(self) -> tuple[str, ...]:
         return tuple(rule for policy in self.policies() for rule in policy.rule_ids())

@@ -25,6 +25,20 @@ def test_check_passes_on_the_examples() -> None:
     assert re.match(r"ok: \d+ file\(s\), \d+ policies, \d+ rules, bundle [0-9a-f]{16}", result.stdout)
 
 
+def test_check_names_expressions_left_to_the_engine(policy_copy: Path) -> None:
+    examples = run("check", str(POLICIES))
+    total = int(re.search(r"(\d+) of (\d+) expressions run as Python", examples.stdout).group(2))  # type: ignore[union-attr]
+    assert f"{total} of {total} expressions run as Python" in examples.stdout
+    (policy_copy / "hours.yaml").write_text(
+        "apiVersion: policy-engine/v1\nkind: AccessPolicy\nmetadata: {name: hours}\nspec:\n  rules:\n"
+        "    - {name: late, effect: deny, when: 'request.time.getHours() > 22'}\n"
+    )
+    result = run("check", str(policy_copy))
+    assert result.returncode == 0, result.stderr
+    assert f"{total} of {total + 1} expressions run as Python" in result.stdout
+    assert f"in the CEL engine: {policy_copy / 'hours.yaml'}:6:" in result.stdout
+
+
 def test_check_fails_with_positions(policy_copy: Path) -> None:
     path = policy_copy / "access.yaml"
     path.write_text(path.read_text().replace("default: deny", "defualt: deny"))
