@@ -4,10 +4,18 @@ Run: .venv/bin/python bench/gateway.py [--duration 10] [--connections 32] [--rat
 Needs `wrk` (Debian: apt-get install -y wrk). Traffic goes to 127.0.0.1 only and every
 process started here is stopped at the end.
 
-Both Envoys answer from a direct_response route, so the upstream is not part of the
-measurement: the difference is the ext_authz decision (the example policies, a premium tenant,
-a chat request of ~1 KB) and the rate-limit filter. Two loads:
-- saturation: wrk with N connections as fast as possible → requests/s;
+Every Envoy answers from a direct_response route, so the upstream is not part of the
+measurement. Rows:
+- Envoy alone;
+- Envoy + a do-nothing Python gRPC ext_authz (bench/noop_authz.py, same grpc.aio stack, no
+  decision): the floor of any Python gRPC decision service on this machine; and the same over
+  Envoy's HTTP ext_authz protocol on plain asyncio, the floor of the other transport;
+- Envoy + policy-engine (the example policies, a premium tenant, a chat request of ~1 KB, the
+  rate-limit filter and the access-log stream) with 1 and 2 workers.
+Two loads:
+- saturation: wrk with N connections as fast as possible → requests/s, and the CPU time each
+  process used per request (from /proc), which gives what the service alone could do with
+  two cores of its own: 2 s of CPU per second / its CPU per request;
 - fixed rate: wrk with a per-connection delay giving about --rate requests/s → p50/p90/p99.
 """
 
@@ -53,8 +61,11 @@ wrk.headers["authorization"] = "Bearer sk-acme-premium-key-0001"
 """
 
 
-def envoy_config(listen_port: int, policy_port: int | None) -> dict[str, Any]:
-    """The project's bootstrap with every route answered by Envoy itself."""
+def envoy_config(
+    listen_port: int, policy_port: int | None, full: bool = True, http: bool = False
+) -> dict[str, Any]:
+    """The project's bootstrap with every route answered by Envoy itself; `full=False` keeps
+    only ext_authz (for the no-op servers), `http=True` speaks Envoy's HTTP ext_authz protocol."""
     from policy_engine.envoy.bootstrap import GatewayConfig, Upstream, bootstrap
 
     config = bootstrap(
@@ -73,10 +84,48 @@ def envoy_config(listen_port: int, policy_port: int | None) -> dict[str, Any]:
         manager["http_filters"] = [
             f for f in manager["http_filters"] if f["name"] == "envoy.filters.http.router"
         ]
+    if policy_port is None or not full:  # the no-op server has no rate-limit service or log sink
+        manager["http_filters"] = [
+            f for f in manager["http_filters"] if f["name"] != "envoy.filters.http.ratelimit"
+        ]
+        manager.pop("access_log", None)
+    if http and policy_port is not None:
+        for item in manager["http_filters"]:
+            if item["name"] == "envoy.filters.http.ext_authz":
+                authz = item["typed_config"]
+                authz.pop("grpc_service")
+                authz.pop("transport_api_version", None)
+                authz["http_service"] = {
+                    "server_uri": {
+                        "uri": f"http://127.0.0.1:{policy_port}",
+                        "cluster": "authz-http",
+                        "timeout": "1s",
+                    },
+                    "authorization_request": {
+                        "allowed_headers": {"patterns": [{"safe_regex": {"regex": ".*"}}]}
+                    },
+                    "authorization_response": {
+                        "allowed_upstream_headers": {"patterns": [{"prefix": "x-pe-"}]}
+                    },
+                }
+        endpoint = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": policy_port}}}
+        config["static_resources"]["clusters"].append(
+            {
+                "name": "authz-http",
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "load_assignment": {
+                    "cluster_name": "authz-http",
+                    "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}],
+                },
+            }
+        )
     return config
 
 
-def start_envoy(config: dict[str, Any], workdir: Path, name: str) -> subprocess.Popen[bytes]:
+def start_envoy(
+    config: dict[str, Any], workdir: Path, name: str, threads: int = 2
+) -> subprocess.Popen[bytes]:
     import yaml
 
     path = workdir / f"{name}.yaml"
@@ -90,7 +139,7 @@ def start_envoy(config: dict[str, Any], workdir: Path, name: str) -> subprocess.
             "-l",
             "error",
             "--concurrency",
-            "2",
+            str(threads),
             "--base-id",
             str(os.getpid() % 10000 + len(name)),
         ],
@@ -99,6 +148,38 @@ def start_envoy(config: dict[str, Any], workdir: Path, name: str) -> subprocess.
         start_new_session=True,
     )
     return process
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a process and all its descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        fields = text.rsplit(")", 1)[1].split()
+        stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        total += stats.get(current, (0, 0.0))[1]
+        todo.extend(child for child, (parent, _) in stats.items() if parent == current)
+    return total
+
+
+def measured(
+    url: str, duration: int, connections: int, script: Path, pids: dict[str, int]
+) -> dict[str, float]:
+    """A saturation run with the CPU each named process tree used per request."""
+    before = {name: tree_cpu(pid) for name, pid in pids.items()}
+    result = wrk(url, duration, connections, script)
+    for name, pid in pids.items():
+        result[f"{name}_cpu_us"] = (tree_cpu(pid) - before[name]) / max(result["requests"], 1) * 1e6
+    return result
 
 
 def wrk(url: str, duration: int, connections: int, script: Path, threads: int = 2) -> dict[str, float]:
@@ -141,6 +222,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rate", type=int, default=1000, help="target requests/s of the fixed-rate load")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--envoy-threads", type=int, default=2, help="Envoy --concurrency, every setup")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install -y wrk")
@@ -164,7 +246,7 @@ def main() -> None:
     processes: list[subprocess.Popen[bytes]] = []
     try:
         port = free_port()
-        alone = start_envoy(envoy_config(port, None), workdir, "alone")
+        alone = start_envoy(envoy_config(port, None), workdir, "alone", args.envoy_threads)
         processes.append(alone)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         wait_until(
@@ -175,17 +257,50 @@ def main() -> None:
         rows.append(
             (
                 "Envoy alone",
-                wrk(url, args.duration, args.connections, saturate),
+                measured(url, args.duration, args.connections, saturate, {"envoy": alone.pid}),
                 wrk(url, args.duration, paced_connections, paced, threads=1),
             )
         )
         stop_process(alone)
+
+        for transport in ("gRPC", "HTTP"):
+            port_file = workdir / f"noop-{transport}.port"
+            command = [sys.executable, str(ROOT / "bench" / "noop_authz.py"), str(port_file)]
+            noop = subprocess.Popen(
+                [*command, *(["--http"] if transport == "HTTP" else [])], start_new_session=True
+            )
+            processes.append(noop)
+            wait_until(
+                lambda port_file=port_file: port_file.exists() and port_file.read_text() != "", 20, "no-op"
+            )
+            port = free_port()
+            config = envoy_config(port, int(port_file.read_text()), full=False, http=transport == "HTTP")
+            envoy = start_envoy(config, workdir, f"noop-{transport}", args.envoy_threads)
+            processes.append(envoy)
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            wait_until(
+                lambda url=url: (
+                    subprocess.run(["curl", "-sf", "-o", "/dev/null", "-X", "POST", url]).returncode == 0
+                ),
+                20,
+                "envoy with the no-op ext_authz",
+            )
+            pids = {"envoy": envoy.pid, "service": noop.pid}
+            rows.append(
+                (
+                    f"Envoy + no-op Python {transport} ext_authz",
+                    measured(url, args.duration, args.connections, saturate, pids),
+                    wrk(url, args.duration, paced_connections, paced, threads=1),
+                )
+            )
+            stop_process(envoy)
+            stop_process(noop)
         for workers in args.workers:
             service = start_service(
                 ROOT / "policies", backends=BACKENDS, workers=workers, extra_args=["--no-reload"]
             )
             port = free_port()
-            envoy = start_envoy(envoy_config(port, service.port), workdir, f"pe{workers}")
+            envoy = start_envoy(envoy_config(port, service.port), workdir, f"pe{workers}", args.envoy_threads)
             processes.append(envoy)
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
             probe = [
@@ -209,10 +324,11 @@ def main() -> None:
                 "gateway",
             )
             time.sleep(0.5)
+            pids = {"envoy": envoy.pid, "service": service.process.pid}
             rows.append(
                 (
                     f"Envoy + policy-engine ({workers} worker{'s' if workers > 1 else ''})",
-                    wrk(url, args.duration, args.connections, saturate),
+                    measured(url, args.duration, args.connections, saturate, pids),
                     wrk(url, args.duration, paced_connections, paced, threads=1),
                 )
             )
@@ -226,16 +342,21 @@ def main() -> None:
     print(
         f"\nsaturation: wrk -t2 -c{args.connections} -d{args.duration}s; "
         f"fixed rate: wrk -t1 -c{paced_connections} with {delay_ms:.1f} ms delay per connection "
-        f"(≈{args.rate} req/s)\n"
+        f"(≈{args.rate} req/s); CPU: µs of CPU time per request during the saturation run "
+        "(a service's row counts all its processes)\n"
     )
     print(
-        "| setup | saturation req/s | ratio | non-2xx | paced req/s | p50 ms | p90 ms | p99 ms "
-        "| added p99 ms |"
+        "| setup | saturation req/s | ratio | non-2xx | Envoy CPU µs/req | service CPU µs/req "
+        "| service alone on 2 cores, req/s | paced req/s | p50 ms | p90 ms | p99 ms | added p99 ms |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, sat, pace in rows:
+        service_cpu = sat.get("service_cpu_us")
+        service_text = f"{service_cpu:.0f}" if service_cpu else "—"
+        capacity = f"{2e6 / service_cpu:.0f}" if service_cpu else "—"
         print(
             f"| {name} | {sat['rps']:.0f} | {sat['rps'] / base_sat['rps']:.2f} | {sat['non_2xx']:.0f} "
+            f"| {sat.get('envoy_cpu_us', 0):.0f} | {service_text} | {capacity} "
             f"| {pace['rps']:.0f} | {pace.get('p50_ms', 0):.2f} | {pace.get('p90_ms', 0):.2f} "
             f"| {pace.get('p99_ms', 0):.2f} | {pace.get('p99_ms', 0) - base_paced.get('p99_ms', 0):.2f} |"
         )

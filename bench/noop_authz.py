@@ -1,0 +1,81 @@
+"""Do-nothing ext_authz servers in Python: the floors bench/gateway.py measures against.
+
+Run: .venv/bin/python bench/noop_authz.py PORT_FILE [--http]
+
+Every request is allowed without any work. The default is a gRPC Authorization service on the
+same grpc.aio stack as policy-engine, so Envoy + this server shows what a Python gRPC ext_authz
+costs on the machine before any decision is made. With --http it is Envoy's HTTP ext_authz
+protocol instead (any request answered 200) on a plain asyncio server: the floor of the other
+transport Envoy offers. It writes its port to PORT_FILE and serves until terminated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from google.rpc import code_pb2, status_pb2
+
+_OK = external_auth_pb2.CheckResponse(
+    status=status_pb2.Status(code=code_pb2.OK), ok_response=external_auth_pb2.OkHttpResponse()
+)
+_HTTP_OK = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+
+
+class NoopAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    async def Check(
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> external_auth_pb2.CheckResponse:
+        return _OK
+
+
+class NoopHttpAuthorization(asyncio.Protocol):
+    """HTTP/1.1 with keep-alive; requests framed by Content-Length (what Envoy sends)."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        while (end := self._buffer.find(b"\r\n\r\n")) >= 0:
+            length = 0
+            for line in self._buffer[:end].split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            if len(self._buffer) < end + 4 + length:
+                return
+            self._buffer = self._buffer[end + 4 + length :]
+            if self._transport is not None:
+                self._transport.write(_HTTP_OK)
+
+
+async def serve(port_file: Path, http: bool) -> None:
+    if http:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(NoopHttpAuthorization, "127.0.0.1", 0)
+        port_file.write_text(str(server.sockets[0].getsockname()[1]))
+        await server.serve_forever()
+        return
+    grpc_server = grpc.aio.server()
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(NoopAuthorization(), grpc_server)
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    await grpc_server.start()
+    port_file.write_text(str(port))
+    await grpc_server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    arguments = [a for a in sys.argv[1:] if a != "--http"]
+    if len(arguments) != 1:
+        sys.exit(__doc__)
+    asyncio.run(serve(Path(arguments[0]), "--http" in sys.argv[1:]))
