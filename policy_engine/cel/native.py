@@ -25,6 +25,7 @@ here, for comprehension variables too).
 from __future__ import annotations
 
 import math
+import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -169,28 +170,18 @@ def _bool(value: Any, function: str) -> bool:
     raise _no_overload(function, value)
 
 
-def _and(left: Callable[[], Any], right: Callable[[], Any]) -> bool:
+def _short(left: Callable[[], Any], right: Callable[[], Any], decisive: bool, function: str) -> bool:
+    """`&&` (decisive False) and `||` (decisive True): the decisive value on either side wins
+    over an error on the other; otherwise an error stands."""
     try:
-        a = _bool(left(), "_&&_")
+        a = _bool(left(), function)
     except Exception as error:
-        if _bool(right(), "_&&_") is False:
-            return False
+        if _bool(right(), function) is decisive:
+            return decisive
         raise error from None
-    if a is False:
-        return False
-    return _bool(right(), "_&&_")
-
-
-def _or(left: Callable[[], Any], right: Callable[[], Any]) -> bool:
-    try:
-        a = _bool(left(), "_||_")
-    except Exception as error:
-        if _bool(right(), "_||_") is True:
-            return True
-        raise error from None
-    if a is True:
-        return True
-    return _bool(right(), "_||_")
+    if a is decisive:
+        return decisive
+    return _bool(right(), function)
 
 
 def _not(value: Any) -> bool:
@@ -362,48 +353,25 @@ def _pair(a: Any, b: Any, function: str) -> type:
     raise _no_overload(function, a, b)
 
 
-def _add(a: Any, b: Any) -> Any:
-    kind = _pair(a, b, "_+_")
-    if kind is int:
-        return _addi(a, b)
-    if kind is list:
-        return [*a, *b]
-    if kind in (float, str, bytes):
-        return a + b
-    raise _no_overload("_+_", a, b)
+def _concat(a: Any, b: Any) -> list[Any]:
+    return [*a, *b]
 
 
-def _sub(a: Any, b: Any) -> Any:
-    kind = _pair(a, b, "_-_")
-    if kind is int:
-        return _subi(a, b)
-    if kind is float:
-        return a - b
-    raise _no_overload("_-_", a, b)
+# Per operator, the operand type (both operands the same) → implementation, for dyn operands.
+_ARITHMETIC: dict[str, dict[type, Callable[[Any, Any], Any]]] = {
+    "_+_": {int: _addi, float: operator.add, str: operator.add, bytes: operator.add, list: _concat},
+    "_-_": {int: _subi, float: operator.sub},
+    "_*_": {int: _muli, float: operator.mul},
+    "_/_": {int: _divi, float: _divd},
+    "_%_": {int: _modi},
+}
 
 
-def _mul(a: Any, b: Any) -> Any:
-    kind = _pair(a, b, "_*_")
-    if kind is int:
-        return _muli(a, b)
-    if kind is float:
-        return a * b
-    raise _no_overload("_*_", a, b)
-
-
-def _div(a: Any, b: Any) -> Any:
-    kind = _pair(a, b, "_/_")
-    if kind is int:
-        return _divi(a, b)
-    if kind is float:
-        return _divd(a, b)
-    raise _no_overload("_/_", a, b)
-
-
-def _mod(a: Any, b: Any) -> Any:
-    if type(a) is int and type(b) is int:
-        return _modi(a, b)
-    raise _no_overload("_%_", a, b)
+def _arith(function: str, a: Any, b: Any) -> Any:
+    implementation = _ARITHMETIC[function].get(_pair(a, b, function))
+    if implementation is None:
+        raise _no_overload(function, a, b)
+    return implementation(a, b)
 
 
 def _neg(a: Any) -> Any:
@@ -570,11 +538,17 @@ def _index(container: Any, key: Any) -> Any:
     raise _no_overload("_[_]", container, key)
 
 
+def _present(value: Any) -> tuple[bool, Any]:
+    """An optional operand chains: none stays none, a present value is unwrapped."""
+    if isinstance(value, Optional):
+        return value is not NONE, value.value
+    return True, value
+
+
 def _optindex(container: Any, key: Any) -> Optional:
-    if isinstance(container, Optional):
-        if container is NONE:
-            return NONE
-        container = container.value
+    present, container = _present(container)
+    if not present:
+        return NONE
     if _is_map(container):
         found, value = _lookup(container, key)
         return Optional(value) if found else NONE
@@ -586,10 +560,9 @@ def _optindex(container: Any, key: Any) -> Optional:
 
 
 def _optsel(operand: Any, name: str) -> Optional:
-    if isinstance(operand, Optional):
-        if operand is NONE:
-            return NONE
-        operand = operand.value
+    present, operand = _present(operand)
+    if not present:
+        return NONE
     if _is_map(operand):
         return Optional(operand[name]) if name in operand else NONE
     if _has(operand, name):
@@ -869,7 +842,7 @@ _INT_OPS = {
     "divide_int64": "_divi",
     "modulo_int64": "_modi",
 }
-_DYN_OPS = {"_+_": "_add", "_-_": "_sub", "_*_": "_mul", "_/_": "_div", "_%_": "_mod"}
+_ARITHMETIC_OPERATORS = frozenset(_ARITHMETIC)
 _COMPARE = {"_<_": ("<", "_lt"), "_<=_": ("<=", "_le"), "_>_": (">", "_gt"), "_>=_": (">=", "_ge")}
 _COMPARABLE = {"int", "double", "string", "bytes", "bool"}
 _NUMBER = {"int", "double"}
@@ -1110,8 +1083,8 @@ class _Translator:
             # logical operators are commutative, so the order may change.
             first, second = (right, left) if left.may_error else (left, right)
             return _Code(f"({first.text} {word} {second.text})", second.may_error)
-        helper = "_and" if function == "_&&_" else "_or"
-        return _Code(f"{helper}(lambda: {left.text}, lambda: {right.text})", True)
+        decisive = function == "_||_"
+        return _Code(f"_short(lambda: {left.text}, lambda: {right.text}, {decisive}, {function!r})", True)
 
     def _library_call(
         self,
@@ -1188,7 +1161,7 @@ class _Translator:
             if a == b and a in _COMPARABLE:
                 return _Code(f"({args[0]} {op} {args[1]})", may)
             return _Code(f"{helper}({args[0]}, {args[1]})", may or not (a in _NUMBER and b in _NUMBER))
-        if function in _DYN_OPS:
+        if function in _ARITHMETIC_OPERATORS:
             # The overload names the operand types only when the checker knew them: a dyn
             # operand is checked at run time by the generic helper.
             operand_type = single.rsplit("_", 1)[-1] if single else ""
@@ -1200,7 +1173,7 @@ class _Translator:
                 return _Code(f"{_INT_OPS[single]}({args[0]}, {args[1]})", True)
             if known and single == "divide_double":
                 return _Code(f"_divd({args[0]}, {args[1]})", may)
-            return _Code(f"{_DYN_OPS[function]}({args[0]}, {args[1]})", True)
+            return _Code(f"_arith({function!r}, {args[0]}, {args[1]})", True)
         if function == "_[_]":
             return _Code(f"_index({args[0]}, {args[1]})", True)
         if function == "_[?_]":
