@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 INT_MIN = -(2**63)
@@ -225,13 +226,15 @@ def _eq(a: Any, b: Any) -> bool:
         if a is NONE or b is NONE:
             return a is b
         return _eq(a.value, b.value)
+    if _is_object(a) or _is_object(b):
+        if ta is tb and hasattr(a, "__dataclass_fields__"):
+            return bool(a == b)  # two values of one schema message as the same dataclass
+        raise Fallback("equality of a message held as a Python object")
     if isinstance(a, Message) or isinstance(b, Message):
         a, b = _message_value(a), _message_value(b)
         if isinstance(a, Message) or isinstance(b, Message):
             return type(a) is type(b) and bool(a == b)
         return _eq(a, b)
-    if ta is tb and hasattr(a, "__dataclass_fields__"):
-        return bool(a == b)  # two values of a schema message as Python objects
     if _is_map(a):
         if not _is_map(b) or len(a) != len(b):
             return False
@@ -455,6 +458,11 @@ def _is_object(value: Any) -> bool:
     )
 
 
+def _is_field(operand: Any, name: str) -> bool:
+    """A field of the message a Python object stands for: never a Python attribute."""
+    return not name.startswith("_") and hasattr(operand, name) and not callable(getattr(operand, name))
+
+
 def _select(operand: Any, name: str) -> Any:
     """`x.f` on a map or a dyn value."""
     if isinstance(operand, Optional):
@@ -472,10 +480,12 @@ def _select(operand: Any, name: str) -> Any:
             else getattr(operand, name)
         )
     if _is_object(operand):
-        if not hasattr(operand, name):
+        if not _is_field(operand, name):
             raise NativeError(f"no_such_field : {name}")
         value = getattr(operand, name)
-        plain = isinstance(value, str | int | float | bool | type(None)) or _is_object(value)
+        if value is None:
+            raise Fallback("an unset message field through dyn")  # the engine knows its default
+        plain = isinstance(value, str | int | float | bool) or _is_object(value)
         if not (plain or _is_list(value) or _is_map(value)):
             raise Fallback("a timestamp through dyn")
         return value
@@ -508,14 +518,20 @@ def _has(operand: Any, name: str) -> bool:
         value = getattr(operand, name)
         return len(value) > 0 if not isinstance(value, str | bytes | int | float) else _set(value)
     if _is_object(operand):
-        if not hasattr(operand, name):
+        if not _is_field(operand, name):
             raise NativeError(f"no_such_field : {name}")
         value = getattr(operand, name)
         if value is None:
             return False
+        if name in getattr(type(operand), "_cel_presence", ()):
+            return True  # a message field (request.body, request.time): set, even if empty
         if isinstance(value, str | bytes | int | float | bool):
             return _set(value)
-        return len(value) > 0 if hasattr(value, "__len__") else True
+        if _is_list(value) or _is_map(value):
+            return len(value) > 0
+        if _is_object(value) or isinstance(value, Message):
+            return True
+        raise Fallback("presence of a timestamp field")  # the engine knows whether it was set
     raise NativeError("Applying SELECT to non-message type")
 
 
@@ -598,6 +614,10 @@ def _value(optional: Any) -> Any:
 
 
 def _of_non_zero(value: Any) -> Optional:
+    if isinstance(value, Message):
+        return NONE if value.ByteSize() == 0 else Optional(value)
+    if _is_object(value):
+        raise Fallback("optional.ofNonZeroValue of a message held as a Python object")
     if value is None or value is False or (not isinstance(value, bool) and value in (0, 0.0, "", b"")):
         return NONE
     if (_is_list(value) or _is_map(value)) and len(value) == 0:
@@ -759,6 +779,20 @@ def _bind(init: Callable[[], Any], body: Callable[[Any], Any], boxed: Callable[[
     return body(value)
 
 
+def _engine_result(value: Any) -> Any:
+    """A result holding a message as a Python object goes back to the engine, so that callers
+    get one representation (protobuf) whichever path evaluated."""
+    if _is_object(value) or isinstance(value, Message):
+        raise Fallback("a message result")
+    if type(value) in (list, tuple):
+        for item in value:
+            _engine_result(item)
+    elif type(value) is dict:
+        for item in value.values():
+            _engine_result(item)
+    return value
+
+
 def _map_literal(entries: Sequence[tuple[Any, Any]]) -> dict[Any, Any]:
     out: dict[Any, Any] = {}
     for key, value in entries:
@@ -847,6 +881,12 @@ _COMPARE = {"_<_": ("<", "_lt"), "_<=_": ("<=", "_le"), "_>_": (">", "_gt"), "_>
 _COMPARABLE = {"int", "double", "string", "bytes", "bool"}
 _NUMBER = {"int", "double"}
 _SIMPLE_EQ = {"bool", "int", "string", "bytes"}  # doubles too, but int/double mixes need _eq
+_SCALAR_FIELD_TYPES = {  # protobuf field type → the checker's type of a value that fits as is
+    FieldDescriptor.TYPE_BOOL: "bool",
+    FieldDescriptor.TYPE_INT64: "int",
+    FieldDescriptor.TYPE_DOUBLE: "double",
+    FieldDescriptor.TYPE_STRING: "string",
+}
 _SIMPLE = {  # function → (helper, arity counting the receiver)
     "startsWith": ("_starts", 2),
     "endsWith": ("_ends", 2),
@@ -875,6 +915,20 @@ LibraryOverload = tuple[str, Callable[..., Any], bool, tuple[str, ...]]  # name,
 class _Code:
     text: str
     may_error: bool
+
+
+def _plain_type(type_: Any) -> bool:
+    """Primitives and lists or maps of them: a result that can hold no message."""
+    if type_ is None:
+        return False
+    which = type_.WhichOneof("type_kind")
+    if which in ("primitive", "null"):
+        return True
+    if which == "list_type":
+        return _plain_type(type_.list_type.elem_type)
+    if which == "map_type":
+        return _plain_type(type_.map_type.value_type)
+    return False
 
 
 def _is_bind(comp: Any) -> bool:
@@ -999,6 +1053,8 @@ class _Translator:
                 field = descriptor.fields_by_name.get(entry.field_key)
                 if field is None or field.message_type is not None or field.is_repeated:
                     raise Unsupported("message literal with a non-scalar field")
+                if _SCALAR_FIELD_TYPES.get(field.type) != self.type_of(entry.value):
+                    raise Unsupported("message literal field of another static type")  # e.g. dyn
             return _Code(f"{self._constant(cls)}({', '.join(fields)})", True)
         entries = []
         for entry in struct.entries:
@@ -1219,6 +1275,8 @@ def translate(
         if translator.type_of(checked.expr) == "bytes":
             raise Unsupported("bytes result")  # the engine hands bytes back as a list of ints
         code = translator.translate(checked.expr, {})
+        if not _plain_type(checked.type_map.get(checked.expr.id)):
+            code = _Code(f"_engine_result({code.text})", True)
     except Unsupported:
         return None
     source = f"lambda V, M: {code.text}"

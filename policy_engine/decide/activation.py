@@ -32,6 +32,24 @@ _BACKEND_FIELDS = tuple(
 )
 
 
+MAX_BODY_DEPTH = 100  # protobuf's parser refuses deeper nesting: both paths read such a body as null
+
+
+def json_depth(value: Any, limit: int = MAX_BODY_DEPTH) -> int:
+    """Nesting depth of a parsed JSON value, counting stops past `limit`."""
+    depth, level = 0, [value]
+    while level and depth <= limit:
+        depth += 1
+        nested: list[Any] = []
+        for item in level:
+            if type(item) is dict:
+                nested.extend(v for v in item.values() if type(v) in (dict, list))
+            elif type(item) is list:
+                nested.extend(v for v in item if type(v) in (dict, list))
+        level = nested
+    return depth
+
+
 def json_numbers_as_doubles(value: Any) -> Any:
     """A parsed JSON body as CEL sees it: every number is a double (google.protobuf.Value)."""
     kind = type(value)
@@ -46,6 +64,9 @@ def json_numbers_as_doubles(value: Any) -> Any:
 
 class RequestView:
     """The CEL `request` value for translated expressions (fields of the Request message)."""
+
+    # Message-typed fields: `has()` is whether they are set (None: unset), not whether empty.
+    _cel_presence = ("body", "time")
 
     __slots__ = (
         "body",
@@ -75,7 +96,7 @@ class RequestView:
         self.body_truncated = attrs.body_truncated
         self.time = attrs.time
         self.body = None
-        if with_body and isinstance(body, dict | list):
+        if with_body and isinstance(body, dict | list) and json_depth(body) <= MAX_BODY_DEPTH:
             try:
                 self.body = json_numbers_as_doubles(body)
             except (OverflowError, RecursionError):
@@ -111,13 +132,15 @@ class MessageBuilder:
         )
         if attrs.time is not None:
             message.time.FromDatetime(attrs.time)
-        if with_body and body is not None:
+        if with_body and isinstance(body, dict | list) and json_depth(body) <= MAX_BODY_DEPTH:
             try:
                 if isinstance(body, dict):
+                    message.body.struct_value.SetInParent()  # `{}` is a body, not null
                     message.body.struct_value.update(body)
-                elif isinstance(body, list):
+                else:
+                    message.body.list_value.SetInParent()
                     message.body.list_value.extend(body)
-            except (ValueError, TypeError, RecursionError):
+            except (ValueError, TypeError, OverflowError, RecursionError):
                 message.ClearField("body")  # unrepresentable JSON (e.g. huge ints) reads as null
         result: Message = message
         return result

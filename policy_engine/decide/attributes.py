@@ -110,9 +110,24 @@ def parse_body(attrs: RequestAttributes) -> Any:
     if head not in (b"{", b"["):
         return None
     try:
-        return json.loads(attrs.body)
+        body = json.loads(attrs.body)
     except (ValueError, RecursionError):
         return None
+    if b"\\ud" in attrs.body or b"\\uD" in attrs.body:
+        body = _without_lone_surrogates(body)
+    return body
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    """JSON may escape half of a UTF-16 pair ("\\ud800"); such text is not Unicode and no
+    protobuf string can hold it, so each lone half becomes U+FFFD, as a decoder would make it."""
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, list):
+        return [_without_lone_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
+    return value
 
 
 def _text(value: Any) -> str:

@@ -30,7 +30,7 @@ from policy_engine.cel.engine import CelCompileError, CelEvalError, Environment,
 from policy_engine.cel.functions import library_functions
 from policy_engine.cel.library import TermMatcher
 from policy_engine.cel.schema import BACKEND_VARIABLE, VARIABLES, Variable
-from policy_engine.decide.activation import MessageBuilder
+from policy_engine.decide.activation import MessageBuilder, RequestView
 from policy_engine.decide.attributes import ChatMessage, LlmRequest, Peer, RequestAttributes, parse_body
 from policy_engine.decide.attributes import llm_request as read_llm
 from policy_engine.decide.tenants import Tenant
@@ -407,9 +407,9 @@ MACROS = [
     "cel.bind(a, x, cel.bind(c, a, [a, c]))",
     "cel.bind(a, [1, 2], a.map(v, v + 1))",
     "cel.bind(a, 1/0, b || a == 1)",
-    "cel.bind(a, {}[\"k\"], false && a == 1)",
-    "cel.bind(a, {}[\"k\"], a == 1 || true)",
-    "cel.bind(a, {\"k\": 2}[s], a + 1 == 3 && b)",
+    'cel.bind(a, {}["k"], false && a == 1)',
+    'cel.bind(a, {}["k"], a == 1 || true)',
+    'cel.bind(a, {"k": 2}[s], a + 1 == 3 && b)',
     'mm.filter(k, k != "")',
     "telemetry.backends.filter(n, telemetry.backends[n].healthy)",
     "request.body.messages.exists(m, has(m.content))",
@@ -749,6 +749,20 @@ class Scenario:
         values.update(self.dyn)
         return values
 
+    def views(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """The same inputs as the pipeline gives translated expressions: the request's own Python
+        objects (decide/activation.py) where `values` has protobuf messages."""
+        body = parse_body(self.attrs)
+        llm = self.llm if self.llm is not None else read_llm(self.attrs, body)
+        return {
+            **values,
+            "request": RequestView(self.attrs, body, True),
+            "llm": llm,
+            "source": self.attrs.source,
+            "destination": self.attrs.destination,
+            "tenant": self.tenant,
+        }
+
 
 def chat_body(**fields: Any) -> bytes:
     return json.dumps(fields).encode()
@@ -1086,10 +1100,21 @@ def _shown(value: Any) -> str:
     return repr(value)
 
 
-def mismatches(case: Case, values: Mapping[str, Any]) -> list[str]:
-    """Differences between the two programs on these values, by eval and by test."""
+Inputs = tuple[dict[str, Any], dict[str, Any]]  # (protobuf values, the pipeline's Python objects)
+
+
+def inputs(scenario: Scenario) -> Inputs:
+    values = scenario.values()
+    return values, scenario.views(values)
+
+
+def mismatches(case: Case, both: Inputs) -> list[str]:
+    """Differences between the two programs, by eval and by test: the translated one reading
+    protobuf values and reading the pipeline's Python objects, the engine reading protobuf."""
+    values, views = both
     found = []
     native_act, engine_act = NATIVE.activation(values), ENGINE.activation(values)
+    view_act = NATIVE.activation(views, lambda: values)
     pairs = [
         (
             "eval",
@@ -1100,6 +1125,11 @@ def mismatches(case: Case, values: Mapping[str, Any]) -> list[str]:
             "test",
             outcome(lambda: case.native.test(native_act)),
             outcome(lambda: case.engine.test(engine_act)),
+        ),
+        (
+            "eval on Python objects",
+            outcome(lambda: case.native.eval(view_act)),
+            outcome(lambda: case.engine.eval(engine_act)),
         ),
     ]
     for how, mine, reference in pairs:
@@ -1113,23 +1143,24 @@ def mismatches(case: Case, values: Mapping[str, Any]) -> list[str]:
     return found
 
 
-def report(case: Case, pool: list[dict[str, Any]]) -> str:
+def report(case: Case, pool: list[Inputs]) -> str:
     """The distinct mismatches over a pool of activations (at most five, each with its inputs)."""
     distinct: dict[str, str] = {}
-    for values in pool:
-        for problem in mismatches(case, values):
+    for both in pool:
+        for problem in mismatches(case, both):
             distinct.setdefault(problem.split(" inputs: ")[0], problem)
     return "\n".join(list(distinct.values())[:5])
 
 
-FIXED_VALUES = [scenario.values() for scenario in FIXED]
+FIXED_INPUTS = [inputs(scenario) for scenario in FIXED]
+FIXED_VALUES = [values for values, _ in FIXED_INPUTS]
 NO_SHRINK = (Phase.explicit, Phase.reuse, Phase.generate)  # failures print their inputs already
 
 
 @pytest.fixture(scope="module")
-def random_values() -> list[dict[str, Any]]:
+def random_values() -> list[Inputs]:
     """Activations drawn by hypothesis once, shared by every corpus expression."""
-    pool: list[dict[str, Any]] = []
+    pool: list[Inputs] = []
 
     @settings(
         max_examples=100,
@@ -1140,7 +1171,7 @@ def random_values() -> list[dict[str, Any]]:
     )
     @given(scenario=scenarios())
     def draw(scenario: Scenario) -> None:
-        pool.append(scenario.values())
+        pool.append(inputs(scenario))
 
     draw()
     return pool
@@ -1158,12 +1189,12 @@ def test_corpus_compiles_in_the_engine() -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.source for c in CASES])
 def test_fixed_activations(case: Case) -> None:
-    problems = report(case, FIXED_VALUES)
+    problems = report(case, FIXED_INPUTS)
     assert not problems, problems
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.engine.variables()], ids=lambda c: c.source)
-def test_random_activations(case: Case, random_values: list[dict[str, Any]]) -> None:
+def test_random_activations(case: Case, random_values: list[Inputs]) -> None:
     assert len(random_values) >= 50
     problems = report(case, random_values)
     assert not problems, problems
