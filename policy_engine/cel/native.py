@@ -45,7 +45,8 @@ class Unsupported(Exception):
 
 
 class NativeError(Exception):
-    """A CEL evaluation error raised by translated code."""
+    """A CEL evaluation error raised by translated code, worded as the engine words it (with its
+    status code first), so decision logs read the same whichever path evaluated."""
 
 
 class Fallback(Exception):
@@ -162,7 +163,7 @@ def _kind(value: Any) -> str:
 
 def _no_overload(function: str, *args: Any) -> NativeError:
     kinds = ", ".join(_kind(a) for a in args)
-    return NativeError(f"No matching overloads found : {function}({kinds})")
+    return NativeError(f"UNKNOWN: No matching overloads found : {function}({kinds})")
 
 
 def _bool(value: Any, function: str) -> bool:
@@ -303,7 +304,7 @@ def _ge(a: Any, b: Any) -> bool:
 def _int(value: int) -> int:
     if INT_MIN <= value <= INT_MAX:
         return value
-    raise NativeError("integer overflow")
+    raise NativeError("OUT_OF_RANGE: integer overflow")
 
 
 def _addi(a: int, b: int) -> int:
@@ -320,16 +321,16 @@ def _muli(a: int, b: int) -> int:
 
 def _divi(a: int, b: int) -> int:
     if b == 0:
-        raise NativeError("divide by zero")
+        raise NativeError("INVALID_ARGUMENT: divide by zero")
     quotient = abs(a) // abs(b)
     return _int(quotient if (a < 0) == (b < 0) else -quotient)
 
 
 def _modi(a: int, b: int) -> int:
     if b == 0:
-        raise NativeError("modulus by zero")
+        raise NativeError("INVALID_ARGUMENT: modulus by zero")
     if a == INT_MIN and b == -1:
-        raise NativeError("integer overflow")
+        raise NativeError("OUT_OF_RANGE: integer overflow")
     remainder = abs(a) % abs(b)
     return remainder if a >= 0 else -remainder
 
@@ -447,7 +448,7 @@ def _lookup(container: Any, key: Any) -> tuple[bool, Any]:
 
 def _not_found(key: Any) -> NativeError:
     shown = f'"{key}"' if isinstance(key, str) else str(key).lower() if isinstance(key, bool) else str(key)
-    return NativeError(f"Key not found in map : {shown}")
+    return NativeError(f"NOT_FOUND: Key not found in map : {shown}")
 
 
 def _is_object(value: Any) -> bool:
@@ -473,7 +474,7 @@ def _select(operand: Any, name: str) -> Any:
         raise _not_found(name)
     if isinstance(operand, Message):
         if name not in operand.DESCRIPTOR.fields_by_name:
-            raise NativeError(f"no_such_field : {name}")
+            raise NativeError(f"NOT_FOUND: no_such_field : {name}")
         return (
             _message_value(getattr(operand, name))
             if _field_is_message(operand, name)
@@ -481,7 +482,7 @@ def _select(operand: Any, name: str) -> Any:
         )
     if _is_object(operand):
         if not _is_field(operand, name):
-            raise NativeError(f"no_such_field : {name}")
+            raise NativeError(f"NOT_FOUND: no_such_field : {name}")
         value = getattr(operand, name)
         if value is None:
             raise Fallback("an unset message field through dyn")  # the engine knows its default
@@ -489,7 +490,7 @@ def _select(operand: Any, name: str) -> Any:
         if not (plain or _is_list(value) or _is_map(value)):
             raise Fallback("a timestamp through dyn")
         return value
-    raise NativeError("Applying SELECT to non-message type")
+    raise NativeError("INVALID_ARGUMENT: Applying SELECT to non-message type")
 
 
 def _field_is_message(message: Any, name: str) -> bool:
@@ -510,7 +511,7 @@ def _has(operand: Any, name: str) -> bool:
         return name in operand
     if isinstance(operand, Message):
         if name not in operand.DESCRIPTOR.fields_by_name:
-            raise NativeError(f"no_such_field : {name}")
+            raise NativeError(f"NOT_FOUND: no_such_field : {name}")
         field = operand.DESCRIPTOR.fields_by_name[name]
         is_map = field.message_type is not None and field.message_type.GetOptions().map_entry
         if field.message_type is not None and not is_map and not field.is_repeated:
@@ -519,7 +520,7 @@ def _has(operand: Any, name: str) -> bool:
         return len(value) > 0 if not isinstance(value, str | bytes | int | float) else _set(value)
     if _is_object(operand):
         if not _is_field(operand, name):
-            raise NativeError(f"no_such_field : {name}")
+            raise NativeError(f"NOT_FOUND: no_such_field : {name}")
         value = getattr(operand, name)
         if value is None:
             return False
@@ -532,7 +533,7 @@ def _has(operand: Any, name: str) -> bool:
         if _is_object(value) or isinstance(value, Message):
             return True
         raise Fallback("presence of a timestamp field")  # the engine knows whether it was set
-    raise NativeError("Applying SELECT to non-message type")
+    raise NativeError("INVALID_ARGUMENT: Applying SELECT to non-message type")
 
 
 def _index(container: Any, key: Any) -> Any:
@@ -550,7 +551,7 @@ def _index(container: Any, key: Any) -> Any:
             raise _no_overload("_[_]", container, key)
         if 0 <= key < len(container):
             return container[key]
-        raise NativeError(f"Index error: index={key} size={len(container)}")
+        raise NativeError(f"UNKNOWN: Index error: index={key} size={len(container)}")
     raise _no_overload("_[_]", container, key)
 
 
@@ -609,7 +610,7 @@ def _has_value(optional: Any) -> bool:
 def _value(optional: Any) -> Any:
     opt = _opt(optional, "value")
     if opt is NONE:
-        raise NativeError("optional.none() dereference")
+        raise NativeError("INVALID_ARGUMENT: optional.none() dereference")
     return opt.value
 
 
@@ -664,7 +665,7 @@ def _to_int(value: Any) -> int:
         return int(value)
     if type(value) is float:
         if value != value or not -9.223372036854775808e18 < value < 9.223372036854775808e18:
-            raise NativeError("double out of int64 range")
+            raise NativeError("OUT_OF_RANGE: double out of int64 range")
         return int(value)
     if type(value) is str:
         if _INTEGER.fullmatch(value):
@@ -797,11 +798,11 @@ def _map_literal(entries: Sequence[tuple[Any, Any]]) -> dict[Any, Any]:
     out: dict[Any, Any] = {}
     for key, value in entries:
         if type(key) not in (str, int, bool):
-            raise NativeError(f"unsupported map key type: {_kind(key)}")
+            raise NativeError(f"INVALID_ARGUMENT: unsupported map key type: {_kind(key)}")
         if key in out:
             if type(key) is not str and not any(type(k) is type(key) and k == key for k in out):
                 raise Fallback("a map with both bool and int keys")  # one Python key, two CEL keys
-            raise NativeError(f"Failed with repeated key: {key}")
+            raise NativeError("ALREADY_EXISTS: duplicate key in map")
         out[key] = value
     return out
 
@@ -814,7 +815,7 @@ def _comprehension(
     result: Callable[[Any], Any],
 ) -> Any:
     if isinstance(iter_range, Message) or not (_is_list(iter_range) or _is_map(iter_range)):
-        raise NativeError(f"No matching overloads found : <iter_range>({_kind(iter_range)})")
+        raise NativeError(f"UNKNOWN: No matching overloads found : <iter_range>({_kind(iter_range)})")
     items = list(iter_range.keys()) if _is_map(iter_range) else iter_range
     try:
         acc = init()

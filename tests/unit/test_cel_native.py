@@ -1325,3 +1325,28 @@ def test_example_bundle_agrees_with_the_engine(bundles: tuple[Bundle, Bundle], s
         if not agree(left, right):
             problems.append(f"{path} {mine.source!r}: native={left} engine={right}")
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        '{"a": 1}["b"] == 1',
+        "1 / (i - i) == 1",
+        "1 % (i - i) == 1",
+        "9223372036854775807 + (i + 1) == 1",
+        "[1][i + 5] == 1",
+        "dyn(i).x == 1",
+        "dyn(mm) < 1",
+        "int(9.3e18 + d) == 1",
+    ],
+)
+def test_error_texts_read_as_the_engine_words_them(source: str) -> None:
+    """Decision logs quote these texts: they must not depend on which path evaluated."""
+    native, engine = NATIVE.compile(source), ENGINE.compile(source)
+    assert native.native
+    values = FIXED_VALUES[0]
+    with pytest.raises(CelEvalError) as mine:
+        native.eval(NATIVE.activation(values))
+    with pytest.raises(CelEvalError) as reference:
+        engine.eval(ENGINE.activation(values))
+    assert str(mine.value) == str(reference.value)
