@@ -11,7 +11,8 @@ measurement. Rows:
   decision): the floor of any Python gRPC decision service on this machine; and the same over
   Envoy's HTTP ext_authz protocol on plain asyncio, the floor of the other transport;
 - Envoy + policy-engine (the example policies, a premium tenant, a chat request of ~1 KB, the
-  rate-limit filter and the access-log stream) with 1 and 2 workers.
+  rate-limit filter and the access-log stream) with 1 and 2 workers, asked over gRPC and over
+  HTTP (`serve --http-port`, `envoy-config --policy-http`).
 Two loads:
 - saturation: wrk with N connections as fast as possible → requests/s, and the CPU time each
   process used per request (from /proc), which gives what the service alone could do with
@@ -62,10 +63,11 @@ wrk.headers["authorization"] = "Bearer sk-acme-premium-key-0001"
 
 
 def envoy_config(
-    listen_port: int, policy_port: int | None, full: bool = True, http: bool = False
+    listen_port: int, policy_port: int | None, full: bool = True, http_port: int | None = None
 ) -> dict[str, Any]:
     """The project's bootstrap with every route answered by Envoy itself; `full=False` keeps
-    only ext_authz (for the no-op servers), `http=True` speaks Envoy's HTTP ext_authz protocol."""
+    only ext_authz (for the no-op servers); with `http_port` ext_authz speaks Envoy's HTTP
+    protocol to that port (the project's HTTP transport)."""
     from policy_engine.envoy.bootstrap import GatewayConfig, Upstream, bootstrap
 
     config = bootstrap(
@@ -74,52 +76,23 @@ def envoy_config(
             admin_port=0,
             policy=Upstream("127.0.0.1", policy_port or 1),
             backends={name: Upstream("127.0.0.1", 1) for name in BACKENDS},
+            authz_transport="http" if http_port else "grpc",
+            policy_http=Upstream("127.0.0.1", http_port) if http_port else None,
         )
     )
     manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     for route in manager["route_config"]["virtual_hosts"][0]["routes"]:
         route.pop("route", None)
         route["direct_response"] = {"status": 200, "body": {"inline_string": OK_BODY}}
-    if policy_port is None:  # Envoy alone: no decision service, no rate-limit filter
+    if policy_port is None and http_port is None:  # Envoy alone: no decision service at all
         manager["http_filters"] = [
             f for f in manager["http_filters"] if f["name"] == "envoy.filters.http.router"
         ]
-    if policy_port is None or not full:  # the no-op server has no rate-limit service or log sink
+    if not full:  # the no-op servers have no rate-limit service or access-log sink
         manager["http_filters"] = [
             f for f in manager["http_filters"] if f["name"] != "envoy.filters.http.ratelimit"
         ]
         manager.pop("access_log", None)
-    if http and policy_port is not None:
-        for item in manager["http_filters"]:
-            if item["name"] == "envoy.filters.http.ext_authz":
-                authz = item["typed_config"]
-                authz.pop("grpc_service")
-                authz.pop("transport_api_version", None)
-                authz["http_service"] = {
-                    "server_uri": {
-                        "uri": f"http://127.0.0.1:{policy_port}",
-                        "cluster": "authz-http",
-                        "timeout": "1s",
-                    },
-                    "authorization_request": {
-                        "allowed_headers": {"patterns": [{"safe_regex": {"regex": ".*"}}]}
-                    },
-                    "authorization_response": {
-                        "allowed_upstream_headers": {"patterns": [{"prefix": "x-pe-"}]}
-                    },
-                }
-        endpoint = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": policy_port}}}
-        config["static_resources"]["clusters"].append(
-            {
-                "name": "authz-http",
-                "type": "STATIC",
-                "connect_timeout": "1s",
-                "load_assignment": {
-                    "cluster_name": "authz-http",
-                    "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}],
-                },
-            }
-        )
     return config
 
 
@@ -222,6 +195,13 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rate", type=int, default=1000, help="target requests/s of the fixed-rate load")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--transports",
+        nargs="+",
+        choices=["grpc", "http"],
+        default=["grpc", "http"],
+        help="ext_authz transports",
+    )
     parser.add_argument("--envoy-threads", type=int, default=2, help="Envoy --concurrency, every setup")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -274,7 +254,11 @@ def main() -> None:
                 lambda port_file=port_file: port_file.exists() and port_file.read_text() != "", 20, "no-op"
             )
             port = free_port()
-            config = envoy_config(port, int(port_file.read_text()), full=False, http=transport == "HTTP")
+            noop_port = int(port_file.read_text())
+            if transport == "HTTP":
+                config = envoy_config(port, None, full=False, http_port=noop_port)
+            else:
+                config = envoy_config(port, noop_port, full=False)
             envoy = start_envoy(config, workdir, f"noop-{transport}", args.envoy_threads)
             processes.append(envoy)
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
@@ -295,45 +279,46 @@ def main() -> None:
             )
             stop_process(envoy)
             stop_process(noop)
-        for workers in args.workers:
-            service = start_service(
-                ROOT / "policies", backends=BACKENDS, workers=workers, extra_args=["--no-reload"]
-            )
-            port = free_port()
-            envoy = start_envoy(envoy_config(port, service.port), workdir, f"pe{workers}", args.envoy_threads)
-            processes.append(envoy)
-            url = f"http://127.0.0.1:{port}/v1/chat/completions"
-            probe = [
-                "curl",
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "-X",
-                "POST",
-                "-d",
-                BODY,
-                "-H",
-                "authorization: Bearer sk-acme-premium-key-0001",
-                url,
-            ]
-            wait_until(
-                lambda probe=probe: subprocess.run(probe, capture_output=True, text=True).stdout == "200",
-                20,
-                "gateway",
-            )
-            time.sleep(0.5)
-            pids = {"envoy": envoy.pid, "service": service.process.pid}
-            rows.append(
-                (
-                    f"Envoy + policy-engine ({workers} worker{'s' if workers > 1 else ''})",
-                    measured(url, args.duration, args.connections, saturate, pids),
-                    wrk(url, args.duration, paced_connections, paced, threads=1),
+        # The example policies with the premium token budget out of reach: a fast run would
+        # otherwise spend it (each request reserves its estimate) and measure cheap 429s.
+        policies = workdir / "policies"
+        shutil.copytree(ROOT / "policies", policies)
+        quotas = policies / "quotas.yaml"
+        raised = quotas.read_text().replace("total: 5000000,", "total: 5000000000000,")
+        if raised == quotas.read_text():
+            sys.exit("policies/quotas.yaml changed: update the premium budget this benchmark raises")
+        quotas.write_text(raised)
+        for transport in args.transports:
+            for workers in args.workers:
+                http_port = free_port() if transport == "http" else None
+                extra = ["--no-reload", *(["--http-port", str(http_port)] if http_port else [])]
+                service = start_service(policies, backends=BACKENDS, workers=workers, extra_args=extra)
+                port = free_port()
+                config = envoy_config(port, service.port, http_port=http_port)
+                envoy = start_envoy(config, workdir, f"pe{workers}{transport}", args.envoy_threads)
+                processes.append(envoy)
+                url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                probe = [
+                    *("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "-d", BODY),
+                    *("-H", "authorization: Bearer sk-acme-premium-key-0001", url),
+                ]
+                wait_until(
+                    lambda probe=probe: subprocess.run(probe, capture_output=True, text=True).stdout == "200",
+                    20,
+                    "gateway",
                 )
-            )
-            stop_process(envoy)
-            service.stop()
+                time.sleep(0.5)
+                pids = {"envoy": envoy.pid, "service": service.process.pid}
+                plural = "s" if workers > 1 else ""
+                rows.append(
+                    (
+                        f"Envoy + policy-engine, {transport} ({workers} worker{plural})",
+                        measured(url, args.duration, args.connections, saturate, pids),
+                        wrk(url, args.duration, paced_connections, paced, threads=1),
+                    )
+                )
+                stop_process(envoy)
+                service.stop()
     finally:
         for process in processes:
             stop_process(process)

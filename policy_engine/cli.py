@@ -322,6 +322,10 @@ def serve(
     ] = None,
     host: Annotated[str | None, typer.Option(help="gRPC listen address (env PE_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="gRPC port, 0 = any free port (env PE_PORT).")] = None,
+    http_port: Annotated[
+        int | None,
+        typer.Option(help="Also serve Envoy's HTTP ext_authz protocol on this port (env PE_HTTP_PORT)."),
+    ] = None,
     metrics_port: Annotated[
         int | None, typer.Option(help="Prometheus port, 0 = off (env PE_METRICS_PORT).")
     ] = None,
@@ -386,6 +390,7 @@ def serve(
         "policies": policies,
         "host": host,
         "port": port,
+        "http_port": http_port,
         "metrics_port": metrics_port,
         "workers": workers,
         "redis_url": redis_url,
@@ -451,6 +456,13 @@ def envoy_config(
     otlp_endpoint: Annotated[
         str | None, typer.Option(help="HOST:PORT of an OTLP/gRPC collector: Envoy traces every request.")
     ] = None,
+    policy_http: Annotated[
+        str | None,
+        typer.Option(
+            help="host:port of the service's --http-port: ext_authz over Envoy's HTTP protocol "
+            "(lighter than gRPC; the rate-limit service and access log stay on --policy)."
+        ),
+    ] = None,
 ) -> None:
     """Print an Envoy bootstrap: ext_authz with the body, token charging, routes on x-pe-route."""
     import yaml
@@ -480,6 +492,8 @@ def envoy_config(
         authz_timeout_s=authz_timeout,
         failure_mode_allow=fail_open,
         otlp_endpoint=upstream(otlp_endpoint, "--otlp-endpoint") if otlp_endpoint else None,
+        authz_transport="http" if policy_http else "grpc",
+        policy_http=upstream(policy_http, "--policy-http") if policy_http else None,
     )
     sys.stdout.write(yaml.safe_dump(bootstrap(config), sort_keys=False))
 

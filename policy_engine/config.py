@@ -15,6 +15,12 @@ class Settings(BaseSettings):
     policies: Path = Field(Path("policies"), description="Policy directory.")
     host: str = Field("0.0.0.0", description="gRPC listen address.")
     port: int = Field(9001, ge=0, le=65535, description="gRPC port (ext_authz, rate limit, health).")
+    http_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port for Envoy's HTTP ext_authz protocol (http_service), on --host; unset = off.",
+    )
     metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(9090, ge=0, le=65535, description="Prometheus /metrics port; 0 = off.")
     workers: int = Field(1, ge=1, le=64, description="Processes sharing the gRPC port (SO_REUSEPORT).")

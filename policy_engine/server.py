@@ -37,6 +37,7 @@ from policy_engine.canary.service import start_canary
 from policy_engine.config import Settings
 from policy_engine.decide.tenants import TenantRegistry
 from policy_engine.envoy.authz import AuthorizationService
+from policy_engine.envoy.http_authz import serve_http
 from policy_engine.envoy.ratelimit import RateLimitService
 from policy_engine.policy.compiler import load_bundle
 from policy_engine.policy.reload import BundleHolder, ReloadResult
@@ -172,18 +173,16 @@ async def serve(settings: Settings, worker: int = 0) -> None:
     canary = start_canary(settings, worker, lambda: holder.pipeline.bundle, hub, registry)
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-        AuthorizationService(
-            lambda: holder.pipeline,
-            hub.snapshot,
-            quota,
-            metrics,
-            settings.max_body_bytes,
-            auditor,
-            canary_weights=canary.weights,
-        ),
-        server,
+    authorization = AuthorizationService(
+        lambda: holder.pipeline,
+        hub.snapshot,
+        quota,
+        metrics,
+        settings.max_body_bytes,
+        auditor,
+        canary_weights=canary.weights,
     )
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authorization, server)
     rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(quota), server)
     access_log.add_to_server(server)
     if _MULTIPROC_ENV not in os.environ:
@@ -204,6 +203,12 @@ async def serve(settings: Settings, worker: int = 0) -> None:
         hub.snapshot(force=True)
         scraper.start()
     await server.start()
+    http_server = None
+    if settings.http_port is not None:
+        http_server = await serve_http(
+            authorization, settings.host, settings.http_port, settings.max_body_bytes, settings.workers > 1
+        )
+        log.info("worker %d serving HTTP ext_authz on %s:%d", worker, settings.host, settings.http_port)
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if worker == 0 and settings.metrics_port and _MULTIPROC_ENV not in os.environ:
@@ -222,6 +227,8 @@ async def serve(settings: Settings, worker: int = 0) -> None:
     log.info("worker %d draining (grace %.1fs)", worker, settings.grace_s)
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if http_server is not None:
+        http_server.close()  # stop accepting; answers in flight finish within the grace below
     await server.stop(settings.grace_s)
     await scraper.stop()
     await canary.close()

@@ -14,6 +14,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from policy_engine.audit.auditor import Auditor
 from policy_engine.audit.decision_log import Timing
 from policy_engine.audit.metrics import Metrics
+from policy_engine.decide.attributes import RequestAttributes
 from policy_engine.decide.decision import Decision
 from policy_engine.decide.pipeline import Pipeline
 from policy_engine.envoy.check import attributes, check_response
@@ -47,25 +48,30 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
     ) -> external_auth_pb2.CheckResponse:
         start = time.perf_counter()
         attrs = attributes(request, self._max_body)
+        metadata = context.invocation_metadata() if self._auditor is not None else ()
+        decision = await self.decide(attrs, metadata, start)
+        try:
+            return check_response(decision, attrs.headers.keys(), decision.dynamic_metadata)
+        except Exception:  # a defined answer rather than a gRPC UNKNOWN
+            log.exception("request %s: building the answer failed", attrs.id)
+            failed = _internal_error(decision, "building the answer failed")
+            return check_response(failed, attrs.headers.keys())
+
+    async def decide(
+        self, attrs: RequestAttributes, invocation_metadata: Any, start: float | None = None
+    ) -> Decision:
+        """The decision for one request, settled against the counters, counted and audited:
+        what both transports (gRPC Check, HTTP ext_authz) answer from."""
+        start = time.perf_counter() if start is None else start
         telemetry = self._telemetry()
         weights = self._canary_weights() if self._canary_weights is not None else None
         decision: Decision = self._pipeline().decide(attrs, telemetry, canary_weights=weights)
         evaluated = time.perf_counter()
         try:
             decision = await self._quota.settle(decision)
-            response = check_response(decision, attrs.headers.keys(), decision.dynamic_metadata)
-        except Exception as error:  # a defined answer rather than a gRPC UNKNOWN
+        except Exception as error:  # a defined answer rather than a transport error
             log.exception("request %s: settling the decision failed", attrs.id)
-            decision = dataclasses.replace(
-                decision,
-                allowed=False,
-                status=500,
-                reason="internal_error",
-                message="the policy decision failed",
-                errors=(*decision.errors, f"{type(error).__name__}: {error}"),
-                dynamic_metadata={},
-            )
-            response = check_response(decision, attrs.headers.keys())
+            decision = _internal_error(decision, f"{type(error).__name__}: {error}")
         elapsed = time.perf_counter() - start
         self._metrics.observe(decision, elapsed)
         if decision.errors:
@@ -73,5 +79,17 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         if self._auditor is not None:
             # The wall-clock start, derived rather than read on every call when audit is off.
             timing = Timing(time.time_ns() - int(elapsed * 1e9), elapsed, evaluated - start)
-            self._auditor.record(context.invocation_metadata(), attrs, decision, telemetry, timing)
-        return response
+            self._auditor.record(invocation_metadata, attrs, decision, telemetry, timing)
+        return decision
+
+
+def _internal_error(decision: Decision, error: str) -> Decision:
+    return dataclasses.replace(
+        decision,
+        allowed=False,
+        status=500,
+        reason="internal_error",
+        message="the policy decision failed",
+        errors=(*decision.errors, error),
+        dynamic_metadata={},
+    )

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from policy_engine.decide.pipeline import ROUTE_HEADER
 from policy_engine.decide.quota import METADATA_KEYS
 
 POLICY_CLUSTER = "policy-engine"
+POLICY_HTTP_CLUSTER = "policy-engine-http"
 OTLP_CLUSTER = "otlp-collector"
 _HCM_TYPE = (
     "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -94,6 +95,14 @@ class GatewayConfig:
     # OTLP/gRPC collector for Envoy's own spans (every request sampled); None = no tracing.
     otlp_endpoint: Upstream | None = None
     tracing_service_name: str = "policy-gateway"
+    # "http": ext_authz over Envoy's HTTP protocol to `policy_http` (the service's --http-port);
+    # the rate-limit service and the access log stay on gRPC (`policy`).
+    authz_transport: Literal["grpc", "http"] = "grpc"
+    policy_http: Upstream | None = None
+
+    def __post_init__(self) -> None:
+        if self.authz_transport == "http" and self.policy_http is None:
+            raise ValueError("the http ext_authz transport needs the service's HTTP port (policy_http)")
 
 
 def _cluster(
@@ -177,17 +186,76 @@ def _tracing(config: GatewayConfig) -> dict[str, Any]:
     }
 
 
+# In the HTTP transport the answer's headers are sorted by name: what goes upstream, to the
+# client (on success and on denial) and into the filter's metadata (token-charging keys).
+_HTTP_AUTHZ_RESPONSE = {
+    "allowed_upstream_headers": {"patterns": [{"prefix": "x-pe-"}]},
+    "allowed_client_headers_on_success": {"patterns": [{"prefix": "x-ratelimit-"}]},
+    "allowed_client_headers": {
+        "patterns": [
+            {"exact": "content-type"},
+            {"exact": "retry-after"},
+            {"prefix": "x-ratelimit-"},
+            {"prefix": "x-pe-"},
+        ]
+    },
+    "dynamic_metadata_from_headers": {"patterns": [{"prefix": "pe_"}]},
+}
+
+# Before ext_authz in the HTTP transport: a client never sends x-pe-* headers upstream (the
+# gRPC answer lists them to remove; an HTTP answer can only add).
+STRIP_LUA = r"""
+function envoy_on_request(handle)
+  local names = {}
+  for key, _ in pairs(handle:headers()) do
+    if string.sub(key, 1, 5) == "x-pe-" then names[#names + 1] = key end
+  end
+  for _, key in ipairs(names) do handle:headers():remove(key) end
+end
+"""
+
+
+def _http_service(config: GatewayConfig) -> dict[str, Any]:
+    from policy_engine.envoy.http_authz import DESTINATION_ADDRESS, SOURCE_ADDRESS, SOURCE_PRINCIPAL
+
+    assert config.policy_http is not None
+    upstream = config.policy_http
+    return {
+        "server_uri": {
+            "uri": f"http://{upstream.host}:{upstream.port}",
+            "cluster": POLICY_HTTP_CLUSTER,
+            "timeout": f"{config.authz_timeout_s}s",
+        },
+        "authorization_request": {
+            "allowed_headers": {"patterns": [{"safe_regex": {"regex": ".*"}}]},
+            "headers_to_add": [
+                {"key": SOURCE_ADDRESS, "value": "%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%"},
+                {"key": SOURCE_PRINCIPAL, "value": "%DOWNSTREAM_PEER_URI_SAN%"},
+                {"key": DESTINATION_ADDRESS, "value": "%DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT%"},
+            ],
+        },
+        "authorization_response": _HTTP_AUTHZ_RESPONSE,
+    }
+
+
 def ext_authz_filter(config: GatewayConfig, cluster: str = POLICY_CLUSTER) -> dict[str, Any]:
     """The Check call: request body included, routes recomputed from the headers the service adds."""
-    return {
-        "name": "envoy.filters.http.ext_authz",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+    service: dict[str, Any]
+    if config.authz_transport == "http":
+        service = {"http_service": _http_service(config)}
+    else:
+        service = {
             "transport_api_version": "V3",
             "grpc_service": {
                 "envoy_grpc": {"cluster_name": cluster},
                 "timeout": f"{config.authz_timeout_s}s",
             },
+        }
+    return {
+        "name": "envoy.filters.http.ext_authz",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+            **service,
             "with_request_body": {
                 "max_request_bytes": config.max_request_bytes,
                 "allow_partial_message": True,
@@ -230,9 +298,21 @@ def usage_filter() -> dict[str, Any]:
     }
 
 
+def strip_filter() -> dict[str, Any]:
+    """The Lua filter that removes client x-pe-* headers (HTTP transport only)."""
+    return {
+        "name": "envoy.filters.http.lua",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": STRIP_LUA},
+        },
+    }
+
+
 def gateway_http_filters(config: GatewayConfig) -> list[dict[str, Any]]:
     """The gateway's HTTP filter chain, in order; the mesh's EnvoyFilter inserts the same filters."""
     return [
+        *([strip_filter()] if config.authz_transport == "http" else []),
         ext_authz_filter(config),
         ratelimit_filter(),
         usage_filter(),
@@ -294,6 +374,8 @@ def bootstrap(config: GatewayConfig) -> dict[str, Any]:
     }
     clusters = [_cluster(POLICY_CLUSTER, config.policy, http2=True, replicas=config.policy_replicas)]
     clusters += [_cluster(f"backend-{name}", upstream) for name, upstream in sorted(config.backends.items())]
+    if config.policy_http is not None and config.authz_transport == "http":
+        clusters.append(_cluster(POLICY_HTTP_CLUSTER, config.policy_http))
     if config.otlp_endpoint is not None:
         clusters.append(_cluster(OTLP_CLUSTER, config.otlp_endpoint, http2=True))
     return {

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from policy_engine.demo.backend import BackendServer
-from tests.e2e.harness import EnvoyProcess, ServiceProcess, start_envoy, start_service
+from policy_engine.envoy.bootstrap import Upstream
+from tests.e2e.harness import EnvoyProcess, ServiceProcess, free_port, start_envoy, start_service
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "policies"
 TOKEN_POLICIES = Path(__file__).resolve().parent / "policies"
@@ -35,30 +36,43 @@ class Gateway:
             backend.stop()
 
 
-def gateway(policies: Path, names: list[str], **service_options: object) -> Gateway:
+def gateway(policies: Path, names: list[str], transport: str = "grpc", **service_options: object) -> Gateway:
+    """`transport`: how Envoy asks for decisions, gRPC Check or the HTTP ext_authz protocol."""
     backends = {name: BackendServer(name).start() for name in names}
+    envoy_options: dict[str, object] = {}
+    if transport == "http":
+        http_port = free_port()
+        extra = [*service_options.pop("extra_args", ()), "--http-port", str(http_port)]  # type: ignore[misc]
+        service_options["extra_args"] = extra
+        envoy_options = {"authz_transport": "http", "policy_http": Upstream("127.0.0.1", http_port)}
     service = start_service(policies, backends=names, **service_options)  # type: ignore[arg-type]
-    envoy = start_envoy(service.port, {name: b.port for name, b in backends.items()})
+    envoy = start_envoy(service.port, {name: b.port for name, b in backends.items()}, **envoy_options)
     return Gateway(service, envoy, backends, policies)
 
 
-@pytest.fixture(scope="module")
-def example_gateway() -> Iterator[Gateway]:
-    """The example policies behind a real Envoy, with three simulated backends."""
-    gw = gateway(EXAMPLES, ["llama-8b-a", "llama-8b-b", "embed-a"])
+TRANSPORTS = ["grpc", "http"]
+
+
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def example_gateway(request: pytest.FixtureRequest) -> Iterator[Gateway]:
+    """The example policies behind a real Envoy, with three simulated backends; once with each
+    ext_authz transport."""
+    gw = gateway(EXAMPLES, ["llama-8b-a", "llama-8b-b", "embed-a"], transport=request.param)
     yield gw
     gw.stop()
 
 
-@pytest.fixture
-def fresh_example_gateway() -> Iterator[Gateway]:
+@pytest.fixture(params=TRANSPORTS)
+def fresh_example_gateway(request: pytest.FixtureRequest) -> Iterator[Gateway]:
     """Like example_gateway, with counters of its own."""
-    gw = gateway(EXAMPLES, ["llama-8b-a", "llama-8b-b"])
+    gw = gateway(EXAMPLES, ["llama-8b-a", "llama-8b-b"], transport=request.param)
     yield gw
     gw.stop()
 
 
-def copied_gateway(tmp_path: Path, without_quotas: bool = False) -> Iterator[Gateway]:
+def copied_gateway(
+    tmp_path: Path, without_quotas: bool = False, transport: str = "grpc"
+) -> Iterator[Gateway]:
     import shutil
 
     policies = tmp_path / "policies"
@@ -67,15 +81,16 @@ def copied_gateway(tmp_path: Path, without_quotas: bool = False) -> Iterator[Gat
         policy = policies / "policy.yaml"
         documents = policy.read_text().split("---\n")
         policy.write_text("---\n".join(d for d in documents if "kind: QuotaPolicy" not in d))
-    gw = gateway(policies, ["model-a", "model-b"])
+    gw = gateway(policies, ["model-a", "model-b"], transport=transport)
     yield gw
     gw.stop()
 
 
-@pytest.fixture
-def token_gateway(tmp_path: Path) -> Iterator[Gateway]:
-    """Small token budgets (tests/e2e/policies, copied so a test may edit them)."""
-    yield from copied_gateway(tmp_path)
+@pytest.fixture(params=TRANSPORTS)
+def token_gateway(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Gateway]:
+    """Small token budgets (tests/e2e/policies, copied so a test may edit them); once with each
+    ext_authz transport (the charge rides on the metadata either answer carries)."""
+    yield from copied_gateway(tmp_path, transport=request.param)
 
 
 @pytest.fixture

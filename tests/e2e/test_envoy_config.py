@@ -73,3 +73,36 @@ def test_bad_backend_argument_is_a_usage_error() -> None:
         cwd=ROOT,
     )
     assert result.returncode == 2 and "NAME=HOST:PORT" in result.stderr
+
+
+def test_http_transport_config_is_the_tested_one_and_valid(tmp_path: object) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "policy_engine", "envoy-config", "--policy-http", "127.0.0.1:9002"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
+    printed = yaml.safe_load(result.stdout)
+    expected = bootstrap(
+        GatewayConfig(
+            listen_address="0.0.0.0", authz_transport="http", policy_http=Upstream("127.0.0.1", 9002)
+        )
+    )
+    assert printed == expected
+    path = tmp_path / "envoy.yaml"  # type: ignore[operator]
+    path.write_text(result.stdout)
+    validated = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path), "-l", "error"], capture_output=True, text=True
+    )
+    assert validated.returncode == 0, validated.stdout + validated.stderr
+    manager = printed["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    names = [f["name"] for f in manager["http_filters"]]
+    # Client x-pe-* headers are stripped (Lua) before ext_authz asks over HTTP.
+    assert names[:2] == ["envoy.filters.http.lua", "envoy.filters.http.ext_authz"]
+    authz = manager["http_filters"][1]["typed_config"]
+    assert authz["http_service"]["server_uri"]["uri"] == "http://127.0.0.1:9002"
+    assert "grpc_service" not in authz
+    # The rate-limit service (token charging) and the access log stay on gRPC.
+    clusters = {c["name"] for c in printed["static_resources"]["clusters"]}
+    assert {"policy-engine", "policy-engine-http"} <= clusters

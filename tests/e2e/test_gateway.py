@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.e2e.conftest import FREE, PRO, Gateway
+from tests.e2e.conftest import FREE, PRO, TRANSPORTS, Gateway, gateway
 
 CHAT = {"model": "llama-3-8b-instruct", "messages": [{"role": "user", "content": "Hello there"}]}
 
@@ -103,3 +105,23 @@ def test_request_quota_gives_429_with_rate_limit_headers(fresh_example_gateway: 
     assert body["error"]["code"] == "rate_limit_exceeded" and body["error"]["type"] == "rate_limit_error"
     # Another tenant is not affected.
     assert httpx.post(url, json=CHAT, headers=PRO).status_code == 200
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_the_peer_address_reaches_the_policies(tmp_path: Path, transport: str) -> None:
+    """source.address comes from Envoy's connection in both transports (the HTTP one passes it
+    in a header Envoy sets itself, after stripping any the client sent)."""
+    (tmp_path / "peer.yaml").write_text(
+        "apiVersion: policy-engine/v1\nkind: AccessPolicy\nmetadata: {name: peer}\nspec:\n"
+        "  default_status: 403\n  default_reason: not_local\n  rules:\n"
+        "    - {name: local, effect: allow, when: 'source.address == \"127.0.0.1\"'}\n"
+    )
+    gw = gateway(tmp_path, [], transport=transport)
+    try:
+        spoofed = {"x-pe-authz-source-address": "10.9.9.9", "x-forwarded-for": "10.9.9.9"}
+        response = httpx.post(f"{gw.url}/v1/chat/completions", json=CHAT, headers=spoofed)
+        # Allowed, and no route was picked: Envoy's own 404, not the policy's 403.
+        assert response.status_code == 404, response.text
+        assert response.json()["error"]["code"] == "no_route"
+    finally:
+        gw.stop()

@@ -1,0 +1,130 @@
+"""The HTTP ext_authz server over a real loopback socket: framing, keep-alive, bad input.
+
+The decisions themselves are the gRPC path's (same `AuthorizationService.decide`); through a
+real Envoy both transports run tests/e2e/test_gateway.py and test_tokens.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from policy_engine.audit.metrics import Metrics
+from policy_engine.decide.pipeline import Pipeline
+from policy_engine.envoy.authz import AuthorizationService
+from policy_engine.envoy.http_authz import SOURCE_ADDRESS, serve_http
+from policy_engine.policy.compiler import load_bundle
+from policy_engine.quota.memory import MemoryStore
+from policy_engine.quota.service import QuotaService
+from policy_engine.telemetry.snapshot import BackendStats, TelemetrySnapshot
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "policies"
+CHAT = json.dumps({"model": "llama-3-8b-instruct", "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+def _service() -> AuthorizationService:
+    bundle = load_bundle(EXAMPLES)
+    pipeline = Pipeline(bundle)
+    metrics = Metrics(CollectorRegistry())
+    snapshot = TelemetrySnapshot({name: BackendStats(name) for name in ("llama-8b-a", "llama-8b-b")})
+    quota = QuotaService(MemoryStore(), lambda: bundle, metrics)
+    return AuthorizationService(lambda: pipeline, lambda: snapshot, quota, metrics, 1 << 20)
+
+
+def _request(headers: dict[str, str], body: bytes = CHAT, path: str = "/v1/chat/completions") -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "host: gateway", *(f"{k}: {v}" for k, v in headers.items())]
+    lines.append(f"content-length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def _exchange(payload: bytes, answers: int) -> list[tuple[int, dict[str, str], bytes]]:
+    """Send raw bytes on one connection; read `answers` responses (or until the server closes)."""
+    server = await serve_http(_service(), "127.0.0.1", 0, 1 << 20, reuse_port=False)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(payload)
+    await writer.drain()
+    results = []
+    try:
+        for _ in range(answers):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            lines = head.decode("latin-1").split("\r\n")
+            status = int(lines[0].split(" ")[1])
+            headers = {
+                k.strip().lower(): v.strip()
+                for k, _, v in (line.partition(":") for line in lines[1:] if line)
+            }
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+            results.append((status, headers, body))
+    except asyncio.IncompleteReadError:
+        pass
+    writer.close()
+    server.close()
+    return results
+
+
+def test_allowed_request_answers_200_with_the_route_and_the_rate_headers() -> None:
+    headers = {"authorization": "Bearer sk-hobby-free-key-0003", "content-type": "application/json"}
+    [(status, answer, body)] = asyncio.run(_exchange(_request(headers), 1))
+    assert status == 200 and body == b""
+    assert answer["x-pe-route"] in ("llama-8b-a", "llama-8b-b")
+    assert answer["x-pe-tenant"] == "hobbyist"
+    assert int(answer["x-ratelimit-remaining"]) < int(answer["x-ratelimit-limit"])
+    # Token-charging metadata travels as pe_* headers (Envoy's dynamic_metadata_from_headers).
+    assert json.loads(answer["pe_total_tokens"])[0][0].startswith("tier-quotas/free-tokens/")
+
+
+def test_denial_is_the_answer_itself() -> None:
+    [(status, answer, body)] = asyncio.run(_exchange(_request({"content-type": "application/json"}), 1))
+    assert status == 401
+    assert answer["x-pe-reason"] == "missing_api_key"
+    assert json.loads(body)["error"]["code"] == "missing_api_key"
+
+
+def test_keep_alive_answers_requests_in_order() -> None:
+    good = _request({"authorization": "Bearer sk-hobby-free-key-0003"})
+    bad = _request({"authorization": "Bearer sk-not-a-key-0000"})
+    answers = asyncio.run(_exchange(good + bad + good, 3))
+    assert [status for status, _, _ in answers] == [200, 401, 200]
+
+
+def test_the_source_address_is_the_header_envoy_sets() -> None:
+    key = {"authorization": "Bearer sk-acme-premium-key-0001"}
+    inside = _request({**key, SOURCE_ADDRESS: "10.1.2.3"}, body=b"", path="/admin/config")
+    outside = _request({**key, SOURCE_ADDRESS: "192.0.2.1"}, body=b"", path="/admin/config")
+    answers = asyncio.run(_exchange(inside + outside, 2))
+    # admin-api answers only inside the cluster network.
+    assert answers[0][1].get("x-pe-reason") != "admin_forbidden"
+    assert (answers[1][0], answers[1][1]["x-pe-reason"]) == (403, "admin_forbidden")
+
+
+def test_malformed_input_gets_an_error_and_a_closed_connection() -> None:
+    for payload, status in (
+        (b"NONSENSE\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\ncontent-length: x\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n", 501),
+        (b"POST / HTTP/1.1\r\nx: " + b"a" * 70000, 431),
+    ):
+        answers = asyncio.run(_exchange(payload, 1))
+        assert [a[0] for a in answers] == [status], payload[:40]
+
+
+def test_a_body_split_across_packets_is_awaited() -> None:
+    async def split() -> int:
+        server = await serve_http(_service(), "127.0.0.1", 0, 1 << 20, reuse_port=False)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        payload = _request({"authorization": "Bearer sk-hobby-free-key-0003"})
+        for start in range(0, len(payload), 7):
+            writer.write(payload[start : start + 7])
+            await writer.drain()
+            await asyncio.sleep(0)
+        status = int((await reader.readuntil(b"\r\n")).split(b" ")[1])
+        writer.close()
+        server.close()
+        return status
+
+    assert asyncio.run(split()) == 200
