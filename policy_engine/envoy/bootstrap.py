@@ -216,7 +216,12 @@ end
 
 
 def _http_service(config: GatewayConfig) -> dict[str, Any]:
-    from policy_engine.envoy.http_authz import DESTINATION_ADDRESS, SOURCE_ADDRESS, SOURCE_PRINCIPAL
+    from policy_engine.envoy.http_authz import (
+        CONTENT_LENGTH,
+        DESTINATION_ADDRESS,
+        SOURCE_ADDRESS,
+        SOURCE_PRINCIPAL,
+    )
 
     assert config.policy_http is not None
     upstream = config.policy_http
@@ -232,6 +237,7 @@ def _http_service(config: GatewayConfig) -> dict[str, Any]:
                 {"key": SOURCE_ADDRESS, "value": "%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%"},
                 {"key": SOURCE_PRINCIPAL, "value": "%DOWNSTREAM_PEER_URI_SAN%"},
                 {"key": DESTINATION_ADDRESS, "value": "%DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT%"},
+                {"key": CONTENT_LENGTH, "value": "%REQ(content-length)%"},
             ],
         },
         "authorization_response": _HTTP_AUTHZ_RESPONSE,

@@ -33,15 +33,26 @@ log = logging.getLogger("policy_engine.http_authz")
 SOURCE_ADDRESS = "x-pe-authz-source-address"
 SOURCE_PRINCIPAL = "x-pe-authz-source-principal"
 DESTINATION_ADDRESS = "x-pe-authz-destination-address"
-_PEER_HEADERS = frozenset({SOURCE_ADDRESS, SOURCE_PRINCIPAL, DESTINATION_ADDRESS})
+CONTENT_LENGTH = "x-pe-authz-content-length"  # the client's, before Envoy buffered or cut the body
+_ENVOY_HEADERS = frozenset(
+    # Set by Envoy on its own authorization request, not by the client.
+    {SOURCE_ADDRESS, SOURCE_PRINCIPAL, DESTINATION_ADDRESS, CONTENT_LENGTH}
+    | {"x-envoy-internal", "x-envoy-expected-rq-timeout-ms"}
+)
 MAX_HEAD_BYTES = 65536  # request line and headers; more is refused
+MAX_BODY_BYTES = 64 << 20  # Envoy sends at most its max_request_bytes
 
 
 def request_attributes(
     method: str, target: str, headers: Mapping[str, str], body: bytes, max_body: int
 ) -> RequestAttributes:
-    """What the pipeline decides on, from the request Envoy forwarded for authorization."""
-    client = {k: v for k, v in headers.items() if k not in _PEER_HEADERS}
+    """What the pipeline decides on, from the request Envoy forwarded for authorization; the
+    headers as the gRPC Check has them (pseudo-headers included, Envoy's own excluded)."""
+    client = {k: v for k, v in headers.items() if k not in _ENVOY_HEADERS}
+    client.update({":authority": client.get("host", ""), ":method": method, ":path": target})
+    declared = headers.get(CONTENT_LENGTH, "")
+    if declared.isdigit():
+        client["content-length"] = declared
     truncated = client.get(PARTIAL_BODY_HEADER) == "true" or len(body) > max_body
     return RequestAttributes(
         method=method or "GET",
@@ -53,7 +64,7 @@ def request_attributes(
         headers=client,
         body=body[:max_body],
         body_truncated=truncated,
-        size=-1,
+        size=int(declared) if declared.isdigit() else -1,
         time=datetime.now(UTC),
         source=Peer(principal=headers.get(SOURCE_PRINCIPAL, ""), address=headers.get(SOURCE_ADDRESS, "")),
         destination=Peer(address=headers.get(DESTINATION_ADDRESS, "")),
@@ -65,8 +76,9 @@ def _header_lines(headers: Mapping[str, str]) -> list[str]:
     return [f"{k}: {v.replace(chr(13), ' ').replace(chr(10), ' ')}" for k, v in headers.items()]
 
 
-def http_response(decision: Decision) -> bytes:
-    """The answer to Envoy: 200 with the headers to pass on, or the denial itself."""
+def http_response(decision: Decision, head_only: bool = False) -> bytes:
+    """The answer to Envoy: 200 with the headers to pass on, or the denial itself; `head_only`
+    for a HEAD request, whose answer has no body."""
     if decision.allowed:
         # Envoy sorts them by name (the bootstrap's patterns): x-pe-* go upstream, x-ratelimit-*
         # to the client, pe_* into the metadata. Client x-pe-* headers the decision does not
@@ -82,8 +94,11 @@ def http_response(decision: Decision) -> bytes:
         phrase = HTTPStatus(status).phrase
     except ValueError:
         phrase = "Status"
+    if head_only:
+        body = b""
     lines = [f"HTTP/1.1 {status} {phrase}", *_header_lines(headers), f"content-length: {len(body)}"]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + body
+    # UTF-8 header values as the gRPC answer carries them (Envoy passes the bytes on).
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "replace") + body
 
 
 def _plain_error(status: int, message: str) -> bytes:
@@ -127,26 +142,31 @@ class HttpAuthorization(asyncio.Protocol):
             self._fail(400, "malformed request line")
             return
         headers: dict[str, str] = {}
-        for line in head[1 : MAX_HEADERS + 1]:
+        lengths = []
+        for line in head[1:]:
             name, _, value = line.partition(":")
-            # Header bytes are UTF-8 on the wire as Envoy forwards them.
-            headers[name.strip().lower()] = value.strip().encode("latin-1").decode("utf-8", "replace")
+            name = name.strip().lower()
+            if name == "content-length":
+                lengths.append(value.strip())
+            elif len(headers) < MAX_HEADERS:
+                # Header bytes are UTF-8 on the wire as Envoy forwards them.
+                headers[name] = value.strip().encode("latin-1").decode("utf-8", "replace")
         if "chunked" in headers.get("transfer-encoding", ""):
             self._fail(501, "chunked request bodies are not supported")
             return
-        try:
-            length = int(headers.get("content-length", "0"))
-        except ValueError:
+        # One plain decimal length or none: anything else could frame requests differently
+        # here and in a proxy in front.
+        if len(lengths) > 1 or (lengths and not (lengths[0].isascii() and lengths[0].isdigit())):
             self._fail(400, "malformed content-length")
             return
-        if length < 0:
-            self._fail(400, "malformed content-length")
+        length = int(lengths[0]) if lengths else 0
+        if length > MAX_BODY_BYTES:
+            self._fail(413, "request body too large")
             return
         if len(self._buffer) < end + 4 + length:
             return  # the rest of the body is on its way
         body = bytes(self._buffer[end + 4 : end + 4 + length])
         del self._buffer[: end + 4 + length]
-        headers.pop("content-length", None)
         self._busy = True
         start = time.perf_counter()
         attrs = request_attributes(parts[0], parts[1], headers, body, self._max_body)
@@ -158,7 +178,7 @@ class HttpAuthorization(asyncio.Protocol):
         if self._transport is None:
             return
         try:
-            response = http_response(done.result())
+            response = http_response(done.result(), head_only=attrs.method == "HEAD")
         except Exception:  # a defined answer rather than a dropped connection
             log.exception("request %s: the HTTP answer failed", attrs.id)
             response = _plain_error(500, "the policy decision failed")

@@ -13,9 +13,16 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from policy_engine.audit.metrics import Metrics
+from policy_engine.decide.decision import Decision
 from policy_engine.decide.pipeline import Pipeline
 from policy_engine.envoy.authz import AuthorizationService
-from policy_engine.envoy.http_authz import SOURCE_ADDRESS, serve_http
+from policy_engine.envoy.http_authz import (
+    CONTENT_LENGTH,
+    SOURCE_ADDRESS,
+    http_response,
+    request_attributes,
+    serve_http,
+)
 from policy_engine.policy.compiler import load_bundle
 from policy_engine.quota.memory import MemoryStore
 from policy_engine.quota.service import QuotaService
@@ -128,3 +135,52 @@ def test_a_body_split_across_packets_is_awaited() -> None:
         return status
 
     assert asyncio.run(split()) == 200
+
+
+def test_a_head_denial_has_no_body_and_the_connection_goes_on() -> None:
+    head = b"HEAD /v1/models HTTP/1.1\r\nhost: gateway\r\n\r\n"
+    good = _request({"authorization": "Bearer sk-hobby-free-key-0003"})
+
+    async def run() -> tuple[bytes, int]:
+        server = await serve_http(_service(), "127.0.0.1", 0, 1 << 20, reuse_port=False)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(head + good)
+        first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        # No body after a HEAD answer: the next bytes are the next answer's status line.
+        second = await asyncio.wait_for(reader.readuntil(b"\r\n"), 10)
+        writer.close()
+        server.close()
+        return first, int(second.split(b" ")[1])
+
+    first, second_status = asyncio.run(run())
+    assert first.startswith(b"HTTP/1.1 401") and b"content-length: 0\r\n" in first
+    assert second_status == 200
+
+
+def test_ambiguous_lengths_are_refused() -> None:
+    for lengths in ("content-length: 5\r\ncontent-length: 0", "content-length: +5", "content-length: 1_0"):
+        payload = f"POST / HTTP/1.1\r\n{lengths}\r\n\r\nhello".encode()
+        answers = asyncio.run(_exchange(payload, 2))
+        assert [a[0] for a in answers] == [400], lengths
+
+
+def test_header_values_are_utf8_as_over_grpc() -> None:
+    decision = Decision(allowed=True, status=200, upstream_headers={"x-pe-u": "é日"})
+    assert "x-pe-u: é日\r\n".encode() in http_response(decision)
+
+
+def test_attributes_match_the_grpc_ones() -> None:
+    headers = {
+        "host": "ai.example.com",
+        "authorization": "Bearer k",
+        CONTENT_LENGTH: "5000",
+        SOURCE_ADDRESS: "10.0.0.7",
+        "x-envoy-internal": "true",
+        "x-envoy-expected-rq-timeout-ms": "1000",
+    }
+    attrs = request_attributes("POST", "/v1/chat/completions?x=1", headers, b"{}", 1 << 20)
+    assert attrs.size == 5000 and attrs.source.address == "10.0.0.7"
+    assert attrs.headers[":authority"] == "ai.example.com" and attrs.headers[":path"].endswith("?x=1")
+    assert attrs.headers["content-length"] == "5000"
+    assert not any(name.startswith(("x-pe-authz-", "x-envoy-")) for name in attrs.headers)
