@@ -293,26 +293,24 @@ def ratelimit_filter(cluster: str = POLICY_CLUSTER) -> dict[str, Any]:
     }
 
 
-def usage_filter() -> dict[str, Any]:
-    """The Lua filter that stores the backend's reported token usage as dynamic metadata."""
+def _lua_filter(source: str) -> dict[str, Any]:
     return {
         "name": "envoy.filters.http.lua",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-            "default_source_code": {"inline_string": USAGE_LUA},
+            "default_source_code": {"inline_string": source},
         },
     }
+
+
+def usage_filter() -> dict[str, Any]:
+    """The Lua filter that stores the backend's reported token usage as dynamic metadata."""
+    return _lua_filter(USAGE_LUA)
 
 
 def strip_filter() -> dict[str, Any]:
     """The Lua filter that removes client x-pe-* headers (HTTP transport only)."""
-    return {
-        "name": "envoy.filters.http.lua",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-            "default_source_code": {"inline_string": STRIP_LUA},
-        },
-    }
+    return _lua_filter(STRIP_LUA)
 
 
 def gateway_http_filters(config: GatewayConfig) -> list[dict[str, Any]]:

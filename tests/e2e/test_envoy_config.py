@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
 
 import yaml
 
@@ -11,42 +12,33 @@ from policy_engine.envoy.bootstrap import GatewayConfig, Upstream, bootstrap
 from tests.e2e.harness import ROOT, envoy_binary
 
 
-def test_printed_config_is_the_tested_one_and_valid(tmp_path: object) -> None:
+def printed_and_valid(tmp_path: object, arguments: list[str], expected: GatewayConfig) -> dict[str, Any]:
+    """`envoy-config ARGUMENTS` prints the bootstrap of `expected`, and Envoy accepts it."""
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "policy_engine",
-            "envoy-config",
-            "--listen-port",
-            "10000",
-            "--backend",
-            "model-a=127.0.0.1:8001",
-            "--backend",
-            "model-b=model-b.models.svc:8000",
-        ],
+        [sys.executable, "-m", "policy_engine", "envoy-config", *arguments],
         capture_output=True,
         text=True,
         cwd=ROOT,
         check=True,
     )
-    printed = yaml.safe_load(result.stdout)
-    expected = bootstrap(
-        GatewayConfig(
-            listen_address="0.0.0.0",
-            backends={
-                "model-a": Upstream("127.0.0.1", 8001),
-                "model-b": Upstream("model-b.models.svc", 8000),
-            },
-        )
-    )
-    assert printed == expected
+    printed: dict[str, Any] = yaml.safe_load(result.stdout)
+    assert printed == bootstrap(expected)
     path = tmp_path / "envoy.yaml"  # type: ignore[operator]
     path.write_text(result.stdout)
     validated = subprocess.run(
         [envoy_binary(), "--mode", "validate", "-c", str(path), "-l", "error"], capture_output=True, text=True
     )
     assert validated.returncode == 0, validated.stdout + validated.stderr
+    return printed
+
+
+def test_printed_config_is_the_tested_one_and_valid(tmp_path: object) -> None:
+    arguments = ["--listen-port", "10000", "--backend", "model-a=127.0.0.1:8001"]
+    arguments += ["--backend", "model-b=model-b.models.svc:8000"]
+    backends = {"model-a": Upstream("127.0.0.1", 8001), "model-b": Upstream("model-b.models.svc", 8000)}
+    printed = printed_and_valid(
+        tmp_path, arguments, GatewayConfig(listen_address="0.0.0.0", backends=backends)
+    )
     filters = [
         f["name"]
         for f in printed["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
@@ -76,26 +68,10 @@ def test_bad_backend_argument_is_a_usage_error() -> None:
 
 
 def test_http_transport_config_is_the_tested_one_and_valid(tmp_path: object) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "policy_engine", "envoy-config", "--policy-http", "127.0.0.1:9002"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        check=True,
+    expected = GatewayConfig(
+        listen_address="0.0.0.0", authz_transport="http", policy_http=Upstream("127.0.0.1", 9002)
     )
-    printed = yaml.safe_load(result.stdout)
-    expected = bootstrap(
-        GatewayConfig(
-            listen_address="0.0.0.0", authz_transport="http", policy_http=Upstream("127.0.0.1", 9002)
-        )
-    )
-    assert printed == expected
-    path = tmp_path / "envoy.yaml"  # type: ignore[operator]
-    path.write_text(result.stdout)
-    validated = subprocess.run(
-        [envoy_binary(), "--mode", "validate", "-c", str(path), "-l", "error"], capture_output=True, text=True
-    )
-    assert validated.returncode == 0, validated.stdout + validated.stderr
+    printed = printed_and_valid(tmp_path, ["--policy-http", "127.0.0.1:9002"], expected)
     manager = printed["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     names = [f["name"] for f in manager["http_filters"]]
     # Client x-pe-* headers are stripped (Lua) before ext_authz asks over HTTP.
