@@ -89,10 +89,6 @@ class Optional:
 NONE = Optional()
 
 
-def _err(message: str) -> NativeError:
-    return NativeError(message)
-
-
 def _v(acc: Any) -> Any:
     if type(acc) is _Box:
         raise acc.error
