@@ -60,20 +60,17 @@ class TelemetryCollector(Collector):
         errors = CounterMetricFamily(
             "pe_telemetry_backend_errors", "Of those, 5xx answers and connect failures.", labels=["backend"]
         )
-        for name in snapshot.backends:
-            counted = self._hub.status(name)
-            if counted is not None:
-                requests.add_metric([name], counted.requests_total)
-                errors.add_metric([name], counted.errors_total)
-        yield requests
-        yield errors
         failures = GaugeMetricFamily(
             "pe_telemetry_consecutive_failures", "Consecutive failed requests.", labels=["backend"]
         )
         for name in snapshot.backends:
             status = self._hub.status(name)
             if status is not None:
+                requests.add_metric([name], status.requests_total)
+                errors.add_metric([name], status.errors_total)
                 failures.add_metric([name], status.consecutive_failures)
+        yield requests
+        yield errors
         yield failures
         if self._access_log is not None:
             entries = CounterMetricFamily(
