@@ -188,7 +188,7 @@ class Program:
                 pass  # a value the translation does not reproduce: the engine decides
         self._calls.current = activation
         try:
-            value = self._compiled.eval(activation.native)
+            value = self._compiled.eval(activation.engine)
         except RuntimeError as error:  # engine limits (iteration budget) raise instead
             raise CelEvalError(str(error)) from None
         if value.type() == cel.Type.ERROR:
@@ -217,7 +217,7 @@ class Program:
                 raise CelEvalError(f"expected a bool, got {_kind_name(result)}")
         self._calls.current = activation
         try:
-            value = self._compiled.eval(activation.native)
+            value = self._compiled.eval(activation.engine)
         except RuntimeError as error:
             raise CelEvalError(str(error)) from None
         result = value.value()

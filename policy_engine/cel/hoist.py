@@ -36,7 +36,7 @@ class BoundActivation:
     """The values of one evaluation context, the calls made on them, and the engine's
     activation built from them on first need (translated programs never need it)."""
 
-    __slots__ = ("_build", "_engine_values", "_native", "_native_values", "memo", "names", "values")
+    __slots__ = ("_build", "_built", "_converted", "_engine_values", "memo", "names", "values")
 
     def __init__(
         self,
@@ -51,19 +51,20 @@ class BoundActivation:
         self.names = frozenset(values)
         self._build = build
         self._engine_values = engine_values
-        self._native_values: Mapping[str, Any] | None = None
-        self._native: Any = None
+        self._converted: Mapping[str, Any] | None = None
+        self._built: Any = None
 
     def engine_values(self) -> Mapping[str, Any]:
-        if self._native_values is None:
-            self._native_values = self.values if self._engine_values is None else self._engine_values()
-        return self._native_values
+        if self._converted is None:
+            self._converted = self.values if self._engine_values is None else self._engine_values()
+        return self._converted
 
     @property
-    def native(self) -> Any:
-        if self._native is None:
-            self._native = self._build(self.engine_values())
-        return self._native
+    def engine(self) -> Any:
+        """The engine's own activation (cel-expr-python), for programs the translation left to it."""
+        if self._built is None:
+            self._built = self._build(self.engine_values())
+        return self._built
 
 
 @dataclass(frozen=True)
