@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from policy_engine.policy.schema import ApiKey, TenantEntry, TenantSet
 
 _PREFIX_LENGTH = 8
+# Verified keys remembered per registry (that is, per bundle): a salted SHA-256 per request
+# was ~5 µs of a ~100 µs decision. Only keys that verified are kept, so unknown keys cannot
+# flush the entries of real ones.
+_VERIFIED_KEYS = 4096
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,7 @@ class TenantRegistry:
                 for principal in entry.principals:
                     self._by_principal[principal] = entry
         self._key_headers = tuple(headers) or ("authorization", "x-api-key")
+        self._verified: dict[str, Tenant] = {}
 
     @property
     def key_headers(self) -> tuple[str, ...]:
@@ -97,9 +102,16 @@ class TenantRegistry:
     def resolve(self, headers: Mapping[str, str], principal: str) -> Tenant:
         key = self.presented_key(headers)
         if key:
+            known_key = self._verified.get(key)
+            if known_key is not None:
+                return known_key
             for stored, entry in self._by_prefix.get(key[:_PREFIX_LENGTH], ()):
                 if _verify(key, stored.hash):
-                    return _tenant(entry, "api_key", stored.id)
+                    tenant = _tenant(entry, "api_key", stored.id)
+                    if len(self._verified) >= _VERIFIED_KEYS:
+                        del self._verified[next(iter(self._verified))]  # the oldest
+                    self._verified[key] = tenant
+                    return tenant
             # A wrong key is not silently downgraded to the principal's identity.
             return Tenant(credential="invalid_key")
         known = self._by_principal.get(principal) if principal else None

@@ -52,6 +52,42 @@ def test_a_key_is_compared_with_compare_digest(monkeypatch: pytest.MonkeyPatch) 
     assert len(calls) == 2 and all(len(a) == len(b) == 64 for a, b in calls)
 
 
+def test_a_verified_key_is_remembered_and_a_wrong_one_never_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    digests: list[str] = []
+    verify = tenants._verify
+
+    def counting(key: str, stored: str) -> bool:
+        digests.append(key)
+        return verify(key, stored)
+
+    monkeypatch.setattr(tenants, "_verify", counting)
+    found = registry(hash_key(KEY))
+    wrong = KEY[:-1] + "9"
+    for _ in range(3):
+        assert found.resolve({"x-api-key": KEY}, "").credential == "api_key"
+        assert found.resolve({"x-api-key": wrong}, "").credential == "invalid_key"
+    # The right key is hashed once; the wrong one every time (it is never remembered).
+    assert digests.count(KEY) == 1 and digests.count(wrong) == 3
+    # A new registry (a reloaded bundle, where the key may have been revoked) starts empty.
+    assert registry(hash_key(KEY + "x")).resolve({"x-api-key": KEY}, "").credential == "invalid_key"
+
+
+def test_remembered_keys_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tenants, "_VERIFIED_KEYS", 2)
+    keys = [f"sk-test-tenant-key-{i:04d}" for i in range(4)]
+    entries = [
+        TenantEntry(id=f"t{i}", api_keys=[ApiKey(id="k", hash=hash_key(k).hash, prefix=k[:8])])
+        for i, k in enumerate(keys)
+    ]
+    spec = TenantSpec(tenants=entries)
+    found = TenantRegistry(
+        [TenantSet(apiVersion="policy-engine/v1", kind="TenantSet", metadata={"name": "t"}, spec=spec)]  # type: ignore[arg-type]
+    )
+    for i, key in enumerate(keys):
+        assert found.resolve({"x-api-key": key}, "").id == f"t{i}"
+    assert list(found._verified) == keys[2:]  # the oldest made room
+
+
 def test_a_plaintext_key_in_a_policy_file_is_rejected(tmp_path: Path) -> None:
     (tmp_path / "tenants.yaml").write_text(
         "apiVersion: policy-engine/v1\nkind: TenantSet\nmetadata: {name: t}\nspec:\n  tenants:\n"
