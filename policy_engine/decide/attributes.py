@@ -14,13 +14,17 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
+import orjson
+
 from policy_engine.cel.library import estimate_tokens
 
 _SPIFFE = re.compile(r"^spiffe://[^/]+/ns/([^/]+)/sa/([^/]+)")
 _MULTIPART_MODEL = re.compile(rb'name="model"\r?\n\r?\n([^\r\n]{1,200})')
 
 
-@dataclass(frozen=True)
+
+# Slotted, not frozen, for speed as in decision.py: values all the same, never assigned to.
+@dataclass(slots=True)
 class Peer:
     principal: str = ""
     address: str = ""
@@ -37,7 +41,7 @@ class Peer:
         return match.group(2) if match else ""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RequestAttributes:
     method: str = "GET"
     path: str = "/"
@@ -65,13 +69,13 @@ class RequestAttributes:
         return dict(parse_qsl(self.path.split("?", 1)[1], keep_blank_values=True))
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ChatMessage:
     role: str
     content: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class LlmRequest:
     model: str = ""
     kind: str = "other"
@@ -109,6 +113,14 @@ def parse_body(attrs: RequestAttributes) -> Any:
     head = attrs.body.lstrip()[:1]
     if head not in (b"{", b"["):
         return None
+    try:
+        # orjson is ~3x faster. What it refuses (lone surrogates, NaN, infinities, UTF-16,
+        # nesting beyond 1,024) gets the standard parser's answer below; the one difference
+        # in what both accept, integers beyond 64 bits read as doubles, is what CEL makes of
+        # every JSON number anyway.
+        return orjson.loads(attrs.body)
+    except orjson.JSONDecodeError:
+        pass
     try:
         body = json.loads(attrs.body)
     except (ValueError, RecursionError):
