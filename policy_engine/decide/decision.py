@@ -16,8 +16,12 @@ _ERROR_TYPES = {
     429: "rate_limit_error",
 }
 
+# The values of a decision are slotted, not frozen, dataclasses: a frozen one takes 3-6 times
+# as long to build, and a decision builds a dozen. Treat them as values all the same: nothing
+# assigns to a field after construction (dataclasses.replace makes changed copies).
 
-@dataclass(frozen=True)
+
+@dataclass(slots=True)
 class FiredRule:
     policy: str
     rule: str
@@ -30,7 +34,7 @@ class FiredRule:
         return f"{self.policy}/{self.rule}"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class QuotaCheck:
     counter: str
     policy: str
@@ -50,7 +54,7 @@ class QuotaCheck:
     fail_open: bool = False  # the policy's on_error is allow: admit when the store is down
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Decision:
     allowed: bool
     status: int

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CounterId:
     """One counter: a budget of a quota limit for one key value (e.g. one tenant)."""
 
@@ -20,7 +20,7 @@ class CounterId:
         return f"{self.policy}/{self.limit}/{self.kind}/{self.key}"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Usage:
     used: int = 0
     reset_s: float = 0.0  # seconds until enough of the window passes to free budget
