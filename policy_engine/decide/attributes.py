@@ -22,7 +22,6 @@ _SPIFFE = re.compile(r"^spiffe://[^/]+/ns/([^/]+)/sa/([^/]+)")
 _MULTIPART_MODEL = re.compile(rb'name="model"\r?\n\r?\n([^\r\n]{1,200})')
 
 
-
 # Slotted, not frozen, for speed as in decision.py: values all the same, never assigned to.
 @dataclass(slots=True)
 class Peer:
