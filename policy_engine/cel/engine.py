@@ -62,6 +62,9 @@ class Overload:
     returns: str
     impl: Callable[..., Any]
     member: bool = False
+    # Never fails on arguments of its declared types: the translation may then use Python's
+    # own `&&`/`||` around the call instead of CEL's error-absorbing form.
+    total: bool = False
 
 
 @dataclass(frozen=True)
@@ -256,7 +259,9 @@ class Environment:
         self._calls = Calls(hoist_slots)
         self._overloads = {o.id: o.impl for f in functions for o in f.overloads if not o.member}
         self._function_names = {o.id: f.name for f in functions for o in f.overloads}
-        self._library = {o.id: (f.name, o.impl, o.member, o.params) for f in functions for o in f.overloads}
+        self._library = {
+            o.id: (f.name, o.impl, o.member, o.params, o.total) for f in functions for o in f.overloads
+        }
         self._native = native
         self._message_types = {full_name(name): cls for name, cls in message_classes().items()}
         decls = [

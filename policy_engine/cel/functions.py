@@ -41,12 +41,17 @@ def _named(term_lists: Mapping[str, library.TermMatcher], name: str) -> library.
 
 
 def _single(
-    name: str, doc: str, params: tuple[str, ...], returns: str, impl: Callable[..., object]
+    name: str,
+    doc: str,
+    params: tuple[str, ...],
+    returns: str,
+    impl: Callable[..., object],
+    total: bool = False,
 ) -> FunctionDef:
     overload_id = (
         name.replace(".", "_") + "_" + "_".join(p.replace("<", "_").replace(">", "") for p in params)
     )
-    return FunctionDef(name, (Overload(overload_id, params, returns, impl),), doc)
+    return FunctionDef(name, (Overload(overload_id, params, returns, impl, total=total),), doc)
 
 
 def library_functions(term_lists: Mapping[str, library.TermMatcher]) -> list[FunctionDef]:
@@ -60,10 +65,20 @@ def library_functions(term_lists: Mapping[str, library.TermMatcher]) -> list[Fun
 
     return [
         _single(
-            "pii.email", "Text contains an e-mail address.", (S,), B, lambda t: bool(library.find_emails(t))
+            "pii.email",
+            "Text contains an e-mail address.",
+            (S,),
+            B,
+            lambda t: bool(library.find_emails(t)),
+            total=True,
         ),
         _single(
-            "pii.phone", "Text contains a phone number.", (S,), B, lambda t: bool(library.find_phones(t))
+            "pii.phone",
+            "Text contains a phone number.",
+            (S,),
+            B,
+            lambda t: bool(library.find_phones(t)),
+            total=True,
         ),
         _single(
             "pii.card",
@@ -71,6 +86,7 @@ def library_functions(term_lists: Mapping[str, library.TermMatcher]) -> list[Fun
             (S,),
             B,
             lambda t: bool(library.find_cards(t)),
+            total=True,
         ),
         _single(
             "pii.iban",
@@ -78,12 +94,23 @@ def library_functions(term_lists: Mapping[str, library.TermMatcher]) -> list[Fun
             (S,),
             B,
             lambda t: bool(library.find_ibans(t)),
+            total=True,
         ),
         _single(
-            "pii.ip", "Text contains an IPv4 or IPv6 address.", (S,), B, lambda t: bool(library.find_ips(t))
+            "pii.ip",
+            "Text contains an IPv4 or IPv6 address.",
+            (S,),
+            B,
+            lambda t: bool(library.find_ips(t)),
+            total=True,
         ),
         _single(
-            "pii.any", "Text contains any kind of PII above.", (S,), B, lambda t: bool(library.pii_kinds(t))
+            "pii.any",
+            "Text contains any kind of PII above.",
+            (S,),
+            B,
+            lambda t: bool(library.pii_kinds(t)),
+            total=True,
         ),
         _single(
             "pii.kinds",
@@ -91,6 +118,7 @@ def library_functions(term_lists: Mapping[str, library.TermMatcher]) -> list[Fun
             (S,),
             LS,
             library.pii_kinds,
+            total=True,
         ),
         FunctionDef(
             "terms.any",
@@ -122,6 +150,7 @@ def library_functions(term_lists: Mapping[str, library.TermMatcher]) -> list[Fun
             (S,),
             D,
             library.injection_score,
+            total=True,
         ),
         _single(
             "injection.detected",
@@ -129,8 +158,16 @@ def library_functions(term_lists: Mapping[str, library.TermMatcher]) -> list[Fun
             (S,),
             B,
             lambda t: library.injection_score(t) >= library.INJECTION_THRESHOLD,
+            total=True,
         ),
-        _single("tokens.estimate", "Estimated token count of a text.", (S,), INT, library.estimate_tokens),
+        _single(
+            "tokens.estimate",
+            "Estimated token count of a text.",
+            (S,),
+            INT,
+            library.estimate_tokens,
+            total=True,
+        ),
         FunctionDef(
             "net.in_cidr",
             (

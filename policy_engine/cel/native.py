@@ -719,6 +719,8 @@ def _plain(value: Any) -> Any:
     """A library function's argument as the engine's bridge would pass it."""
     if type(value) is str:
         return value
+    if type(value) is tuple:  # a tenant's models: no ABC checks on the way to the list case
+        return [_plain(v) for v in value]
     if value is None or isinstance(value, str | bytes | int | float | bool | list | dict):
         return value
     if isinstance(value, Message):
@@ -763,7 +765,14 @@ _MISSING = object()
 def _memo(memo: dict[Any, Any], key: str, name: str, impl: Callable[..., Any], *args: Any) -> Any:
     result = memo.get(key, _MISSING)
     if result is _MISSING:
-        result = memo[key] = _library(name, impl, *args)
+        # _library's body, inlined: this is the path of every scan of the prompt.
+        try:
+            result = impl(*[a if type(a) is str else _plain(a) for a in args])
+        except NativeError:
+            raise
+        except Exception as error:
+            raise NativeError(f"{name}: {error}") from None
+        memo[key] = result
     return result
 
 
@@ -905,7 +914,8 @@ _SCALAR_KINDS = {
 }
 
 
-LibraryOverload = tuple[str, Callable[..., Any], bool, tuple[str, ...]]  # name, impl, member, params
+# name, impl, member, params, total
+LibraryOverload = tuple[str, Callable[..., Any], bool, tuple[str, ...], bool]
 
 
 @dataclass
@@ -1149,7 +1159,7 @@ class _Translator:
     ) -> _Code:
         if len(overloads) != 1:
             raise Unsupported("library call with several candidate overloads")
-        name, impl, member, params = self._library[overloads[0]]
+        name, impl, member, params, total = self._library[overloads[0]]
         operands = ([target] if target is not None else []) + list(args)
         if member != (target is not None) or len(params) != len(operands):
             raise Unsupported("library call form")
@@ -1162,7 +1172,8 @@ class _Translator:
         pure = all(self._is_request_data(a, scope) for a in operands)
         if pure:
             key = overloads[0] + "(" + ", ".join(self._describe(a) for a in operands) + ")"
-            return _Code(f"_memo(M, {key!r}, {name!r}, {impl_name}, {arguments})", True)
+            may_error = not total or any(p.may_error for p in parts)
+            return _Code(f"_memo(M, {key!r}, {name!r}, {impl_name}, {arguments})", may_error)
         return _Code(f"_library({name!r}, {impl_name}, {arguments})", True)
 
     def _is_request_data(self, expr: Any, scope: Mapping[str, tuple[str, bool]]) -> bool:

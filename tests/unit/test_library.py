@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policy_engine.cel import library
+from policy_engine.cel.functions import library_functions
 from policy_engine.cel.library import (
     INJECTION_THRESHOLD,
     TermMatcher,
@@ -1074,3 +1075,37 @@ def test_every_text_function_completes_on_adversarial_input() -> None:
     for text in adversarial_texts():
         for function in functions:
             function(text)
+
+
+_TOTAL = [overload for function in library_functions({}) for overload in function.overloads if overload.total]
+_RESULT_TYPES = {"bool": bool, "double": float, "int": int, "list<string>": list}
+
+
+def test_the_scanners_are_the_functions_marked_total() -> None:
+    # `total` lets the CEL translation drop error handling around a call: a function may
+    # claim it only if no text can make it fail (the property below checks that).
+    assert sorted(o.id for o in _TOTAL) == [
+        "injection_detected_string",
+        "injection_score_string",
+        "pii_any_string",
+        "pii_card_string",
+        "pii_email_string",
+        "pii_iban_string",
+        "pii_ip_string",
+        "pii_kinds_string",
+        "pii_phone_string",
+        "tokens_estimate_string",
+    ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(
+        alphabet=st.sampled_from(string.printable + "０１２٣४\u0130\u0131\u017f\u00e9\U0001f600\ud800<|[#="),
+        max_size=400,
+    )
+)
+def test_functions_marked_total_never_fail_on_text(text: str) -> None:
+    for overload in _TOTAL:
+        assert overload.params == ("string",)
+        assert isinstance(overload.impl(text), _RESULT_TYPES[overload.returns])

@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 
 from policy_engine.decide.attributes import Peer, RequestAttributes
+from policy_engine.decide.decision import QuotaCheck
 from policy_engine.decide.pipeline import Pipeline
-from policy_engine.decide.quota import settle
+from policy_engine.decide.quota import settle, token_metadata
 from policy_engine.policy.compiler import load_bundle
 from policy_engine.quota.store import CounterState
 from policy_engine.quota.view import CounterId, StaticUsage, Usage
@@ -384,3 +385,22 @@ spec:
     assert 0.15 < routes.count("b") / len(routes) < 0.25
     assert route("req-7") == route("req-7")  # deterministic per request
     assert route("") == "a"  # no request id: no exploring
+
+
+def test_token_metadata_is_the_json_of_counter_and_reservation_pairs() -> None:
+    def check(counter: str, kind: str, cost: int) -> QuotaCheck:
+        return QuotaCheck(counter, "p", "l", kind, "k", 10, 60.0, "sliding", 0, cost, 10, 60.0, False)
+
+    checks = [
+        check('q/tokens/total_tokens/t\u00fc"\\ \U0001f600', "total_tokens", 5),
+        check("q/tokens/total_tokens/k", "total_tokens", 7),
+        check("q/requests/requests/k", "requests", 1),
+        check("q/in/input_tokens/k", "input_tokens", 3),
+    ]
+    metadata = token_metadata(checks)
+    assert set(metadata) == {"pe_total_tokens", "pe_input_tokens"}
+    for key, text in metadata.items():
+        expected = [[c.counter, c.cost] for c in checks if f"pe_{c.kind}" == key]
+        assert text.isascii()  # it may travel as an HTTP header
+        assert json.loads(text) == expected
+        assert text == json.dumps(expected, separators=(",", ":"))
