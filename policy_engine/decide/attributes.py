@@ -170,8 +170,12 @@ def _float(value: Any) -> float:
     return float(value) if value == value else 0.0
 
 
-def llm_request(attrs: RequestAttributes, body: Any) -> LlmRequest:
-    """What the request asks of the model, from an OpenAI-compatible path and body."""
+def llm_request(attrs: RequestAttributes, body: Any, with_messages: bool = True) -> LlmRequest:
+    """What the request asks of the model, from an OpenAI-compatible path and body.
+
+    Without ``with_messages`` (no policy reads ``llm.messages``) the messages only make up
+    the prompt, and ``messages`` is left empty.
+    """
     kind = request_kind(attrs.path_only)
     if not isinstance(body, dict):
         model = ""
@@ -188,7 +192,8 @@ def llm_request(attrs: RequestAttributes, body: Any) -> LlmRequest:
                 role = item.get("role")
                 content = item.get("content")
                 text = content if type(content) is str else _text(content)
-                messages.append(ChatMessage(role if type(role) is str else "", text))
+                if with_messages:
+                    messages.append(ChatMessage(role if type(role) is str else "", text))
                 texts.append(text)
     for key in ("prompt", "input"):
         value = body.get(key)
