@@ -101,7 +101,7 @@ class Pipeline:
     ) -> Decision:
         bundle, messages = self.bundle, self._messages
         body = parse_body(attrs)
-        llm = llm_request(attrs, body)
+        llm = llm_request(attrs, body, "messages" in bundle.references)
         tenant = bundle.tenants.resolve(attrs.headers, attrs.source.principal)
         telemetry_message, backends = messages.telemetry(telemetry)
         with_body = "body" in bundle.references
@@ -412,42 +412,39 @@ class Pipeline:
                 return
 
     def _pick(self, run: _Run, policy: b.RoutingPolicy, route: b.Route) -> str | None:
-        """The lowest-scoring eligible candidate, else the best eligible fallback."""
-        for eligible in self._eligible(run, policy, route):
+        """The lowest-scoring eligible candidate, else the best eligible fallback (fallbacks
+        are only evaluated when no candidate is eligible)."""
+        for names, batch in ((route.candidates, route.pick), (route.fallback, route.pick_fallback)):
+            eligible = self._eligible(run, policy, route, names, batch)
             if eligible:
                 return _choose(eligible, route, run.values["request"].id)
         return None
 
-    def _eligible(self, run: _Run, policy: b.RoutingPolicy, route: b.Route) -> list[list[tuple[float, str]]]:
-        """Per group (candidates, fallback): the eligible backends with their scores, in order."""
-        if route.pick is not None:
+    def _eligible(
+        self, run: _Run, policy: b.RoutingPolicy, route: b.Route, names: Sequence[str], batch: Program | None
+    ) -> list[tuple[float, str]]:
+        """The eligible backends among ``names`` with their scores, in order."""
+        if batch is not None:
             try:
-                scores = route.pick.eval(run.activation)
+                scores = batch.eval(run.activation)
             except CelEvalError:
                 pass  # some backend's expression failed: score them one by one below
             else:
-                split = len(route.candidates)
-                return [
-                    [(s[0], name) for name, s in zip(names, group, strict=True) if s and s[0] == s[0]]
-                    for names, group in ((route.candidates, scores[:split]), (route.fallback, scores[split:]))
-                ]
-        groups = []
-        for names in (route.candidates, route.fallback):
-            eligible = []
-            for name in names:
-                message = run.backends.get(name) or self._messages.unknown_backend(name)
-                act = self.bundle.backend_env.activation(
-                    {**run.values, "backend": message},
-                    lambda message=message: {**run.activation.engine_values(), "backend": message},  # type: ignore[misc]
-                )
-                if not self._test(run, policy, route.name, route.require, act):
-                    continue
-                score = self._eval(run, policy, route.name, route.score, act) if route.score else 0.0
-                if isinstance(score, bool) or not isinstance(score, int | float) or score != score:
-                    continue
-                eligible.append((float(score), name))
-            groups.append(eligible)
-        return groups
+                return [(s[0], name) for name, s in zip(names, scores, strict=True) if s and s[0] == s[0]]
+        eligible = []
+        for name in names:
+            message = run.backends.get(name) or self._messages.unknown_backend(name)
+            act = self.bundle.backend_env.activation(
+                {**run.values, "backend": message},
+                lambda message=message: {**run.activation.engine_values(), "backend": message},  # type: ignore[misc]
+            )
+            if not self._test(run, policy, route.name, route.require, act):
+                continue
+            score = self._eval(run, policy, route.name, route.score, act) if route.score else 0.0
+            if isinstance(score, bool) or not isinstance(score, int | float) or score != score:
+                continue
+            eligible.append((float(score), name))
+        return eligible
 
     def _scrubbed(self, errors: list[str], request: Any) -> tuple[str, ...]:
         """Error messages quote the values they failed on: never a credential of the request."""

@@ -61,9 +61,11 @@ class Route(Rule):
     fallback: tuple[str, ...]
     headers: tuple[tuple[str, Expr], ...]
     explore: float = 0.0
-    # One evaluation for every candidate and fallback: per backend, [score] when it is
-    # eligible, [] when not. None when it could not be built (the per-backend path is used).
+    # One evaluation for all candidates, another for all fallbacks (made only when no
+    # candidate is eligible): per backend, [score] when it is eligible, [] when not. None
+    # when it could not be built (the per-backend path is used).
     pick: Program | None = field(default=None, compare=False, repr=False)
+    pick_fallback: Program | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -189,9 +189,11 @@ class _Compiler:
         except CelCompileError:
             return None  # never expected once each part compiled; the per-rule path still works
 
-    def pick(self, route: b.Route) -> Program | None:
+    def pick(self, route: b.Route, names: Sequence[str]) -> Program | None:
+        if not names:
+            return None
         parts = []
-        for name in (*route.candidates, *route.fallback):
+        for name in names:
             literal = json.dumps(name)
             backend = (
                 f"{literal} in telemetry.backends ? telemetry.backends[{literal}] : "
@@ -325,7 +327,11 @@ class _Compiler:
                     tuple((h, e) for h, e in headers if e is not None),
                     r.explore,
                 )
-                return dataclasses.replace(compiled, pick=self.pick(compiled))
+                return dataclasses.replace(
+                    compiled,
+                    pick=self.pick(compiled, compiled.candidates),
+                    pick_fallback=self.pick(compiled, compiled.fallback),
+                )
 
             routes = each("routes", spec.routes, route)
             shedding = each("shedding", spec.shedding, shed_rule)

@@ -52,8 +52,9 @@ Stages run in this order; the first enforced denial ends the run:
    `sticky_key` and the current weight, sets its `header` to the chosen backend name and records the
    variant in the `canary` map that routing conditions can read.
 6. **routing**: the first matching route (in file order) picks the eligible candidate with the
-   lowest `score` (or the first eligible one without a score), else the best eligible `fallback`,
-   else answers `unavailable_status` (503). The pick is sent as `x-pe-route`.
+   lowest `score` (or the first eligible one without a score), else the best eligible `fallback`
+   (whose `require` and `score` are only evaluated then), else answers `unavailable_status`
+   (503). The pick is sent as `x-pe-route`.
 
 `mode: dry_run` evaluates a policy fully but only records what it would have done (the decision's
 dry-run findings). `on_error` says what a run-time expression error means: `deny` (the default)

@@ -324,6 +324,25 @@ spec:
     assert clean.route == "a" and not clean.errors
 
 
+def test_fallbacks_are_evaluated_only_when_no_candidate_is_eligible(tmp_path: Path) -> None:
+    routing = """kind: RoutingPolicy
+metadata: {name: r}
+spec:
+  routes:
+    - {name: gpu, candidates: [a], fallback: [b], score: 'double(backend.labels["gpu"])'}
+"""
+    p = pipeline(tmp_path, access("a", ALLOW_ALL), routing)
+    # b has no "gpu" label: scoring it would be an error, recorded in the decision.
+    healthy = TelemetrySnapshot({"a": BackendStats("a", labels={"gpu": "1"}), "b": BackendStats("b")})
+    decision = p.decide(chat(), healthy)
+    assert decision.route == "a" and not decision.errors
+    down = TelemetrySnapshot(
+        {"a": BackendStats("a", healthy=False, labels={"gpu": "1"}), "b": BackendStats("b")}
+    )
+    failed = p.decide(chat(), down)
+    assert failed.status == 503 and any("r/gpu" in e for e in failed.errors)
+
+
 def test_batched_and_one_by_one_agree(example_bundle: object) -> None:
     """The batch programs are an optimisation only: stripping them changes no decision."""
     import dataclasses
@@ -335,7 +354,10 @@ def test_batched_and_one_by_one_agree(example_bundle: object) -> None:
     def strip(policy: object) -> object:
         changes = {f: None for f in ("batch", "shed_batch", "route_batch") if hasattr(policy, f)}
         if hasattr(policy, "routes"):
-            changes["routes"] = tuple(dataclasses.replace(r, pick=None) for r in policy.routes)  # type: ignore[attr-defined]
+            changes["routes"] = tuple(
+                dataclasses.replace(r, pick=None, pick_fallback=None)
+                for r in policy.routes  # type: ignore[attr-defined]
+            )
         return dataclasses.replace(policy, **changes)  # type: ignore[type-var]
 
     plain = dataclasses.replace(
@@ -404,3 +426,27 @@ def test_token_metadata_is_the_json_of_counter_and_reservation_pairs() -> None:
         assert text.isascii()  # it may travel as an HTTP header
         assert json.loads(text) == expected
         assert text == json.dumps(expected, separators=(",", ":"))
+
+
+def test_messages_reach_a_policy_that_reads_them(tmp_path: Path) -> None:
+    # Without a policy that names llm.messages the pipeline skips building them; with one
+    # they are all there, in order, multi-part contents joined.
+    p = pipeline(
+        tmp_path,
+        access(
+            "a",
+            "    - {name: two, effect: allow, when: 'size(llm.messages) == 2 &&"
+            ' llm.messages[0].role == "system" && llm.messages[1].content == "a\\nb"\'}\n',
+        ),
+    )
+    request = chat()
+    body = {
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        ],
+    }
+    decision = p.decide(dataclasses.replace(request, body=json.dumps(body).encode()))
+    assert decision.allowed, decision.fired
+    assert p.decide(request).status == 403  # one message: the rule does not fire
