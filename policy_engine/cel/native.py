@@ -893,6 +893,11 @@ _SCALAR_FIELD_TYPES = {  # protobuf field type → the checker's type of a value
     FieldDescriptor.TYPE_DOUBLE: "double",
     FieldDescriptor.TYPE_STRING: "string",
 }
+_STRING_TESTS = {
+    "startsWith": "({0}).startswith({1})",
+    "endsWith": "({0}).endswith({1})",
+    "contains": "({1} in {0})",
+}
 _SIMPLE = {  # function → (helper, arity counting the receiver)
     "startsWith": ("_starts", 2),
     "endsWith": ("_ends", 2),
@@ -1248,6 +1253,9 @@ class _Translator:
             return _Code(f"_in({args[0]}, {args[1]})", True)
         if function == "size" and len(args) == 1:
             return _Code(f"_size({args[0]})", True)
+        if function in _STRING_TESTS and types == ["string", "string"]:
+            # Python's str methods are CEL's on two strings: code points both.
+            return _Code(_STRING_TESTS[function].format(*args), may)
         if function in _SIMPLE and len(args) == _SIMPLE[function][1]:
             return _Code(f"{_SIMPLE[function][0]}({', '.join(args)})", True)
         if function == "optional.none" and not args:

@@ -204,7 +204,7 @@ def llm_request(attrs: RequestAttributes, body: Any, with_messages: bool = True)
     system = body.get("system")
     if isinstance(system, str | list):
         texts.insert(0, _text(system))
-    prompt = "\n".join(t for t in texts if t)
+    prompt = "\n".join(filter(None, texts))
     model_value = body.get("model")
     user_value = body.get("user")
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens", body.get("max_output_tokens")))

@@ -11,7 +11,7 @@ import math
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from google.protobuf.message import Message
 
@@ -176,11 +176,15 @@ class Pipeline:
         """Every rule's condition: one evaluation of the batch, or rule by rule when any errs."""
         if batch is not None:
             try:
-                values = batch.eval(run.activation)
-                if all(v is True or v is False for v in values):
-                    return cast(list[bool | None], values)
+                values: list[bool | None] = batch.eval(run.activation)
             except CelEvalError:
                 pass  # evaluated again one by one so each error is attributed to its rule
+            else:
+                for value in values:
+                    if value is not True and value is not False:
+                        break  # not a bool: one by one, for the error of its rule
+                else:
+                    return values
         return [self._test(run, policy, rule.name, rule.when) for rule in rules]
 
     def _applies(self, run: _Run, policy: b.Policy, error_status: int) -> bool:
@@ -290,11 +294,22 @@ class Pipeline:
         if policy.batch is not None:
             try:
                 values = policy.batch.eval(run.activation)
-                if all(v == [] or (len(v) == 1 and isinstance(v[0], str)) for v in values):
-                    return [v[0] if v else None for v in values]
             except CelEvalError:
                 pass  # one by one below, so each error is attributed to its limit
-        keys: list[str | None] = []
+            else:
+                keys: list[str | None] = []
+                for value in values:  # per limit: [] where it does not apply, else [key]
+                    if type(value) is not list:
+                        break
+                    if not value:
+                        keys.append(None)
+                    elif len(value) == 1 and type(value[0]) is str:
+                        keys.append(value[0])
+                    else:
+                        break
+                else:
+                    return keys
+        keys = []
         for limit in policy.limits:
             keys.append(None)
             value = self._test(run, policy, limit.name, limit.when)
