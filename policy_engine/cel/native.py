@@ -551,6 +551,18 @@ def _index(container: Any, key: Any) -> Any:
     raise _no_overload("_[_]", container, key)
 
 
+def _key(container: Any, key: str) -> Any:
+    """`map[key]` where the checker knows a string-keyed map and a string key."""
+    if key in container:
+        return container[key]
+    raise _not_found(key)
+
+
+def _optkey(container: Any, key: str) -> Optional:
+    """`map[?key]` where the checker knows a string-keyed map and a string key."""
+    return Optional(container[key]) if key in container else NONE
+
+
 def _present(value: Any) -> tuple[bool, Any]:
     """An optional operand chains: none stays none, a present value is unwrapped."""
     if isinstance(value, Optional):
@@ -1135,11 +1147,30 @@ class _Translator:
         if library:
             return self._library_call(expr, overloads, target, args, scope)
 
-        parts = [self.translate(a, scope) for a in ([target] if target is not None else []) + args]
+        operands = ([target] if target is not None else []) + args
+        parts = [self.translate(a, scope) for a in operands]
         texts = [p.text for p in parts]
         may = any(p.may_error for p in parts)
-        types = [self.type_of(a) for a in ([target] if target is not None else []) + args]
+        types = [self.type_of(a) for a in operands]
+        if function in ("_[_]", "_[?_]", "@in") and len(operands) == 2:
+            # A string key of a string-keyed map: Python's own lookups on every map type the
+            # values can have (dict, protobuf map), without the run-time type dispatch.
+            map_index = 1 if function == "@in" else 0
+            if self._string_keyed(operands[map_index]) and types[1 - map_index] == "string":
+                container, key = texts[map_index], texts[1 - map_index]
+                if function == "@in":
+                    return _Code(f"({key} in {container})", may)
+                if function == "_[?_]":
+                    return _Code(f"_optkey({container}, {key})", may)
+                return _Code(f"_key({container}, {key})", True)
         return self._standard(function, overloads, texts, types, may)
+
+    def _string_keyed(self, expr: Any) -> bool:
+        type_ = self._types.get(expr.id)
+        if type_ is None or type_.WhichOneof("type_kind") != "map_type":
+            return False
+        key = type_.map_type.key_type
+        return key.WhichOneof("type_kind") == "primitive" and _PRIMITIVE.get(key.primitive) == "string"
 
     def _logical(self, function: str, args: Sequence[Any], scope: Mapping[str, tuple[str, bool]]) -> _Code:
         left, right = (self.translate(a, scope) for a in args)
@@ -1256,6 +1287,8 @@ class _Translator:
         if function in _STRING_TESTS and types == ["string", "string"]:
             # Python's str methods are CEL's on two strings: code points both.
             return _Code(_STRING_TESTS[function].format(*args), may)
+        if function == "orValue" and len(args) == 2 and types[0] == "optional":
+            return _Code(f"_or_value({args[0]}, {args[1]})", may)  # an optional always has one
         if function in _SIMPLE and len(args) == _SIMPLE[function][1]:
             return _Code(f"{_SIMPLE[function][0]}({', '.join(args)})", True)
         if function == "optional.none" and not args:
