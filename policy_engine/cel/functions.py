@@ -157,7 +157,7 @@ def library_functions(term_lists: Mapping[str, library.TermMatcher]) -> list[Fun
             f"injection.score(text) >= {library.INJECTION_THRESHOLD}.",
             (S,),
             B,
-            lambda t: library.injection_score(t) >= library.INJECTION_THRESHOLD,
+            library.injection_detected,
             total=True,
         ),
         _single(

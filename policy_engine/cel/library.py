@@ -15,6 +15,7 @@ import functools
 import hashlib
 import ipaddress
 import itertools
+import math
 import re
 import string
 from collections.abc import Callable, Iterator, Sequence
@@ -1033,20 +1034,53 @@ _SIGNALS: Final = (
 _SIGNAL_MISSES: Final = tuple(1.0 - signal.weight for signal in _SIGNALS)
 
 
-def _fired(text: str) -> tuple[bool, ...]:
-    """For each of _SIGNALS, whether it fires on ``text``."""
+def _checks(text: str) -> tuple[Callable[[], bool], ...]:
+    """For each of _SIGNALS, a call telling whether it fires on ``text``."""
     view = _Lowered.of(text)
     if view is None:
-        return tuple(signal.scan(text) for signal in _SIGNALS)
+        return tuple(functools.partial(signal.scan, text) for signal in _SIGNALS)
     return (
-        _ignores_instructions(view),
-        _has_role_tags(text),
-        _reveals_prompt(view),
-        _jailbreak(view),
-        _role_override(view),
-        _has_base64_blob(text),
-        _has_many_delimiters(text),
+        lambda: _ignores_instructions(view),
+        lambda: _has_role_tags(text),
+        lambda: _reveals_prompt(view),
+        lambda: _jailbreak(view),
+        lambda: _role_override(view),
+        lambda: _has_base64_blob(text),
+        lambda: _has_many_delimiters(text),
     )
+
+
+def _fired(text: str) -> tuple[bool, ...]:
+    """For each of _SIGNALS, whether it fires on ``text``."""
+    return tuple(check() for check in _checks(text))
+
+
+# The order injection.detected evaluates the signals in: cheapest first, as measured on
+# ~2 KB of prose (jailbreak, ignore_instructions, role_tags, repeated_delimiters,
+# base64_blob, system_prompt_reveal, role_override). Detection stops once the signals seen
+# decide the outcome, so on ordinary text the last, costliest one is never run: alone it
+# cannot reach the threshold.
+_DETECTION_ORDER: Final = (3, 0, 1, 6, 5, 2, 4)
+# _UNSEEN_MISS[k]: the miss product of the signals after the k-th in detection order, the
+# lowest the product can still fall to if every one of them fires.
+_UNSEEN_MISS: Final = tuple(
+    math.prod(_SIGNAL_MISSES[index] for index in _DETECTION_ORDER[k + 1 :])
+    for k in range(len(_DETECTION_ORDER))
+)
+
+
+def _detected(checks: Sequence[Callable[[], bool]]) -> bool:
+    """Whether the noisy-OR of the signals that fire reaches INJECTION_THRESHOLD, running only
+    as many of ``checks`` (in _SIGNALS order) as it takes to know."""
+    miss = 1.0
+    for k, index in enumerate(_DETECTION_ORDER):
+        if checks[index]():
+            miss *= _SIGNAL_MISSES[index]
+            if 1.0 - miss >= INJECTION_THRESHOLD:
+                return True
+        elif 1.0 - miss * _UNSEEN_MISS[k] < INJECTION_THRESHOLD:
+            return False
+    return False
 
 
 def injection_signals(text: str) -> list[str]:
@@ -1070,6 +1104,12 @@ def injection_score(text: str) -> float:
         if fired:
             miss *= signal_miss
     return min(1.0, max(0.0, 1.0 - miss))
+
+
+def injection_detected(text: str) -> bool:
+    """``injection_score(text) >= INJECTION_THRESHOLD``, without running the heuristics whose
+    result cannot change the answer."""
+    return _detected(_checks(text))
 
 
 # ---------------------------------------------------------------------------
