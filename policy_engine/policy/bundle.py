@@ -91,10 +91,11 @@ class Policy:
     on_error: OnError
     when: Expr | None
     position: Position
+    # mode is dry_run: a field, not a property, as the pipeline reads it several times a decision
+    dry_run: bool = field(init=False, default=False, compare=False, repr=False)
 
-    @property
-    def dry_run(self) -> bool:
-        return self.mode is Mode.dry_run
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dry_run", self.mode is Mode.dry_run)
 
     def rule_ids(self) -> tuple[str, ...]:
         return ()
