@@ -7,6 +7,8 @@ process started here is stopped at the end.
 Every Envoy answers from a direct_response route, so the upstream is not part of the
 measurement. Rows:
 - Envoy alone;
+- Envoy + a do-nothing HTTP ext_authz in C++ (a second Envoy answering 200 itself): the floor of
+  any decision service asked over HTTP on this machine;
 - Envoy + a do-nothing Python gRPC ext_authz (bench/noop_authz.py, same grpc.aio stack, no
   decision): the floor of any Python gRPC decision service on this machine; and the same over
   Envoy's HTTP ext_authz protocol on plain asyncio, the floor of the other transport;
@@ -62,6 +64,15 @@ wrk.headers["authorization"] = "Bearer sk-acme-premium-key-0001"
 """
 
 
+_BUFFER_FILTER = {
+    "name": "envoy.filters.http.buffer",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+        "max_request_bytes": 1 << 20,
+    },
+}
+
+
 def envoy_config(
     listen_port: int, policy_port: int | None, full: bool = True, http_port: int | None = None
 ) -> dict[str, Any]:
@@ -93,7 +104,50 @@ def envoy_config(
             f for f in manager["http_filters"] if f["name"] != "envoy.filters.http.ratelimit"
         ]
         manager.pop("access_log", None)
+    # Every setup reads the whole request before answering, as a proxy forwarding it would: a
+    # direct response sent before the body is read closes the connection, and the client would
+    # then measure a new connection per request in some rows and not in others.
+    router = next(
+        i for i, f in enumerate(manager["http_filters"]) if f["name"] == "envoy.filters.http.router"
+    )
+    manager["http_filters"].insert(router, _BUFFER_FILTER)
     return config
+
+
+def noop_envoy_config(port: int) -> dict[str, Any]:
+    """An Envoy that answers every request 200 itself: a do-nothing HTTP ext_authz server in
+    C++, the floor of any decision service reached over HTTP on this machine."""
+    manager = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+        ".HttpConnectionManager",
+        "stat_prefix": "noop",
+        "route_config": {
+            "virtual_hosts": [
+                {
+                    "name": "all",
+                    "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 200}}],
+                }
+            ]
+        },
+        "http_filters": [
+            _BUFFER_FILTER,  # as in envoy_config: the connection stays open between requests
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                },
+            },
+        ],
+    }
+    listener = {
+        "name": "noop",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]}
+        ],
+    }
+    return {"static_resources": {"listeners": [listener]}}
 
 
 def start_envoy(
@@ -242,6 +296,39 @@ def main() -> None:
             )
         )
         stop_process(alone)
+
+        noop_port = free_port()
+        noop_envoy = start_envoy(noop_envoy_config(noop_port), workdir, "noop-cpp", 1)
+        processes.append(noop_envoy)
+        port = free_port()
+        envoy = start_envoy(
+            envoy_config(port, None, full=False, http_port=noop_port),
+            workdir,
+            "noop-cpp-front",
+            args.envoy_threads,
+        )
+        processes.append(envoy)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        wait_until(
+            lambda: subprocess.run(["curl", "-sf", "-o", "/dev/null", "-X", "POST", url]).returncode == 0,
+            20,
+            "envoy with the C++ no-op ext_authz",
+        )
+        rows.append(
+            (
+                "Envoy + no-op C++ (Envoy) HTTP ext_authz",
+                measured(
+                    url,
+                    args.duration,
+                    args.connections,
+                    saturate,
+                    {"envoy": envoy.pid, "service": noop_envoy.pid},
+                ),
+                wrk(url, args.duration, paced_connections, paced, threads=1),
+            )
+        )
+        stop_process(envoy)
+        stop_process(noop_envoy)
 
         for transport in ("gRPC", "HTTP"):
             port_file = workdir / f"noop-{transport}.port"
