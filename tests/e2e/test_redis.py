@@ -69,6 +69,13 @@ async def burst(url: str, headers: dict[str, str], count: int) -> Counter[int]:
         responses = await asyncio.gather(
             *(client.post(f"{url}/v1/chat/completions", json=CHAT, headers=headers) for _ in range(count))
         )
+    unexpected = {
+        f"{r.status_code} {r.headers.get('x-pe-reason', '')} {r.text[:200]}"
+        for r in responses
+        if r.status_code not in (200, 429)
+    }
+    if unexpected:  # which part answered, for a failing assertion on the counts
+        print("unexpected answers:", *sorted(unexpected), sep="\n  ")
     return Counter(r.status_code for r in responses)
 
 
