@@ -1,6 +1,6 @@
 """Time of one full decision over the example bundle (all stages, all policies).
 
-Run: .venv/bin/python bench/decision.py [--iterations N] [--rounds R] [--policies DIR]
+Run: .venv/bin/python bench/decision.py [--iterations N] [--rounds R] [--policies DIR] [--pauses-ms 1,10]
 
 Each scenario is a realistic request (20 headers, a chat body of 10 messages of ~200 characters)
 decided by `Pipeline.decide` with a telemetry snapshot of the example backends. The decision is
@@ -117,6 +117,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--policies", default=str(ROOT / "policies"))
     parser.add_argument("--json", dest="json_file", help="write raw results here")
+    parser.add_argument(
+        "--pauses-ms",
+        default="1,10",
+        help="also time one scenario with the process asleep this long before each decision "
+        "(comma-separated; 1 ms is a worker at ~1,000 requests/s); empty to skip",
+    )
+    parser.add_argument("--pause-iterations", type=int, default=300)
     args = parser.parse_args()
 
     bundle = load_bundle(args.policies)
@@ -176,6 +183,31 @@ def main() -> None:
         f"\nall scenarios: median {overall:.1f} µs per decision (no-op loop baseline "
         f"{statistics.median(baseline):.2f} µs; {args.rounds} rounds of {args.iterations} iterations each)"
     )
+    pauses = [float(p) for p in args.pauses_ms.split(",") if p.strip()]
+    if pauses:
+        # A server at moderate load sleeps between requests, and a decision after a pause runs
+        # with cold caches: this is the figure that meets a request in situ.
+        name = "pro chat (canary, quota, route)"
+        requests = SCENARIOS[name]
+        print(
+            f"\n{name}, the process asleep before each decision ({args.pause_iterations} decisions each):\n"
+        )
+        print("| pause before each decision | median µs | p90 µs |")
+        print("|---|---:|---:|")
+        warm = [x for round_samples in per_round[name] for x in round_samples]
+        print(f"| none (the table above) | {statistics.median(warm):.1f} | {percentile(warm, 0.9):.1f} |")
+        for pause in pauses:
+            samples = []
+            for i in range(args.pause_iterations):
+                time.sleep(pause / 1000)
+                start = time.perf_counter_ns()
+                pipeline.decide(requests[i % VARIANTS], snapshot, quota)
+                samples.append((time.perf_counter_ns() - start) / 1000)
+            results[f"{name} after {pause:g} ms"] = {
+                "median_us": statistics.median(samples),
+                "p90_us": percentile(samples, 0.9),
+            }
+            print(f"| {pause:g} ms | {statistics.median(samples):.1f} | {percentile(samples, 0.9):.1f} |")
     if args.json_file:
         Path(args.json_file).write_text(json.dumps({"scenarios": results, "median_us": overall}, indent=2))
 
