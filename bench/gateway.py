@@ -278,23 +278,22 @@ def main() -> None:
     )
     rows: list[tuple[str, dict[str, float], dict[str, float]]] = []
     processes: list[subprocess.Popen[bytes]] = []
+
+    def answering(url: str, what: str) -> None:
+        command = ["curl", "-sf", "-o", "/dev/null", "-X", "POST", url]
+        wait_until(lambda: subprocess.run(command).returncode == 0, 20, what)
+
+    def measure_row(name: str, url: str, pids: dict[str, int]) -> None:
+        saturation = measured(url, args.duration, args.connections, saturate, pids)
+        rows.append((name, saturation, wrk(url, args.duration, paced_connections, paced, threads=1)))
+
     try:
         port = free_port()
         alone = start_envoy(envoy_config(port, None), workdir, "alone", args.envoy_threads)
         processes.append(alone)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        wait_until(
-            lambda: subprocess.run(["curl", "-sf", "-o", "/dev/null", "-X", "POST", url]).returncode == 0,
-            20,
-            "envoy alone",
-        )
-        rows.append(
-            (
-                "Envoy alone",
-                measured(url, args.duration, args.connections, saturate, {"envoy": alone.pid}),
-                wrk(url, args.duration, paced_connections, paced, threads=1),
-            )
-        )
+        answering(url, "envoy alone")
+        measure_row("Envoy alone", url, {"envoy": alone.pid})
         stop_process(alone)
 
         noop_port = free_port()
@@ -309,23 +308,9 @@ def main() -> None:
         )
         processes.append(envoy)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        wait_until(
-            lambda: subprocess.run(["curl", "-sf", "-o", "/dev/null", "-X", "POST", url]).returncode == 0,
-            20,
-            "envoy with the C++ no-op ext_authz",
-        )
-        rows.append(
-            (
-                "Envoy + no-op C++ (Envoy) HTTP ext_authz",
-                measured(
-                    url,
-                    args.duration,
-                    args.connections,
-                    saturate,
-                    {"envoy": envoy.pid, "service": noop_envoy.pid},
-                ),
-                wrk(url, args.duration, paced_connections, paced, threads=1),
-            )
+        answering(url, "envoy with the C++ no-op ext_authz")
+        measure_row(
+            "Envoy + no-op C++ (Envoy) HTTP ext_authz", url, {"envoy": envoy.pid, "service": noop_envoy.pid}
         )
         stop_process(envoy)
         stop_process(noop_envoy)
@@ -349,21 +334,9 @@ def main() -> None:
             envoy = start_envoy(config, workdir, f"noop-{transport}", args.envoy_threads)
             processes.append(envoy)
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
-            wait_until(
-                lambda url=url: (
-                    subprocess.run(["curl", "-sf", "-o", "/dev/null", "-X", "POST", url]).returncode == 0
-                ),
-                20,
-                "envoy with the no-op ext_authz",
-            )
+            answering(url, "envoy with the no-op ext_authz")
             pids = {"envoy": envoy.pid, "service": noop.pid}
-            rows.append(
-                (
-                    f"Envoy + no-op Python {transport} ext_authz",
-                    measured(url, args.duration, args.connections, saturate, pids),
-                    wrk(url, args.duration, paced_connections, paced, threads=1),
-                )
-            )
+            measure_row(f"Envoy + no-op Python {transport} ext_authz", url, pids)
             stop_process(envoy)
             stop_process(noop)
         # The example policies with the premium token budget out of reach: a fast run would
@@ -397,13 +370,7 @@ def main() -> None:
                 time.sleep(0.5)
                 pids = {"envoy": envoy.pid, "service": service.process.pid}
                 plural = "s" if workers > 1 else ""
-                rows.append(
-                    (
-                        f"Envoy + policy-engine, {transport} ({workers} worker{plural})",
-                        measured(url, args.duration, args.connections, saturate, pids),
-                        wrk(url, args.duration, paced_connections, paced, threads=1),
-                    )
-                )
+                measure_row(f"Envoy + policy-engine, {transport} ({workers} worker{plural})", url, pids)
                 stop_process(envoy)
                 service.stop()
     finally:
