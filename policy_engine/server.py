@@ -46,7 +46,7 @@ from policy_engine.quota.service import QuotaService
 from policy_engine.quota.store import CounterStore
 from policy_engine.telemetry.access_log import AccessLogService
 from policy_engine.telemetry.hub import BackendSpec, TelemetryHub
-from policy_engine.telemetry.metrics import TelemetryCollector
+from policy_engine.telemetry.metrics import MultiprocessTelemetry, TelemetryCollector
 from policy_engine.telemetry.scrape import MetricsScraper
 
 log = logging.getLogger("policy_engine.server")
@@ -127,11 +127,12 @@ def build_auditor(settings: Settings, tenants: Callable[[], TenantRegistry]) -> 
     return Auditor(tracer, decision_log, tenants)
 
 
-async def _flush_every(auditor: Auditor, stop: asyncio.Event, interval_s: float = 1.0) -> None:
+async def _every(action: Callable[[], None], stop: asyncio.Event, interval_s: float = 1.0) -> None:
+    """`action` every interval until `stop`, and once more then."""
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval_s)
-        auditor.flush()
+        action()
 
 
 def _listen(server: grpc.aio.Server, settings: Settings) -> int:
@@ -185,8 +186,12 @@ async def serve(settings: Settings, worker: int = 0) -> None:
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authorization, server)
     rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(quota), server)
     access_log.add_to_server(server)
-    if _MULTIPROC_ENV not in os.environ:
-        registry.register(TelemetryCollector(hub, access_log, scraper))
+    telemetry_metrics = TelemetryCollector(hub, access_log, scraper)
+    mirror = None
+    if _MULTIPROC_ENV in os.environ:
+        mirror = MultiprocessTelemetry(telemetry_metrics, registry)
+    else:
+        registry.register(telemetry_metrics)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -222,7 +227,8 @@ async def serve(settings: Settings, worker: int = 0) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     watcher = asyncio.create_task(holder.watch(stop)) if settings.reload else None
-    flusher = asyncio.create_task(_flush_every(auditor, stop)) if auditor is not None else None
+    flusher = asyncio.create_task(_every(auditor.flush, stop)) if auditor is not None else None
+    mirroring = asyncio.create_task(_every(mirror.refresh, stop)) if mirror is not None else None
     await stop.wait()
     log.info("worker %d draining (grace %.1fs)", worker, settings.grace_s)
     for name in ("", *SERVICE_NAMES):
@@ -234,6 +240,8 @@ async def serve(settings: Settings, worker: int = 0) -> None:
     await canary.close()
     if flusher is not None:
         await flusher
+    if mirroring is not None:
+        await mirroring
     if auditor is not None:
         auditor.close()
     if watcher is not None:

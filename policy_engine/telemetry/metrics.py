@@ -1,15 +1,19 @@
 """Prometheus view of the telemetry itself: what the decisions see, and how fresh it is.
 
 Register `TelemetryCollector(hub, access_log, scraper)` on the service's registry. Values are
-read at scrape time from the current snapshot (no extra bookkeeping on the request path). A
-custom collector is not covered by prometheus_client's multi-process mode: with several
-workers, each worker's view must be exported some other way (each has its own hub).
+read at scrape time from the current snapshot (no extra bookkeeping on the request path).
+
+A custom collector is not covered by prometheus_client's multi-process mode (`--workers > 1`,
+where the parent serves what the workers wrote to files): there `MultiprocessTelemetry` copies
+what the collector reports into the mode's own metrics on a timer, gauges per worker process
+(a `pid` label; each worker has its own hub) and counters summed over the workers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -87,3 +91,48 @@ class TelemetryCollector(Collector):
             scrapes.add_metric(["ok"], self._scraper.scrapes - self._scraper.failures)
             scrapes.add_metric(["failed"], self._scraper.failures)
             yield scrapes
+
+
+class MultiprocessTelemetry:
+    """Mirrors a collector into multi-process metrics: call `refresh()` every few seconds.
+
+    A backend that leaves the configuration keeps its last gauge values until its worker exits:
+    the multi-process mode cannot remove a series.
+    """
+
+    def __init__(self, collector: Collector, registry: CollectorRegistry) -> None:
+        self._collector = collector
+        self._registry = registry
+        self._gauges: dict[str, Gauge] = {}
+        self._counters: dict[str, Counter] = {}
+        self._reported: dict[tuple[str, tuple[str, ...]], float] = {}
+
+    def refresh(self) -> None:
+        for family in self._collector.collect():
+            for sample in family.samples:
+                names = tuple(sample.labels)
+                values = tuple(sample.labels[name] for name in names)
+                if family.type == "gauge":
+                    gauge = self._gauges.get(family.name)
+                    if gauge is None:
+                        gauge = self._gauges[family.name] = Gauge(
+                            family.name,
+                            family.documentation,
+                            names,
+                            registry=self._registry,
+                            multiprocess_mode="liveall",
+                        )
+                    (gauge.labels(*values) if names else gauge).set(sample.value)
+                elif family.type == "counter" and sample.name.endswith("_total"):
+                    counter = self._counters.get(family.name)
+                    if counter is None:
+                        counter = self._counters[family.name] = Counter(
+                            family.name, family.documentation, names, registry=self._registry
+                        )
+                    # The collector reports totals; the files hold increments.
+                    key = (family.name, values)
+                    previous = self._reported.get(key, 0.0)
+                    delta = sample.value - previous if sample.value >= previous else sample.value
+                    if delta > 0:
+                        (counter.labels(*values) if names else counter).inc(delta)
+                    self._reported[key] = sample.value

@@ -9,7 +9,7 @@ import httpx
 
 from policy_engine.demo.backend import BackendServer
 from tests.e2e.conftest import PRO, TOKEN_POLICIES
-from tests.e2e.harness import start_envoy, start_service
+from tests.e2e.harness import start_envoy, start_service, wait_until
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -42,6 +42,20 @@ def test_two_workers_share_the_port(tmp_path: object) -> None:
             )
         )
         assert total == 40, metrics
+
+        # Each worker's telemetry, mirrored into the aggregated metrics: gauges per worker
+        # process, and the access log's request count summed over the workers.
+        def telemetry_exported() -> bool:
+            text = service.metrics()
+            healthy = re.findall(
+                r'^pe_telemetry_backend_healthy\{[^}]*backend="model-a"[^}]*\} 1\.0$', text, re.M
+            )
+            requests = re.findall(
+                r'^pe_telemetry_backend_requests_total\{backend="model-a"\} ([0-9.]+)$', text, re.M
+            )
+            return len(healthy) == 2 and requests == ["40.0"]
+
+        wait_until(telemetry_exported, 15, "the workers' telemetry in the aggregated metrics")
     finally:
         envoy.stop()
         code = service.stop()
@@ -95,8 +109,6 @@ def worker_pids(pid: int) -> set[int]:
 def test_a_killed_worker_is_replaced_while_the_other_serves(tmp_path: object) -> None:
     import os
     import signal
-
-    from tests.e2e.harness import wait_until
 
     backend = BackendServer("model-a").start()
     backend.behaviour.completion_tokens = 1
