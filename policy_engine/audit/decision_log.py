@@ -10,8 +10,10 @@ counter on anything, even a credential); the counter's policy, limit and kind ar
 
 Lines are buffered and written with one `write()` per batch to a file opened in append mode,
 so several worker processes can share one file without interleaving lines; the buffer is
-flushed every second and when the service drains. The file is never rotated by the service
-(use logrotate's copytruncate, or a sidecar that ships stdout).
+flushed every second and when the service drains. The service does not rotate the file, but
+follows a rotation: when the path no longer names the file it writes (logrotate renamed or
+deleted it), the next batch goes to a new file at the path, so logrotate's default
+rename-and-create works as well as copytruncate.
 """
 
 from __future__ import annotations
@@ -123,11 +125,13 @@ class LogSink:
 
     def __init__(self, target: str) -> None:
         self.target = target
+        self._identity = (0, 0)  # device and inode of the file written
+        self._reopen_failed = False
         if target == "-":
             self._fd = sys.stdout.fileno()
             self._owned = False
         else:
-            self._fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._fd = self._open()
             self._owned = True
         self._lines: list[str] = []
         self._size = 0
@@ -182,7 +186,34 @@ class LogSink:
             with self._lock:
                 self._pending -= len(data)
 
+    def _open(self) -> int:
+        fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        stat = os.fstat(fd)
+        self._identity = (stat.st_dev, stat.st_ino)
+        return fd
+
+    def _follow_rotation(self) -> None:
+        """Reopen the path when it names another file than ours (or none): rotated away."""
+        try:
+            stat = os.stat(self.target)
+            if (stat.st_dev, stat.st_ino) == self._identity:
+                return
+        except FileNotFoundError:
+            pass
+        try:
+            fd = self._open()
+        except OSError as error:  # keep writing to the file we have
+            if not self._reopen_failed:  # once, not once per batch
+                log.warning("decision log %s: cannot reopen after rotation: %s", self.target, error)
+            self._reopen_failed = True
+            return
+        self._reopen_failed = False
+        os.close(self._fd)
+        self._fd = fd
+
     def _write(self, data: bytes) -> None:
+        if self._owned:
+            self._follow_rotation()
         if self._torn:
             data = b"\n" + data
         written_any = False

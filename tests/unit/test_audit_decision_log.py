@@ -91,6 +91,36 @@ def test_two_sinks_on_one_file_never_interleave_lines(tmp_path: Path) -> None:
     assert sorted(json.loads(line)["i"] for line in lines) == list(range(2000))
 
 
+def test_a_rotated_log_is_followed_to_the_new_file(tmp_path: Path) -> None:
+    """logrotate's default: rename the file, let the writer create a new one at the path."""
+    path = tmp_path / "decisions.jsonl"
+    sink = LogSink(str(path))
+    sink.write('{"n": 1}\n')
+    sink.flush()
+    path.rename(tmp_path / "decisions.jsonl.1")
+    sink.write('{"n": 2}\n')
+    sink.flush()
+    assert (tmp_path / "decisions.jsonl.1").read_text() == '{"n": 1}\n'
+    assert path.read_text() == '{"n": 2}\n'
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    path.unlink()  # deleted outright: recreated too
+    sink.write('{"n": 3}\n')
+    sink.close()
+    assert path.read_text() == '{"n": 3}\n'
+
+
+def test_copytruncate_rotation_keeps_appending(tmp_path: Path) -> None:
+    path = tmp_path / "decisions.jsonl"
+    sink = LogSink(str(path))
+    sink.write('{"n": 1}\n')
+    sink.flush()
+    with path.open("r+") as handle:  # what copytruncate does after copying
+        handle.truncate(0)
+    sink.write('{"n": 2}\n')
+    sink.close()
+    assert path.read_text() == '{"n": 2}\n'  # appended at the new end, no hole of zeros
+
+
 def test_new_log_file_is_private(tmp_path: Path) -> None:
     path = tmp_path / "new.jsonl"
     LogSink(str(path)).close()
