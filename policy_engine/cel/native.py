@@ -551,16 +551,30 @@ def _index(container: Any, key: Any) -> Any:
     raise _no_overload("_[_]", container, key)
 
 
+def _haskey(container: Any, key: str) -> bool:
+    """`key in map` where the checker knows a string-keyed map and a string key; never fails."""
+    try:
+        return key in container
+    except UnicodeEncodeError:  # a protobuf map cannot hold a key that is not valid UTF-8
+        return False
+
+
 def _key(container: Any, key: str) -> Any:
     """`map[key]` where the checker knows a string-keyed map and a string key."""
-    if key in container:
+    if _haskey(container, key):
         return container[key]
     raise _not_found(key)
 
 
 def _optkey(container: Any, key: str) -> Optional:
-    """`map[?key]` where the checker knows a string-keyed map and a string key."""
-    return Optional(container[key]) if key in container else NONE
+    """`map[?key]` where the checker knows a string-keyed map and a string key; never fails."""
+    return Optional(container[key]) if _haskey(container, key) else NONE
+
+
+def _or_value_lazy(optional: Any, default: Callable[[], Any]) -> Any:
+    """`orValue` whose default can fail: CEL evaluates it only for an empty optional."""
+    opt = _opt(optional, "orValue")
+    return default() if opt is NONE else opt.value
 
 
 def _present(value: Any) -> tuple[bool, Any]:
@@ -908,7 +922,7 @@ _SCALAR_FIELD_TYPES = {  # protobuf field type → the checker's type of a value
 _STRING_TESTS = {
     "startsWith": "({0}).startswith({1})",
     "endsWith": "({0}).endswith({1})",
-    "contains": "({1} in {0})",
+    "contains": "({0}).__contains__({1})",  # the receiver first, as CEL evaluates it
 }
 _SIMPLE = {  # function → (helper, arity counting the receiver)
     "startsWith": ("_starts", 2),
@@ -1138,6 +1152,13 @@ class _Translator:
             test = cond.text if self.type_of(args[0]) == "bool" else f"_cond({cond.text})"
             may = cond.may_error or then.may_error or other.may_error or self.type_of(args[0]) != "bool"
             return _Code(f"({then.text} if {test} else {other.text})", may)
+        if function == "orValue" and target is not None and len(args) == 1:
+            optional, default = self.translate(target, scope), self.translate(args[0], scope)
+            # An optional always answers orValue (only a dyn operand may be something else).
+            may = optional.may_error or default.may_error or self.type_of(target) != "optional"
+            if default.may_error:  # evaluated only when needed, as the engine does
+                return _Code(f"_or_value_lazy({optional.text}, lambda: {default.text})", may)
+            return _Code(f"_or_value({optional.text}, {default.text})", may)
         if function == "or" and target is not None and len(args) == 1:
             left = self.translate(target, scope)
             right = self.translate(args[0], scope)
@@ -1159,7 +1180,7 @@ class _Translator:
             if self._string_keyed(operands[map_index]) and types[1 - map_index] == "string":
                 container, key = texts[map_index], texts[1 - map_index]
                 if function == "@in":
-                    return _Code(f"({key} in {container})", may)
+                    return _Code(f"_haskey({container}, {key})", may)
                 if function == "_[?_]":
                     return _Code(f"_optkey({container}, {key})", may)
                 return _Code(f"_key({container}, {key})", True)
@@ -1181,6 +1202,13 @@ class _Translator:
             # and otherwise the result is the other operand's (its error included). CEL's
             # logical operators are commutative, so the order may change.
             first, second = (right, left) if left.may_error else (left, right)
+            # ...but not a library call (a scan of the prompt) in front of a cheap operand that
+            # would often have decided alone: then CEL's form below keeps the written order.
+            if first is right and "_memo(" in right.text and "_memo(" not in left.text:
+                decisive = function == "_||_"
+                return _Code(
+                    f"_short(lambda: {left.text}, lambda: {right.text}, {decisive}, {function!r})", True
+                )
             return _Code(f"({first.text} {word} {second.text})", second.may_error)
         decisive = function == "_||_"
         return _Code(f"_short(lambda: {left.text}, lambda: {right.text}, {decisive}, {function!r})", True)
@@ -1287,8 +1315,6 @@ class _Translator:
         if function in _STRING_TESTS and types == ["string", "string"]:
             # Python's str methods are CEL's on two strings: code points both.
             return _Code(_STRING_TESTS[function].format(*args), may)
-        if function == "orValue" and len(args) == 2 and types[0] == "optional":
-            return _Code(f"_or_value({args[0]}, {args[1]})", may)  # an optional always has one
         if function in _SIMPLE and len(args) == _SIMPLE[function][1]:
             return _Code(f"{_SIMPLE[function][0]}({', '.join(args)})", True)
         if function == "optional.none" and not args:

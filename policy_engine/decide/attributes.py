@@ -121,18 +121,19 @@ def parse_body(attrs: RequestAttributes) -> Any:
     except orjson.JSONDecodeError:
         pass
     try:
-        body = json.loads(attrs.body)
+        # The standard parser lets lone surrogates through, escaped ("\\ud800") or as raw
+        # UTF-8 bytes (it decodes with surrogatepass): repaired on this rare path either way.
+        return _without_lone_surrogates(json.loads(attrs.body))
     except (ValueError, RecursionError):
         return None
-    if b"\\ud" in attrs.body or b"\\uD" in attrs.body:
-        body = _without_lone_surrogates(body)
-    return body
 
 
 def _without_lone_surrogates(value: Any) -> Any:
-    """JSON may escape half of a UTF-16 pair ("\\ud800"); such text is not Unicode and no
+    """JSON may hold half of a UTF-16 pair ("\\ud800"); such text is not Unicode and no
     protobuf string can hold it, so each lone half becomes U+FFFD, as a decoder would make it."""
     if isinstance(value, str):
+        if value.isascii():
+            return value
         return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     if isinstance(value, list):
         return [_without_lone_surrogates(v) for v in value]

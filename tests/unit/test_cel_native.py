@@ -311,6 +311,12 @@ INDEXING = [
     'tenant.labels[?"absent"].orValue("d") + context[?s].orValue("c")',
     'telemetry.backends[?"a"].hasValue() && !telemetry.backends[?"nope"].hasValue()',
     "(s in request.headers) == request.headers[?s].hasValue()",
+    'request.headers["absent-a"].contains(request.headers["absent-b"])',
+    'optional.of("a").orValue(request.headers["absent"])',
+    'optional.none().orValue(request.headers["absent"])',
+    'request.headers[?"x"].orValue(string(1 / i))',
+    'request.headers["absent"] == "1" || pii.any(llm.prompt)',
+    'pii.any(llm.prompt) && request.headers["absent"] == "1"',
     'request.query["a"]',
     "llm.messages[0].content",
     "llm.messages[i].role",
@@ -1350,6 +1356,9 @@ def test_example_bundle_agrees_with_the_engine(bundles: tuple[Bundle, Bundle], s
         "dyn(i).x == 1",
         "dyn(mm) < 1",
         "int(9.3e18 + d) == 1",
+        'request.headers["absent-a"].contains(request.headers["absent-b"])',  # the receiver's error
+        'request.headers["absent-a"].startsWith(request.headers["absent-b"])',
+        'optional.none().orValue(request.headers["absent"]) == "x"',
     ],
 )
 def test_error_texts_read_as_the_engine_words_them(source: str) -> None:
@@ -1362,3 +1371,13 @@ def test_error_texts_read_as_the_engine_words_them(source: str) -> None:
     with pytest.raises(CelEvalError) as reference:
         engine.eval(ENGINE.activation(values))
     assert str(mine.value) == str(reference.value)
+
+
+def test_string_key_lookups_never_fail_on_text_a_protobuf_map_cannot_hold() -> None:
+    from policy_engine.cel import native
+
+    backends = BUILDER.telemetry(TelemetrySnapshot({"a": BackendStats("a")}))[0].backends
+    assert native._haskey(backends, "a") and not native._haskey(backends, "\ud800")
+    assert native._optkey(backends, "\ud800") is native.NONE
+    with pytest.raises(native.NativeError, match="NOT_FOUND"):
+        native._key(backends, "\ud800")

@@ -85,7 +85,8 @@ def test_remembered_keys_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     for i, key in enumerate(keys):
         assert found.resolve({"x-api-key": key}, "").id == f"t{i}"
-    assert list(found._verified) == keys[2:]  # the oldest made room
+    assert list(found._verified) == [found.remembered(k) for k in keys[2:]]  # the oldest made room
+    assert all(len(digest) == 32 for digest in found._verified)  # digests, not the keys
 
 
 def test_a_plaintext_key_in_a_policy_file_is_rejected(tmp_path: Path) -> None:

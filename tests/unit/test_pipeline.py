@@ -6,7 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from policy_engine.decide.attributes import Peer, RequestAttributes
+from policy_engine.decide.attributes import Peer, RequestAttributes, parse_body
 from policy_engine.decide.decision import QuotaCheck
 from policy_engine.decide.pipeline import Pipeline
 from policy_engine.decide.quota import settle, token_metadata
@@ -450,3 +450,24 @@ def test_messages_reach_a_policy_that_reads_them(tmp_path: Path) -> None:
     decision = p.decide(dataclasses.replace(request, body=json.dumps(body).encode()))
     assert decision.allowed, decision.fired
     assert p.decide(request).status == 403  # one message: the rule does not fire
+
+
+def test_lone_surrogates_in_a_body_become_replacement_characters(tmp_path: Path) -> None:
+    # Neither form is Unicode: orjson refuses both, the standard parser lets both through
+    # (escaped, or raw UTF-8 bytes it decodes with surrogatepass). A lookup of such a string in
+    # a protobuf map would fail, and an `on_error: allow` policy would then let the request by.
+    access_policy = """kind: AccessPolicy
+metadata: {name: a}
+spec:
+  on_error: allow
+  rules:
+    - {name: all, effect: allow, when: 'true'}
+    - {name: unknown-model, effect: deny, when: '!(llm.model in telemetry.backends)', status: 404}
+"""
+    p = pipeline(tmp_path, access_policy)
+    snapshot = TelemetrySnapshot({"m": BackendStats("m")})
+    for raw in (b'{"model": "\xed\xa0\x80"}', b'{"model": "\\ud800"}', b'{"model": "a\\udc00b"}'):
+        request = dataclasses.replace(chat(), body=raw)
+        assert "\ufffd" in parse_body(request)["model"], raw
+        decision = p.decide(request, snapshot)
+        assert (decision.allowed, decision.status, decision.errors) == (False, 404, ()), raw
