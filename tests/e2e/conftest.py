@@ -36,15 +36,22 @@ class Gateway:
             backend.stop()
 
 
-def gateway(policies: Path, names: list[str], transport: str = "grpc", **service_options: object) -> Gateway:
-    """`transport`: how Envoy asks for decisions, gRPC Check or the HTTP ext_authz protocol."""
+def gateway(
+    policies: Path,
+    names: list[str],
+    transport: str = "grpc",
+    envoy_options: dict[str, object] | None = None,
+    **service_options: object,
+) -> Gateway:
+    """`transport`: how Envoy asks for decisions, gRPC Check or the HTTP ext_authz protocol;
+    `envoy_options`: more GatewayConfig fields for Envoy's bootstrap."""
     backends = {name: BackendServer(name).start() for name in names}
-    envoy_options: dict[str, object] = {}
+    envoy_options = dict(envoy_options or {})
     if transport == "http":
         http_port = free_port()
         extra = [*service_options.pop("extra_args", ()), "--http-port", str(http_port)]  # type: ignore[misc]
         service_options["extra_args"] = extra
-        envoy_options = {"authz_transport": "http", "policy_http": Upstream("127.0.0.1", http_port)}
+        envoy_options.update(authz_transport="http", policy_http=Upstream("127.0.0.1", http_port))
     service = start_service(policies, backends=names, **service_options)  # type: ignore[arg-type]
     envoy = start_envoy(service.port, {name: b.port for name, b in backends.items()}, **envoy_options)
     return Gateway(service, envoy, backends, policies)

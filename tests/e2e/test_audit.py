@@ -1,5 +1,6 @@
 """Audit through a real Envoy with its OpenTelemetry tracer: the decision span joins Envoy's
-trace, secrets never reach spans or the decision log, and /metrics has every audit series.
+trace, secrets never reach spans or the decision log, and /metrics has every audit series;
+over both ext_authz transports (gRPC Check and the HTTP protocol).
 
 The OTLP collector is a gRPC TraceService server in this test process (tests/e2e/otlp_receiver.py).
 """
@@ -17,10 +18,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from policy_engine.audit.tracing import SPAN_NAME
-from policy_engine.demo.backend import BackendServer
-from policy_engine.envoy.bootstrap import Upstream
-from tests.e2e.conftest import EXAMPLES, PREMIUM, PRO
-from tests.e2e.harness import EnvoyProcess, ServiceProcess, start_envoy, start_service, wait_until
+from policy_engine.envoy.bootstrap import POLICY_HTTP_CLUSTER, Upstream
+from tests.e2e.conftest import EXAMPLES, PREMIUM, PRO, TRANSPORTS, Gateway, gateway
+from tests.e2e.harness import ServiceProcess, wait_until
 from tests.e2e.otlp_receiver import ReceivedSpan, TraceReceiver
 
 CHAT = {
@@ -28,20 +28,32 @@ CHAT = {
     "messages": [{"role": "user", "content": "Hello there"}],
     "max_tokens": 64,
 }
-AUTHZ_SPAN = "async envoy.service.auth.v3.Authorization.Check egress"
+# Envoy's span for its authorization call: the gRPC method, or the HTTP cluster's name.
+AUTHZ_SPANS = {
+    "grpc": "async envoy.service.auth.v3.Authorization.Check egress",
+    "http": f"async {POLICY_HTTP_CLUSTER} egress",
+}
 
 
 @dataclass
 class TracedGateway:
     receiver: TraceReceiver
-    service: ServiceProcess
-    envoy: EnvoyProcess
-    backends: dict[str, BackendServer]
+    gateway: Gateway
     decision_log: Path
+    transport: str
 
     @property
     def url(self) -> str:
-        return self.envoy.url
+        return self.gateway.url
+
+    @property
+    def service(self) -> ServiceProcess:
+        return self.gateway.service
+
+    @property
+    def authz_span(self) -> str:
+        """The name of Envoy's span for its authorization call."""
+        return AUTHZ_SPANS[self.transport]
 
     def records(self) -> list[dict[str, object]]:
         if not self.decision_log.exists():
@@ -49,15 +61,19 @@ class TracedGateway:
         return [json.loads(line) for line in self.decision_log.read_text().splitlines() if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TracedGateway]:
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def traced(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[TracedGateway]:
+    """The example policies behind Envoy with its OpenTelemetry tracer, spans and the decision
+    log on; once with each ext_authz transport."""
     receiver = TraceReceiver().start()
-    names = ["llama-8b-a", "llama-8b-b", "embed-a"]
-    backends = {name: BackendServer(name).start() for name in names}
     decision_log = tmp_path_factory.mktemp("audit") / "decisions.jsonl"
-    service = start_service(
+    gw = gateway(
         EXAMPLES,
-        backends=names,
+        ["llama-8b-a", "llama-8b-b", "embed-a"],
+        transport=request.param,
+        envoy_options={"otlp_endpoint": Upstream("127.0.0.1", receiver.port)},
         extra_args=["--decision-log", str(decision_log)],
         env={
             "OTEL_TRACES_EXPORTER": "otlp",
@@ -65,16 +81,8 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TracedGateway]:
             "OTEL_BSP_SCHEDULE_DELAY": "100",
         },
     )
-    envoy = start_envoy(
-        service.port,
-        {name: b.port for name, b in backends.items()},
-        otlp_endpoint=Upstream("127.0.0.1", receiver.port),
-    )
-    yield TracedGateway(receiver, service, envoy, backends, decision_log)
-    envoy.stop()
-    service.stop()
-    for backend in backends.values():
-        backend.stop()
+    yield TracedGateway(receiver, gw, decision_log, request.param)
+    gw.stop()
     receiver.stop()
 
 
@@ -90,11 +98,11 @@ def test_decision_span_is_a_child_of_envoys_ext_authz_span(traced: TracedGateway
 
     def complete() -> bool:
         names = {s.name for s in _spans_of(traced, trace_id)}
-        return {SPAN_NAME, AUTHZ_SPAN, "ingress"} <= names
+        return {SPAN_NAME, traced.authz_span, "ingress"} <= names
 
     wait_until(complete, 30, "decision and Envoy spans at the collector")
     spans = {s.name: s for s in _spans_of(traced, trace_id)}
-    ingress, authz, decision = spans["ingress"], spans[AUTHZ_SPAN], spans[SPAN_NAME]
+    ingress, authz, decision = spans["ingress"], spans[traced.authz_span], spans[SPAN_NAME]
     # Envoy continues the client's trace; its Check call is a child of its ingress span...
     assert ingress.parent_id == client_span and authz.parent_id == ingress.span_id
     # ...and the decision span is a child of that Check call, in the same trace.
@@ -130,7 +138,7 @@ def test_envoy_started_traces_join_too(traced: TracedGateway) -> None:
 
     def parented() -> tuple[int, int]:
         spans = traced.receiver.spans()
-        authz = {(s.trace_id, s.span_id) for s in spans if s.name == AUTHZ_SPAN}
+        authz = {(s.trace_id, s.span_id) for s in spans if s.name == traced.authz_span}
         decisions = [s for s in spans if s.name == SPAN_NAME]
         denied = [s for s in decisions if s.attributes().get("pe.reason") == "missing_api_key"]
         return len(denied), sum((s.trace_id, s.parent_id) in authz for s in decisions) - len(decisions)
@@ -204,4 +212,4 @@ def test_metrics_have_every_audit_series(traced: TracedGateway) -> None:
     assert {lab["operation"] for lab, _ in found["pe_quota_store_errors_total"]} == {"admit", "charge"}
     assert found["pe_policy_reload_ok"][0][1] == 1.0
     assert found["pe_bundle_info"][0][0]["version"]
-    assert {lab["backend"] for lab, _ in found["pe_telemetry_backend_age_s"]} == set(traced.backends)
+    assert {lab["backend"] for lab, _ in found["pe_telemetry_backend_age_s"]} == set(traced.gateway.backends)
