@@ -128,11 +128,15 @@ def build_auditor(settings: Settings, tenants: Callable[[], TenantRegistry]) -> 
 
 
 async def _every(action: Callable[[], None], stop: asyncio.Event, interval_s: float = 1.0) -> None:
-    """`action` every interval until `stop`, and once more then."""
+    """`action` every interval until `stop`, and once more then; a failing run is logged and
+    the next one still happens."""
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval_s)
-        action()
+        try:
+            action()
+        except Exception:
+            log.exception("%s failed", getattr(action, "__qualname__", action))
 
 
 def _listen(server: grpc.aio.Server, settings: Settings) -> int:
@@ -240,8 +244,10 @@ async def serve(settings: Settings, worker: int = 0) -> None:
     await canary.close()
     if flusher is not None:
         await flusher
-    if mirroring is not None:
+    if mirroring is not None and mirror is not None:
         await mirroring
+        with contextlib.suppress(Exception):
+            mirror.refresh()  # what the drained requests added
     if auditor is not None:
         auditor.close()
     if watcher is not None:

@@ -30,6 +30,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from stat import S_ISREG
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode
 
@@ -186,8 +187,12 @@ class LogSink:
             with self._lock:
                 self._pending -= len(data)
 
-    def _open(self) -> int:
-        fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    def _open(self, follow_links: bool = True) -> int:
+        # After a rotation: no symbolic link, and no wait on a FIFO that nobody reads.
+        flags = (
+            os.O_WRONLY | os.O_APPEND | os.O_CREAT | (0 if follow_links else os.O_NOFOLLOW | os.O_NONBLOCK)
+        )
+        fd = os.open(self.target, flags, 0o600)
         stat = os.fstat(fd)
         self._identity = (stat.st_dev, stat.st_ino)
         return fd
@@ -200,16 +205,27 @@ class LogSink:
                 return
         except FileNotFoundError:
             pass
+        except OSError as error:  # cannot tell: keep writing to the file we have
+            self._reopen_failed_once(error)
+            return
         try:
-            fd = self._open()
+            # What is at the path now was put there by the rotation: a symbolic link planted
+            # there is refused rather than followed, and only a regular file is written.
+            fd = self._open(follow_links=False)
+            if not S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise OSError(f"{self.target} is not a regular file")
         except OSError as error:  # keep writing to the file we have
-            if not self._reopen_failed:  # once, not once per batch
-                log.warning("decision log %s: cannot reopen after rotation: %s", self.target, error)
-            self._reopen_failed = True
+            self._reopen_failed_once(error)
             return
         self._reopen_failed = False
         os.close(self._fd)
         self._fd = fd
+
+    def _reopen_failed_once(self, error: OSError) -> None:
+        if not self._reopen_failed:  # once, not once per batch
+            log.warning("decision log %s: cannot follow a rotation: %s", self.target, error)
+        self._reopen_failed = True
 
     def _write(self, data: bytes) -> None:
         if self._owned:

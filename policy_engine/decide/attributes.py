@@ -121,24 +121,50 @@ def parse_body(attrs: RequestAttributes) -> Any:
     except orjson.JSONDecodeError:
         pass
     try:
-        # The standard parser lets lone surrogates through, escaped ("\\ud800") or as raw
-        # UTF-8 bytes (it decodes with surrogatepass): repaired on this rare path either way.
-        return _without_lone_surrogates(json.loads(attrs.body))
+        body = json.loads(attrs.body)
     except (ValueError, RecursionError):
         return None
+    # The standard parser lets lone surrogates through, escaped ("\\ud800") or as raw UTF-8
+    # bytes (it decodes with surrogatepass): such text is not Unicode and no protobuf string can
+    # hold it, so each lone half becomes U+FFFD, as a decoder would make it.
+    # Only bodies that can hold one are walked: a surrogate escaped or in UTF-8 bytes, or any
+    # UTF-16/32 body (NUL bytes, which UTF-8 JSON cannot contain).
+    if b"\x00" in attrs.body or _SURROGATE.search(attrs.body):
+        body = _without_lone_surrogates(body)
+    return body
+
+
+# A UTF-16 surrogate, escaped or as the UTF-8 bytes surrogatepass decodes (a pair is fine too).
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+def _repaired(text: str) -> str:
+    return text if text.isascii() else text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _without_lone_surrogates(value: Any) -> Any:
-    """JSON may hold half of a UTF-16 pair ("\\ud800"); such text is not Unicode and no
-    protobuf string can hold it, so each lone half becomes U+FFFD, as a decoder would make it."""
+    """The parsed body with lone surrogates replaced, containers rebuilt in place: without
+    recursion, since a body nested as deep as the parser allows must still read."""
     if isinstance(value, str):
-        if value.isascii():
-            return value
-        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    if isinstance(value, list):
-        return [_without_lone_surrogates(v) for v in value]
-    if isinstance(value, dict):
-        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
+        return _repaired(value)
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            for index, item in enumerate(node):
+                if isinstance(item, str):
+                    node[index] = _repaired(item)
+                elif isinstance(item, list | dict):
+                    stack.append(item)
+        elif isinstance(node, dict):
+            items = [(_repaired(key), item) for key, item in node.items()]
+            node.clear()
+            for key, item in items:
+                if isinstance(item, str):
+                    item = _repaired(item)
+                elif isinstance(item, list | dict):
+                    stack.append(item)
+                node[key] = item
     return value
 
 

@@ -88,7 +88,7 @@ class TelemetryCollector(Collector):
             scrapes = CounterMetricFamily(
                 "pe_telemetry_scrapes", "Metrics scrapes of backends by outcome.", labels=["outcome"]
             )
-            scrapes.add_metric(["ok"], self._scraper.scrapes - self._scraper.failures)
+            scrapes.add_metric(["ok"], self._scraper.successes)
             scrapes.add_metric(["failed"], self._scraper.failures)
             yield scrapes
 
@@ -129,10 +129,12 @@ class MultiprocessTelemetry:
                         counter = self._counters[family.name] = Counter(
                             family.name, family.documentation, names, registry=self._registry
                         )
-                    # The collector reports totals; the files hold increments.
+                    # The collector reports totals, which only grow within a process; the files
+                    # hold increments. A total read lower than before adds nothing (never the
+                    # whole total again), and a series exists from its first report, at 0.
                     key = (family.name, values)
                     previous = self._reported.get(key, 0.0)
-                    delta = sample.value - previous if sample.value >= previous else sample.value
-                    if delta > 0:
-                        (counter.labels(*values) if names else counter).inc(delta)
-                    self._reported[key] = sample.value
+                    child = counter.labels(*values) if names else counter
+                    if sample.value > previous:
+                        child.inc(sample.value - previous)
+                        self._reported[key] = sample.value

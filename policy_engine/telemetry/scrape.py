@@ -113,7 +113,8 @@ class MetricsScraper:
         self._client = client
         self._own_client = client is None
         self._task: asyncio.Task[None] | None = None
-        self.scrapes = 0
+        self.scrapes = 0  # started
+        self.successes = 0  # completed with data (counted then: a scrape in flight is neither)
         self.failures = 0
 
     @property
@@ -155,6 +156,7 @@ class MetricsScraper:
             log.warning("scrape of %s failed unexpectedly", name, exc_info=True)
             return self._failed(name, f"{type(error).__name__}: {error}")
         self._hub.observe_scrape(name, sample)
+        self.successes += 1
         return True
 
     def _failed(self, name: str, reason: str) -> bool:

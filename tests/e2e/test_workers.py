@@ -44,7 +44,8 @@ def test_two_workers_share_the_port(tmp_path: object) -> None:
         assert total == 40, metrics
 
         # Each worker's telemetry, mirrored into the aggregated metrics: gauges per worker
-        # process, and the access log's request count summed over the workers.
+        # process, and all 40 requests of the access log (one stream, which lands on one
+        # worker; the summing over workers is tests/unit/test_metrics_multiprocess.py's).
         def telemetry_exported() -> bool:
             text = service.metrics()
             healthy = re.findall(

@@ -109,6 +109,29 @@ def test_a_rotated_log_is_followed_to_the_new_file(tmp_path: Path) -> None:
     assert path.read_text() == '{"n": 3}\n'
 
 
+def test_a_link_planted_at_the_path_after_rotation_is_not_followed(tmp_path: Path) -> None:
+    path, elsewhere = tmp_path / "decisions.jsonl", tmp_path / "elsewhere"
+    sink = LogSink(str(path))
+    sink.write('{"n": 1}\n')
+    sink.flush()
+    path.rename(tmp_path / "decisions.jsonl.1")
+    path.symlink_to(elsewhere)
+    sink.write('{"n": 2}\n')
+    sink.flush()
+    assert not elsewhere.exists()  # refused; the lines go on to the file the sink had
+    assert (tmp_path / "decisions.jsonl.1").read_text() == '{"n": 1}\n{"n": 2}\n'
+    path.unlink()
+    path.symlink_to(path)  # a loop: stat() itself fails
+    sink.write('{"n": 3}\n')
+    sink.flush()
+    path.unlink()  # the path free again: the next batch follows
+    sink.write('{"n": 4}\n')
+    sink.close()
+    assert (tmp_path / "decisions.jsonl.1").read_text().splitlines()[-1] == '{"n": 3}'
+    assert path.read_text() == '{"n": 4}\n'  # the writer survived all of it
+    assert sink.dropped == 0
+
+
 def test_copytruncate_rotation_keeps_appending(tmp_path: Path) -> None:
     path = tmp_path / "decisions.jsonl"
     sink = LogSink(str(path))

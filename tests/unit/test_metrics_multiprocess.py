@@ -101,3 +101,38 @@ def test_each_worker_exports_its_telemetry_and_the_counters_add_up(tmp_path: Pat
     assert values("pe_telemetry_backend_requests_total", backend="a") == [6.0]
     assert values("pe_telemetry_backend_errors_total", backend="a") == [2.0]
     assert values("pe_telemetry_backend_requests_total", backend="b") in ([], [0.0])
+
+
+GLITCHING_WORKER = """
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily
+from policy_engine.telemetry.metrics import MultiprocessTelemetry
+
+class Totals:
+    def __init__(self): self.values = {"idle": 0.0, "busy": 0.0}
+    def collect(self):
+        family = CounterMetricFamily("pe_test_events", "Events.", labels=["kind"])
+        for kind, value in self.values.items():
+            family.add_metric([kind], value)
+        yield family
+
+totals = Totals()
+mirror = MultiprocessTelemetry(totals, CollectorRegistry())
+for busy in (10.0, 7.0, 12.0):  # a total read low once (a count in flight) must add nothing
+    totals.values["busy"] = busy
+    mirror.refresh()
+"""
+
+
+def test_mirrored_counters_never_add_a_total_twice_and_start_at_zero(tmp_path: Path) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", GLITCHING_WORKER], env=env, check=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", TELEMETRY_PARENT.replace("pe_telemetry", "pe_test"), str(tmp_path)],
+        env=env,
+        check=True,
+        timeout=60,
+        capture_output=True,
+    ).stdout
+    totals = {labels["kind"]: value for name, labels, value in json.loads(out) if name.endswith("_total")}
+    assert totals == {"busy": 12.0, "idle": 0.0}
