@@ -571,12 +571,6 @@ def _optkey(container: Any, key: str) -> Optional:
     return Optional(container[key]) if _haskey(container, key) else NONE
 
 
-def _or_value_lazy(optional: Any, default: Callable[[], Any]) -> Any:
-    """`orValue` whose default can fail: CEL evaluates it only for an empty optional."""
-    opt = _opt(optional, "orValue")
-    return default() if opt is NONE else opt.value
-
-
 def _present(value: Any) -> tuple[bool, Any]:
     """An optional operand chains: none stays none, a present value is unwrapped."""
     if isinstance(value, Optional):
@@ -618,6 +612,12 @@ def _opt(value: Any, function: str) -> Optional:
 def _or_value(optional: Any, default: Any) -> Any:
     opt = _opt(optional, "orValue")
     return default if opt is NONE else opt.value
+
+
+def _or_value_lazy(optional: Any, default: Callable[[], Any]) -> Any:
+    """`orValue` whose default can fail: CEL evaluates it only for an empty optional."""
+    opt = _opt(optional, "orValue")
+    return default() if opt is NONE else opt.value
 
 
 def _or_optional(optional: Any, other: Callable[[], Any]) -> Any:
@@ -930,7 +930,6 @@ _SIMPLE = {  # function → (helper, arity counting the receiver)
     "contains": ("_contains", 2),
     "lowerAscii": ("_lower_ascii", 1),
     "upperAscii": ("_upper_ascii", 1),
-    "orValue": ("_or_value", 2),
     "hasValue": ("_has_value", 1),
     "value": ("_value", 1),
     "optional.of": ("Optional", 1),
