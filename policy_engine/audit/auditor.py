@@ -131,8 +131,11 @@ class Auditor:
         keep = self.decision_log is not None and self.decision_log.keeps(decision)
         if self.tracer is None and not keep:
             return
-        body = parse_body(attrs)
-        llm = llm_request(attrs, body)
+        if decision.llm is not None:  # what the pipeline read: the body is not parsed again
+            body, llm = decision.request_body, decision.llm
+        else:
+            body = parse_body(attrs)
+            llm = llm_request(attrs, body)
         ids = _hex_ids(parent)[0], ""
         if self.tracer is not None:
             span = self.tracer.record(

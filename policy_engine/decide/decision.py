@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+
+from policy_engine.decide.attributes import LlmRequest
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -71,6 +73,11 @@ class Decision:
     quota: tuple[QuotaCheck, ...] = ()
     canary: Mapping[str, str] = field(default_factory=dict)
     bundle_version: str = ""
+    # What the pipeline read from the request, handed to the audit after the answer so that it
+    # does not parse the body again. Not part of the decision's value: never compared, shown
+    # or serialised.
+    llm: LlmRequest | None = field(default=None, compare=False, repr=False)
+    request_body: Any = field(default=None, compare=False, repr=False)
 
     @property
     def body(self) -> str | None:
@@ -95,6 +102,7 @@ class Decision:
         return [f.id for f in self.fired]
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = asdict(replace(self, llm=None, request_body=None))
+        del data["llm"], data["request_body"]
         data["body"] = self.body
         return data

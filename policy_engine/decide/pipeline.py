@@ -60,6 +60,7 @@ class _Run:
     quota: list[QuotaCheck] = field(default_factory=list)
     canary: dict[str, str] = field(default_factory=dict)
     route: str | None = None
+    body: Any = None  # as parse_body read it
 
 
 def _policy_error(policy: b.Policy, status: int) -> b.Denial:
@@ -128,7 +129,7 @@ class Pipeline:
                 "tenant": messages.tenant(tenant),
             }
 
-        run = _Run(values, bundle.env.activation(values, engine_values), backends, llm, tenant)
+        run = _Run(values, bundle.env.activation(values, engine_values), backends, llm, tenant, body=body)
         if tenant.authenticated:
             run.upstream[TENANT_HEADER] = tenant.id
         try:
@@ -490,6 +491,8 @@ class Pipeline:
             quota=tuple(run.quota),
             canary=run.canary,
             bundle_version=self.bundle.version,
+            llm=run.llm,
+            request_body=run.body,
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -181,3 +182,29 @@ def test_span_attributes_of_a_request_that_is_not_json(example_pipeline: Pipelin
         attrs, llm_request(attrs, parse_body(attrs)), decision, Timing(1, 0.001, 0.001)
     )
     assert attributes["pe.decision"] == "deny" and "gen_ai.request.model" not in attributes
+
+
+def test_the_audit_reads_the_request_as_the_pipeline_did(
+    example_pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The body is parsed once per request: the decision hands the pipeline's reading on."""
+    from policy_engine.audit import auditor as auditor_module
+
+    tracer, exporter = _memory_tracer()
+    attrs = _request({})
+    decision = example_pipeline.decide(attrs)
+    assert decision.llm is not None and decision.llm.model == "llama-3-8b-instruct"
+    assert decision.request_body == json.loads(attrs.body)
+    # Not part of the decision's value.
+    assert "llm" not in decision.to_dict() and "request_body" not in decision.to_dict()
+    assert decision == dataclasses.replace(decision, llm=None, request_body=None)
+
+    def parse_again(_: RequestAttributes) -> object:
+        raise AssertionError("the body was parsed again")
+
+    monkeypatch.setattr(auditor_module, "parse_body", parse_again)
+    auditor = Auditor(tracer, None, lambda: example_pipeline.bundle.tenants)
+    auditor.record((), attrs, decision, EMPTY_SNAPSHOT, Timing(1, 0.001, 0.001))
+    assert auditor.failures == 0
+    (span,) = exporter.get_finished_spans()
+    assert dict(span.attributes or {})["gen_ai.request.model"] == "llama-3-8b-instruct"
