@@ -1203,12 +1203,9 @@ class _Translator:
             first, second = (right, left) if left.may_error else (left, right)
             # ...but not a library call (a scan of the prompt) in front of a cheap operand that
             # would often have decided alone: then CEL's form below keeps the written order.
-            if first is right and "_memo(" in right.text and "_memo(" not in left.text:
-                decisive = function == "_||_"
-                return _Code(
-                    f"_short(lambda: {left.text}, lambda: {right.text}, {decisive}, {function!r})", True
-                )
-            return _Code(f"({first.text} {word} {second.text})", second.may_error)
+            scan_moved_first = first is right and "_memo(" in right.text and "_memo(" not in left.text
+            if not scan_moved_first:
+                return _Code(f"({first.text} {word} {second.text})", second.may_error)
         decisive = function == "_||_"
         return _Code(f"_short(lambda: {left.text}, lambda: {right.text}, {decisive}, {function!r})", True)
 
