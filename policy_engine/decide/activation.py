@@ -11,7 +11,7 @@ per snapshot and reused by every decision, by both paths.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -105,7 +105,8 @@ class RequestView:
 
 class MessageBuilder:
     def __init__(self) -> None:
-        classes = message_classes()
+        # Callables, not `type[Message]`: the stubs' Message takes no field keywords.
+        classes: Mapping[str, Callable[..., Message]] = message_classes()
         self._request = classes["Request"]
         self._llm = classes["Llm"]
         self._chat = classes["ChatMessage"]
