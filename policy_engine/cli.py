@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import sys
 from pathlib import Path
@@ -442,6 +443,11 @@ def serve(
         raise typer.Exit(1) from None
 
 
+class UsageReader(enum.StrEnum):
+    lua = "lua"
+    native = "native"
+
+
 @app.command("envoy-config")
 def envoy_config(
     listen_port: Annotated[int, typer.Option(help="Port of the gateway listener.")] = 10000,
@@ -463,6 +469,14 @@ def envoy_config(
             "(lighter than gRPC; the rate-limit service and access log stay on --policy)."
         ),
     ] = None,
+    usage_extraction: Annotated[
+        UsageReader,
+        typer.Option(
+            help="How Envoy reads the backend's token usage: 'lua' scans answers of any size as "
+            "they pass; 'native' (Envoy's json_to_metadata and sse_to_metadata, Envoy 1.38+) costs "
+            "Envoy less CPU but fails JSON answers over its 1 MiB buffer with 500.",
+        ),
+    ] = UsageReader.lua,
 ) -> None:
     """Print an Envoy bootstrap: ext_authz with the body, token charging, routes on x-pe-route."""
     import yaml
@@ -494,6 +508,7 @@ def envoy_config(
         otlp_endpoint=upstream(otlp_endpoint, "--otlp-endpoint") if otlp_endpoint else None,
         authz_transport="http" if policy_http else "grpc",
         policy_http=upstream(policy_http, "--policy-http") if policy_http else None,
+        usage_extraction="native" if usage_extraction is UsageReader.native else "lua",
     )
     sys.stdout.write(yaml.safe_dump(bootstrap(config), sort_keys=False))
 

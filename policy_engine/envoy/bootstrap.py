@@ -31,16 +31,33 @@ USAGE_FIELDS = {
     "total_tokens": "total_tokens",
 }
 
-# Reads the OpenAI `usage` object from a JSON body or from the events of an SSE stream, chunk
-# by chunk (the stream is never buffered), and stores it as dynamic metadata for the
-# rate-limit entries that run when the stream is done.
+# Two ways to read the backend's `usage` into dynamic metadata for the rate-limit entries that
+# run when the stream is done (`GatewayConfig.usage_extraction`):
+# - "lua" (the default): the script below scans JSON bodies and SSE events chunk by chunk,
+#   never buffering, so answers of any size are charged; it adds prompt and completion when a
+#   backend reports no total;
+# - "native": Envoy's own json_to_metadata (JSON answers) and sse_to_metadata (streamed answers;
+#   Envoy 1.38 and later), about 60-80 µs of Envoy CPU less per request on the benchmark
+#   machine. json_to_metadata holds a JSON answer until it is complete, so one larger than
+#   Envoy's buffer limit (1 MiB by default) fails with 500 instead of passing uncharged.
+UsageExtraction = Literal["native", "lua"]
+USAGE_JSON_TYPES = ("application/json", "application/json; charset=utf-8", "application/json;charset=utf-8")
 USAGE_LUA = r"""
 -- Bytes kept across chunk boundaries, so a usage object split between two chunks is found.
 local TAIL = 4096
 
 local function extract(buffer)
   -- The last "usage": {...} object wins: streamed chunks carry "usage": null until the final one.
-  local usage = buffer:match('.*"usage"%s*:%s*(%b{})')
+  -- A forward scan: a pattern starting with ".*" is retried from every position of a chunk,
+  -- quadratic in its size (seconds for a 1 MB answer).
+  local usage
+  local from = 1
+  while true do
+    local _, stop = buffer:find('"usage"%s*:%s*', from)
+    if not stop then break end
+    usage = buffer:match('^%b{}', stop + 1) or usage
+    from = stop + 1
+  end
   if not usage then return nil end
   local prompt = tonumber(usage:match('"prompt_tokens"%s*:%s*(%d+)'))
   local completion = tonumber(usage:match('"completion_tokens"%s*:%s*(%d+)'))
@@ -99,6 +116,7 @@ class GatewayConfig:
     # the rate-limit service and the access log stay on gRPC (`policy`).
     authz_transport: Literal["grpc", "http"] = "grpc"
     policy_http: Upstream | None = None
+    usage_extraction: UsageExtraction = "lua"
 
     def __post_init__(self) -> None:
         if self.authz_transport == "http" and self.policy_http is None:
@@ -204,15 +222,7 @@ _HTTP_AUTHZ_RESPONSE = {
 
 # Before ext_authz in the HTTP transport: a client never sends x-pe-* headers upstream (the
 # gRPC answer lists them to remove; an HTTP answer can only add).
-STRIP_LUA = r"""
-function envoy_on_request(handle)
-  local names = {}
-  for key, _ in pairs(handle:headers()) do
-    if string.sub(key, 1, 5) == "x-pe-" then names[#names + 1] = key end
-  end
-  for _, key in ipairs(names) do handle:headers():remove(key) end
-end
-"""
+SERVICE_HEADER_PREFIX = "x-pe-"
 
 
 def _http_service(config: GatewayConfig) -> dict[str, Any]:
@@ -303,14 +313,63 @@ def _lua_filter(source: str) -> dict[str, Any]:
     }
 
 
-def usage_filter() -> dict[str, Any]:
-    """The Lua filter that stores the backend's reported token usage as dynamic metadata."""
-    return _lua_filter(USAGE_LUA)
+_JSON_PARSER_TYPE = "type.googleapis.com/envoy.extensions.content_parsers.json.v3.JsonContentParser"
+
+
+def _usage_rule(field: str) -> dict[str, Any]:
+    """`usage.<field>` → policy_engine.usage:<field>, a number; absent or null: nothing."""
+    return {
+        "selectors": [{"key": "usage"}, {"key": field}],
+        "on_present": {"metadata_namespace": USAGE_NAMESPACE, "key": field, "type": "NUMBER"},
+    }
+
+
+def usage_filters(extraction: UsageExtraction = "lua") -> list[dict[str, Any]]:
+    """The filters that store the backend's reported token usage as dynamic metadata."""
+    if extraction == "lua":
+        return [_lua_filter(USAGE_LUA)]
+    fields = sorted(set(USAGE_FIELDS.values()))
+    json_filter = {
+        "name": "envoy.filters.http.json_to_metadata",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
+            "response_rules": {
+                "rules": [_usage_rule(f) for f in fields],
+                "allow_content_types": list(USAGE_JSON_TYPES),
+            },
+        },
+    }
+    # Every event is parsed; a later usage object overwrites an earlier one, and the chunks'
+    # `"usage": null` writes nothing, so the final usage chunk is what is charged.
+    sse_filter = {
+        "name": "envoy.filters.http.sse_to_metadata",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.sse_to_metadata.v3.SseToMetadata",
+            "response_rules": {
+                "content_parser": {
+                    "name": "envoy.content_parsers.json",
+                    "typed_config": {
+                        "@type": _JSON_PARSER_TYPE,
+                        "rules": [{"rule": _usage_rule(f)} for f in fields],
+                    },
+                }
+            },
+        },
+    }
+    return [json_filter, sse_filter]
 
 
 def strip_filter() -> dict[str, Any]:
-    """The Lua filter that removes client x-pe-* headers (HTTP transport only)."""
-    return _lua_filter(STRIP_LUA)
+    """Removes every client header named x-pe-* (HTTP transport only), natively."""
+    return {
+        "name": "envoy.filters.http.header_mutation",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            "mutations": {
+                "request_mutations": [{"remove_on_match": {"key_matcher": {"prefix": SERVICE_HEADER_PREFIX}}}]
+            },
+        },
+    }
 
 
 def gateway_http_filters(config: GatewayConfig) -> list[dict[str, Any]]:
@@ -319,7 +378,7 @@ def gateway_http_filters(config: GatewayConfig) -> list[dict[str, Any]]:
         *([strip_filter()] if config.authz_transport == "http" else []),
         ext_authz_filter(config),
         ratelimit_filter(),
-        usage_filter(),
+        *usage_filters(config.usage_extraction),
         {
             "name": "envoy.filters.http.router",
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},

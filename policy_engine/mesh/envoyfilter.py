@@ -8,7 +8,9 @@ CUSTOM AuthorizationPolicy); the rest of the chain comes from the builders in
   `x-pe-route` header the service adds (the provider's `clearRouteCache` is accepted by Istio's
   MeshConfig, but some Istio versions do not pass it on to Envoy);
 - the rate-limit filter with the token-charging entries (`apply_on_stream_done`);
-- the Lua filter that reads the backend's reported usage from JSON and SSE responses.
+- the filter that reads the backend's reported usage from JSON and SSE responses (Lua, unless
+  the config asks for Envoy's native filters, which an Istio proxy older than Envoy 1.38
+  lacks: an unknown filter type makes the proxy reject the whole listener).
 
 The chart includes the patches from a JSON file with placeholders (`PLACEHOLDERS`) it fills
 from its values; `envoy_filter` renders a complete resource the same way.
@@ -24,7 +26,7 @@ from policy_engine.envoy.bootstrap import (
     GatewayConfig,
     ext_authz_filter,
     ratelimit_filter,
-    usage_filter,
+    usage_filters,
 )
 
 HCM = "envoy.filters.network.http_connection_manager"
@@ -68,11 +70,14 @@ def envoy_filter_patches(
             "match": _http_filter_match(context, ROUTER),
             "patch": {"operation": "INSERT_BEFORE", "value": ratelimit_filter(cluster)},
         },
-        {
-            "applyTo": "HTTP_FILTER",
-            "match": _http_filter_match(context, ROUTER),
-            "patch": {"operation": "INSERT_BEFORE", "value": usage_filter()},
-        },
+        *(
+            {
+                "applyTo": "HTTP_FILTER",
+                "match": _http_filter_match(context, ROUTER),
+                "patch": {"operation": "INSERT_BEFORE", "value": usage},
+            }
+            for usage in usage_filters(gateway.usage_extraction)
+        ),
     ]
 
 

@@ -78,7 +78,10 @@ def fresh_example_gateway(request: pytest.FixtureRequest) -> Iterator[Gateway]:
 
 
 def copied_gateway(
-    tmp_path: Path, without_quotas: bool = False, transport: str = "grpc"
+    tmp_path: Path,
+    without_quotas: bool = False,
+    transport: str = "grpc",
+    envoy_options: dict[str, object] | None = None,
 ) -> Iterator[Gateway]:
     import shutil
 
@@ -88,16 +91,19 @@ def copied_gateway(
         policy = policies / "policy.yaml"
         documents = policy.read_text().split("---\n")
         policy.write_text("---\n".join(d for d in documents if "kind: QuotaPolicy" not in d))
-    gw = gateway(policies, ["model-a", "model-b"], transport=transport)
+    gw = gateway(policies, ["model-a", "model-b"], transport=transport, envoy_options=envoy_options)
     yield gw
     gw.stop()
 
 
-@pytest.fixture(params=TRANSPORTS)
+@pytest.fixture(params=[*TRANSPORTS, "grpc-native"])
 def token_gateway(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Gateway]:
     """Small token budgets (tests/e2e/policies, copied so a test may edit them); once with each
-    ext_authz transport (the charge rides on the metadata either answer carries)."""
-    yield from copied_gateway(tmp_path, transport=request.param)
+    ext_authz transport (the charge rides on the metadata either answer carries), and once with
+    the usage read by Envoy's native json_to_metadata and sse_to_metadata instead of Lua."""
+    transport, _, extraction = request.param.partition("-")
+    options: dict[str, object] = {"usage_extraction": extraction} if extraction else {}
+    yield from copied_gateway(tmp_path, transport=transport, envoy_options=options)
 
 
 @pytest.fixture

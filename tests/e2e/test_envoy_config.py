@@ -74,8 +74,8 @@ def test_http_transport_config_is_the_tested_one_and_valid(tmp_path: object) -> 
     printed = printed_and_valid(tmp_path, ["--policy-http", "127.0.0.1:9002"], expected)
     manager = printed["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     names = [f["name"] for f in manager["http_filters"]]
-    # Client x-pe-* headers are stripped (Lua) before ext_authz asks over HTTP.
-    assert names[:2] == ["envoy.filters.http.lua", "envoy.filters.http.ext_authz"]
+    # Client x-pe-* headers are stripped before ext_authz asks over HTTP.
+    assert names[:2] == ["envoy.filters.http.header_mutation", "envoy.filters.http.ext_authz"]
     authz = manager["http_filters"][1]["typed_config"]
     assert authz["http_service"]["server_uri"]["uri"] == "http://127.0.0.1:9002"
     assert "grpc_service" not in authz

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -71,3 +72,20 @@ def test_input_and_output_budgets_are_charged_separately(token_gateway: Gateway)
     refused = httpx.post(url, json=CHAT, headers=PRO)
     assert refused.status_code == 429
     assert refused.headers["x-ratelimit-limit"] == "70"
+
+
+def test_a_json_answer_larger_than_envoys_buffer_is_charged_or_refused(token_gateway: Gateway) -> None:
+    """Envoy buffers at most 1 MiB of a stream by default. The Lua reader scans a larger JSON
+    answer as it passes (and once took seconds a megabyte); Envoy's json_to_metadata holds the
+    answer to parse it whole, so a larger one fails with 500 rather than passing uncharged."""
+    completion = 250_000  # 1.5 MB of content
+    for backend in token_gateway.backends.values():
+        backend.behaviour.completion_tokens = completion
+    url = f"{token_gateway.url}/v1/chat/completions"
+    response = httpx.post(url, json=CHAT, headers=FREE, timeout=10)
+    if "envoy.filters.http.json_to_metadata" in json.dumps(token_gateway.envoy.config):
+        assert response.status_code == 500, response.text[:300]
+        return
+    assert response.status_code == 200, response.text[:300]
+    assert len(response.json()["choices"][0]["message"]["content"]) == completion * 6 - 1
+    wait_charged(token_gateway, "total_tokens", completion + 1)
