@@ -4,22 +4,27 @@ Run: .venv/bin/python bench/gateway.py [--duration 10] [--connections 32] [--rat
 Needs `wrk` (Debian: apt-get install -y wrk). Traffic goes to 127.0.0.1 only and every
 process started here is stopped at the end.
 
-Every Envoy answers from a direct_response route, so the upstream is not part of the
-measurement. Rows:
-- Envoy alone;
+Every setup proxies to the same model server, a second Envoy (C++, one thread) answering every
+request with a chat completion and its usage, so the gateway reads the usage and charges it
+after each response, as in production, at the cost of a C++ upstream. Rows:
+- Envoy alone, proxying;
 - Envoy + a do-nothing HTTP ext_authz in C++ (a second Envoy answering 200 itself): the floor of
   any decision service asked over HTTP on this machine;
 - Envoy + a do-nothing Python gRPC ext_authz (bench/noop_authz.py, same grpc.aio stack, no
   decision): the floor of any Python gRPC decision service on this machine; and the same over
   Envoy's HTTP ext_authz protocol on plain asyncio, the floor of the other transport;
-- Envoy + policy-engine (the example policies, a premium tenant, a chat request of ~1 KB, the
-  rate-limit filter and the access-log stream) with 1 and 2 workers, asked over gRPC and over
-  HTTP (`serve --http-port`, `envoy-config --policy-http`).
-Two loads:
+- Envoy + policy-engine (the example policies, a premium tenant, a chat request of ~1 KB, token
+  charging through the rate-limit filter after each response, the access-log stream) with 1 and
+  2 workers, asked over gRPC and over
+  HTTP (`serve --http-port`, `envoy-config --policy-http`), with token usage read by Lua and by
+  Envoy's native filters (`envoy-config --usage-extraction`).
+Three loads:
 - saturation: wrk with N connections as fast as possible → requests/s, and the CPU time each
   process used per request (from /proc), which gives what the service alone could do with
   two cores of its own: 2 s of CPU per second / its CPU per request;
-- fixed rate: wrk with a per-connection delay giving about --rate requests/s → p50/p90/p99.
+- fixed rate: wrk with a per-connection delay giving about --rate requests/s → p50/p90/p99;
+- one connection, back to back and with 10 ms between requests → the median of a request that
+  finds the machine's caches warm, and one that finds them cooled.
 """
 
 from __future__ import annotations
@@ -35,11 +40,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from policy_engine.envoy.bootstrap import UsageExtraction  # noqa: E402
 from tests.e2e.harness import envoy_binary, free_port, start_service, stop_process, wait_until  # noqa: E402
 
 BACKENDS = ["llama-70b-h100-a", "llama-70b-h100-b", "llama-70b-a100-a", "llama-70b-a100-b"]
@@ -53,7 +59,13 @@ BODY = json.dumps(
         ],
     }
 )
-OK_BODY = '{"choices": [{"message": {"role": "assistant", "content": "ok"}}]}'
+# What the model server answers: a chat completion with its usage, as a backend reports it, so
+# the gateway reads the usage and charges it after every response, as in production.
+MODEL_BODY = (
+    '{"id": "cmpl-1", "object": "chat.completion", "choices": [{"index": 0, "message": '
+    '{"role": "assistant", "content": "ok"}, "finish_reason": "stop"}], '
+    '"usage": {"prompt_tokens": 300, "completion_tokens": 20, "total_tokens": 320}}'
+)
 
 WRK_SCRIPT = """
 wrk.method = "POST"
@@ -74,11 +86,20 @@ _BUFFER_FILTER = {
 
 
 def envoy_config(
-    listen_port: int, policy_port: int | None, full: bool = True, http_port: int | None = None
+    listen_port: int,
+    policy_port: int | None,
+    model_port: int,
+    full: bool = True,
+    http_port: int | None = None,
+    usage: UsageExtraction = "lua",
+    charging: Literal["access_log", "rate_limit"] = "access_log",
 ) -> dict[str, Any]:
-    """The project's bootstrap with every route answered by Envoy itself; `full=False` keeps
-    only ext_authz (for the no-op servers); with `http_port` ext_authz speaks Envoy's HTTP
-    protocol to that port (the project's HTTP transport)."""
+    """The project's bootstrap in front of the model server (every backend is the C++ model
+    server at `model_port`). Without a service (`policy_port` and `http_port` None) only the
+    router is left: Envoy alone, proxying. `full=False` keeps only ext_authz, for the no-op
+    servers, and routes every request to one backend as they set no route header; with
+    `http_port` ext_authz speaks Envoy's HTTP protocol to that port (the project's HTTP
+    transport); `usage`: how Envoy reads token usage."""
     from policy_engine.envoy.bootstrap import GatewayConfig, Upstream, bootstrap
 
     config = bootstrap(
@@ -86,52 +107,50 @@ def envoy_config(
             listen_port=listen_port,
             admin_port=0,
             policy=Upstream("127.0.0.1", policy_port or 1),
-            backends={name: Upstream("127.0.0.1", 1) for name in BACKENDS},
+            backends={name: Upstream("127.0.0.1", model_port) for name in BACKENDS},
             authz_transport="http" if http_port else "grpc",
             policy_http=Upstream("127.0.0.1", http_port) if http_port else None,
+            usage_extraction=usage,
+            charging=charging,
         )
     )
     manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    for route in manager["route_config"]["virtual_hosts"][0]["routes"]:
-        route.pop("route", None)
-        route["direct_response"] = {"status": 200, "body": {"inline_string": OK_BODY}}
-    if policy_port is None and http_port is None:  # Envoy alone: no decision service at all
+    alone = policy_port is None and http_port is None
+    if alone or not full:
+        kept = "envoy.filters.http.router" if alone else "envoy.filters.http.ext_authz"
         manager["http_filters"] = [
-            f for f in manager["http_filters"] if f["name"] == "envoy.filters.http.router"
-        ]
-    if not full:  # the no-op servers have no rate-limit service or access-log sink
-        manager["http_filters"] = [
-            f for f in manager["http_filters"] if f["name"] != "envoy.filters.http.ratelimit"
+            f for f in manager["http_filters"] if f["name"] in (kept, "envoy.filters.http.router")
         ]
         manager.pop("access_log", None)
-    # Every setup reads the whole request before answering, as a proxy forwarding it would: a
-    # direct response sent before the body is read closes the connection, and the client would
-    # then measure a new connection per request in some rows and not in others.
-    router = next(
-        i for i, f in enumerate(manager["http_filters"]) if f["name"] == "envoy.filters.http.router"
-    )
-    manager["http_filters"].insert(router, _BUFFER_FILTER)
+        manager["route_config"]["virtual_hosts"][0]["routes"] = [
+            {"match": {"prefix": "/"}, "route": {"cluster": f"backend-{BACKENDS[0]}"}}
+        ]
     return config
 
 
-def noop_envoy_config(port: int) -> dict[str, Any]:
-    """An Envoy that answers every request 200 itself: a do-nothing HTTP ext_authz server in
-    C++, the floor of any decision service reached over HTTP on this machine."""
+def noop_envoy_config(port: int, body: str | None = None) -> dict[str, Any]:
+    """An Envoy that answers every request 200 itself: with no body, a do-nothing HTTP ext_authz
+    server in C++, the floor of any decision service reached over HTTP on this machine; with a
+    JSON body, the model server every setup proxies to."""
+    response: dict[str, Any] = {"status": 200}
+    route: dict[str, Any] = {"match": {"prefix": "/"}, "direct_response": response}
+    if body is not None:
+        response["body"] = {"inline_string": body}
+        route["response_headers_to_add"] = [
+            {
+                "header": {"key": "content-type", "value": "application/json"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        ]
     manager = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
         ".HttpConnectionManager",
         "stat_prefix": "noop",
-        "route_config": {
-            "virtual_hosts": [
-                {
-                    "name": "all",
-                    "domains": ["*"],
-                    "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 200}}],
-                }
-            ]
-        },
+        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [route]}]},
         "http_filters": [
-            _BUFFER_FILTER,  # as in envoy_config: the connection stays open between requests
+            # A direct response sent before the request body is read closes the connection: the
+            # buffer filter reads it first, so the caller's connection is kept.
+            _BUFFER_FILTER,
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {
@@ -171,7 +190,7 @@ def start_envoy(
             str(os.getpid() % 10000 + len(name)),
         ],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=(workdir / f"{name}.log").open("wb"),
         start_new_session=True,
     )
     return process
@@ -256,6 +275,20 @@ def main() -> None:
         default=["grpc", "http"],
         help="ext_authz transports",
     )
+    parser.add_argument(
+        "--usage",
+        nargs="+",
+        choices=["lua", "native"],
+        default=["lua"],
+        help="how Envoy reads token usage in the policy-engine rows (envoy-config --usage-extraction)",
+    )
+    parser.add_argument(
+        "--charging",
+        nargs="+",
+        choices=["access_log", "rate_limit"],
+        default=["access_log"],
+        help="how the policy-engine rows charge usage after the response (envoy-config --charging)",
+    )
     parser.add_argument("--envoy-threads", type=int, default=2, help="Envoy --concurrency, every setup")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -270,26 +303,40 @@ def main() -> None:
     paced.write_text(
         WRK_SCRIPT.format(body=json.dumps(BODY), delay=f"function delay() return {delay_ms} end")
     )
+    # One connection, 10 ms between requests: every request meets caches the machine cooled
+    # meanwhile; the same connection back to back shows the warm cost.
+    lone = workdir / "lone.lua"
+    lone.write_text(WRK_SCRIPT.format(body=json.dumps(BODY), delay="function delay() return 10 end"))
+    lone_seconds = max(3, args.duration // 2)
 
     print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
     print(
         f"machine: {platform.machine()} cores={os.cpu_count()} python={platform.python_version()} "
         f"load before={os.getloadavg()[0]:.2f}"
     )
-    rows: list[tuple[str, dict[str, float], dict[str, float]]] = []
+    rows: list[tuple[str, dict[str, float], dict[str, float], dict[str, float], dict[str, float]]] = []
     processes: list[subprocess.Popen[bytes]] = []
+    charges: list[float] = []  # per policy-engine row: usage charged per request sent
 
     def answering(url: str, what: str) -> None:
         command = ["curl", "-sf", "-o", "/dev/null", "-X", "POST", url]
         wait_until(lambda: subprocess.run(command).returncode == 0, 20, what)
 
-    def measure_row(name: str, url: str, pids: dict[str, int]) -> None:
+    def measure_row(name: str, url: str, pids: dict[str, int]) -> dict[str, float]:
         saturation = measured(url, args.duration, args.connections, saturate, pids)
-        rows.append((name, saturation, wrk(url, args.duration, paced_connections, paced, threads=1)))
+        fixed = wrk(url, args.duration, paced_connections, paced, threads=1)
+        warm = wrk(url, lone_seconds, 1, saturate, threads=1)
+        cold = wrk(url, lone_seconds, 1, lone, threads=1)
+        rows.append((name, saturation, fixed, warm, cold))
+        return {"requests": sum(r["requests"] for r in (saturation, fixed, warm, cold))}
 
     try:
+        model_port = free_port()
+        model = start_envoy(noop_envoy_config(model_port, MODEL_BODY), workdir, "model", 1)
+        processes.append(model)
+        answering(f"http://127.0.0.1:{model_port}/", "the model server")
         port = free_port()
-        alone = start_envoy(envoy_config(port, None), workdir, "alone", args.envoy_threads)
+        alone = start_envoy(envoy_config(port, None, model_port), workdir, "alone", args.envoy_threads)
         processes.append(alone)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         answering(url, "envoy alone")
@@ -301,7 +348,7 @@ def main() -> None:
         processes.append(noop_envoy)
         port = free_port()
         envoy = start_envoy(
-            envoy_config(port, None, full=False, http_port=noop_port),
+            envoy_config(port, None, model_port, full=False, http_port=noop_port),
             workdir,
             "noop-cpp-front",
             args.envoy_threads,
@@ -328,9 +375,9 @@ def main() -> None:
             port = free_port()
             noop_port = int(port_file.read_text())
             if transport == "HTTP":
-                config = envoy_config(port, None, full=False, http_port=noop_port)
+                config = envoy_config(port, None, model_port, full=False, http_port=noop_port)
             else:
-                config = envoy_config(port, noop_port, full=False)
+                config = envoy_config(port, noop_port, model_port, full=False)
             envoy = start_envoy(config, workdir, f"noop-{transport}", args.envoy_threads)
             processes.append(envoy)
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
@@ -348,31 +395,54 @@ def main() -> None:
         if raised == quotas.read_text():
             sys.exit("policies/quotas.yaml changed: update the premium budget this benchmark raises")
         quotas.write_text(raised)
-        for transport in args.transports:
-            for workers in args.workers:
-                http_port = free_port() if transport == "http" else None
-                extra = ["--no-reload", *(["--http-port", str(http_port)] if http_port else [])]
-                service = start_service(policies, backends=BACKENDS, workers=workers, extra_args=extra)
-                port = free_port()
-                config = envoy_config(port, service.port, http_port=http_port)
-                envoy = start_envoy(config, workdir, f"pe{workers}{transport}", args.envoy_threads)
-                processes.append(envoy)
-                url = f"http://127.0.0.1:{port}/v1/chat/completions"
-                probe = [
-                    *("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "-d", BODY),
-                    *("-H", "authorization: Bearer sk-acme-premium-key-0001", url),
-                ]
+        setups = [
+            (transport, workers, usage, charging)
+            for transport in args.transports
+            for workers in args.workers
+            for usage in args.usage
+            for charging in args.charging
+        ]
+        for transport, workers, usage, charging in setups:
+            http_port = free_port() if transport == "http" else None
+            extra = ["--no-reload", *(["--http-port", str(http_port)] if http_port else [])]
+            service = start_service(policies, backends=BACKENDS, workers=workers, extra_args=extra)
+            port = free_port()
+            config = envoy_config(
+                port, service.port, model_port, http_port=http_port, usage=usage, charging=charging
+            )
+            name = f"pe{workers}{transport}{usage}{charging}"
+            envoy = start_envoy(config, workdir, name, args.envoy_threads)
+            processes.append(envoy)
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            probe = [
+                *("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "-d", BODY),
+                *("-H", "authorization: Bearer sk-acme-premium-key-0001", url),
+            ]
+            try:
                 wait_until(
                     lambda probe=probe: subprocess.run(probe, capture_output=True, text=True).stdout == "200",
-                    20,
+                    30,
                     "gateway",
                 )
-                time.sleep(0.5)
-                pids = {"envoy": envoy.pid, "service": service.process.pid}
-                plural = "s" if workers > 1 else ""
-                measure_row(f"Envoy + policy-engine, {transport} ({workers} worker{plural})", url, pids)
-                stop_process(envoy)
-                service.stop()
+            except TimeoutError:
+                answer = subprocess.run([*probe[:2], "-i", *probe[2:]], capture_output=True, text=True)
+                logs = (workdir / f"{name}.log").read_text()[-2000:]
+                logs += service.output()[-2000:]
+                sys.exit(f"the gateway does not answer 200: {answer.stdout[:500]}\n{logs}")
+            time.sleep(0.5)
+            pids = {"envoy": envoy.pid, "service": service.process.pid}
+            plural = "s" if workers > 1 else ""
+            charged_by = charging.replace("_", "-")
+            label = f"{transport} ({workers} worker{plural}, {usage} usage, charged by {charged_by})"
+            sent = measure_row(f"Envoy + policy-engine, {label}", url, pids)["requests"]
+            time.sleep(1)  # the last charges are made after their responses
+            # Every answered request is charged its reported usage after the response.
+            charged = re.search(
+                r'^pe_tokens_charged_total\{kind="total_tokens"\} ([0-9.e+]+)$', service.metrics(), re.M
+            )
+            charges.append(float(charged.group(1)) / 320 / sent if charged else 0.0)
+            stop_process(envoy)
+            service.stop()
     finally:
         for process in processes:
             stop_process(process)
@@ -382,14 +452,16 @@ def main() -> None:
         f"\nsaturation: wrk -t2 -c{args.connections} -d{args.duration}s; "
         f"fixed rate: wrk -t1 -c{paced_connections} with {delay_ms:.1f} ms delay per connection "
         f"(≈{args.rate} req/s); CPU: µs of CPU time per request during the saturation run "
-        "(a service's row counts all its processes)\n"
+        "(a service's row counts all its processes); one connection: wrk -t1 -c1 "
+        f"-d{lone_seconds}s back to back (warm) and with 10 ms between requests (cold), p50\n"
     )
     print(
         "| setup | saturation req/s | ratio | non-2xx | Envoy CPU µs/req | service CPU µs/req "
-        "| service alone on 2 cores, req/s | paced req/s | p50 ms | p90 ms | p99 ms | added p99 ms |"
+        "| service alone on 2 cores, req/s | paced req/s | p50 ms | p90 ms | p99 ms | added p99 ms "
+        "| one conn. warm p50 ms | one conn. cold p50 ms |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, sat, pace in rows:
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, sat, pace, warm, cold in rows:
         service_cpu = sat.get("service_cpu_us")
         service_text = f"{service_cpu:.0f}" if service_cpu else "—"
         capacity = f"{2e6 / service_cpu:.0f}" if service_cpu else "—"
@@ -397,8 +469,13 @@ def main() -> None:
             f"| {name} | {sat['rps']:.0f} | {sat['rps'] / base_sat['rps']:.2f} | {sat['non_2xx']:.0f} "
             f"| {sat.get('envoy_cpu_us', 0):.0f} | {service_text} | {capacity} "
             f"| {pace['rps']:.0f} | {pace.get('p50_ms', 0):.2f} | {pace.get('p90_ms', 0):.2f} "
-            f"| {pace.get('p99_ms', 0):.2f} | {pace.get('p99_ms', 0) - base_paced.get('p99_ms', 0):.2f} |"
+            f"| {pace.get('p99_ms', 0):.2f} | {pace.get('p99_ms', 0) - base_paced.get('p99_ms', 0):.2f} "
+            f"| {warm.get('p50_ms', 0):.2f} | {cold.get('p50_ms', 0):.2f} |"
         )
+    if charges:
+        # A ratio near 1 shows the rows paid for token charging; a few probes are not counted.
+        ratios = ", ".join(f"{c:.2f}" for c in charges)
+        print(f"\nusage charged per request sent, policy-engine rows in order: {ratios}")
 
 
 if __name__ == "__main__":

@@ -448,6 +448,11 @@ class UsageReader(enum.StrEnum):
     native = "native"
 
 
+class Charging(enum.StrEnum):
+    access_log = "access-log"
+    rate_limit = "rate-limit"
+
+
 @app.command("envoy-config")
 def envoy_config(
     listen_port: Annotated[int, typer.Option(help="Port of the gateway listener.")] = 10000,
@@ -477,6 +482,13 @@ def envoy_config(
             "Envoy less CPU but fails JSON answers over its 1 MiB buffer with 500.",
         ),
     ] = UsageReader.lua,
+    charging: Annotated[
+        Charging,
+        typer.Option(
+            help="How the usage is charged after the response: from the access-log stream the "
+            "service receives anyway (no call per request), or by one rate-limit call per response.",
+        ),
+    ] = Charging.access_log,
 ) -> None:
     """Print an Envoy bootstrap: ext_authz with the body, token charging, routes on x-pe-route."""
     import yaml
@@ -509,6 +521,7 @@ def envoy_config(
         authz_transport="http" if policy_http else "grpc",
         policy_http=upstream(policy_http, "--policy-http") if policy_http else None,
         usage_extraction="native" if usage_extraction is UsageReader.native else "lua",
+        charging="rate_limit" if charging is Charging.rate_limit else "access_log",
     )
     sys.stdout.write(yaml.safe_dump(bootstrap(config), sort_keys=False))
 

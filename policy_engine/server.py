@@ -39,6 +39,7 @@ from policy_engine.decide.tenants import TenantRegistry
 from policy_engine.envoy.authz import AuthorizationService
 from policy_engine.envoy.http_authz import serve_http
 from policy_engine.envoy.ratelimit import RateLimitService
+from policy_engine.envoy.usage_charge import UsageCharger
 from policy_engine.policy.compiler import load_bundle
 from policy_engine.policy.reload import BundleHolder, ReloadResult
 from policy_engine.quota.memory import MemoryStore
@@ -171,10 +172,10 @@ async def serve(settings: Settings, worker: int = 0) -> None:
         stale_after_s=settings.stale_after_s,
         half_life_s=settings.half_life_s,
     )
-    access_log = AccessLogService(hub)
     scraper = MetricsScraper(hub, interval_s=settings.scrape_interval_s)
     store = _store(settings)
     quota = QuotaService(store, lambda: holder.pipeline.bundle, metrics)
+    access_log = AccessLogService(hub, charge=UsageCharger(quota.charge_usage).charge)
     canary = start_canary(settings, worker, lambda: holder.pipeline.bundle, hub, registry)
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])

@@ -411,11 +411,13 @@ def _handler(backend: BackendServer) -> type[BaseHTTPRequestHandler]:
             self.send_header("x-backend", backend.name)
             self.end_headers()
             for index in range(completion):
-                event = {
+                event: dict[str, object] = {
                     "object": "chat.completion.chunk",
                     "model": model,
                     "choices": [{"index": 0, "delta": {"content": "token "}, "finish_reason": None}],
                 }
+                if include_usage:  # as OpenAI sends them: every chunk says null until the last
+                    event["usage"] = None
                 self._chunk(f"data: {json.dumps(event)}\n\n".encode())
                 if delay_ms and index < completion - 1:
                     time.sleep(delay_ms / 1000)

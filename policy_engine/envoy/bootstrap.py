@@ -24,6 +24,9 @@ _HCM_TYPE = (
 RATE_LIMIT_DOMAIN = "policy-engine"
 AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 USAGE_NAMESPACE = "policy_engine.usage"
+# The access-log custom tag that asks the service to charge the entry's usage.
+CHARGE_TAG = "pe_charge"
+CHARGE_TAG_VALUE = "access_log"
 # Usage field of the backend's `usage` object charged against each token kind.
 USAGE_FIELDS = {
     "input_tokens": "prompt_tokens",
@@ -37,11 +40,16 @@ USAGE_FIELDS = {
 #   never buffering, so answers of any size are charged; it adds prompt and completion when a
 #   backend reports no total;
 # - "native": Envoy's own json_to_metadata (JSON answers) and sse_to_metadata (streamed answers;
-#   Envoy 1.38 and later), about 60-80 µs of Envoy CPU less per request on the benchmark
-#   machine. json_to_metadata holds a JSON answer until it is complete, so one larger than
-#   Envoy's buffer limit (1 MiB by default) fails with 500 instead of passing uncharged.
+#   Envoy 1.38 and later), less Envoy CPU per request (docs/BENCHMARKS.md). json_to_metadata
+#   holds every JSON answer until it is complete, so one larger than Envoy's buffer limit (1 MiB
+#   by default: long completions, image generations in b64_json, large embedding batches) fails
+#   with 500 instead of passing uncharged.
 UsageExtraction = Literal["native", "lua"]
-USAGE_JSON_TYPES = ("application/json", "application/json; charset=utf-8", "application/json;charset=utf-8")
+# Any spelling of the JSON media type, parameters included (the filter's plain list is exact).
+USAGE_JSON_TYPE = r"(?i)application/json\s*(;.*)?"
+# The largest SSE event the native reader parses; a larger one is skipped (Envoy's default 8 KiB
+# would drop a usage chunk that carries logprobs).
+USAGE_SSE_EVENT_LIMIT = 1 << 20
 USAGE_LUA = r"""
 -- Bytes kept across chunk boundaries, so a usage object split between two chunks is found.
 local TAIL = 4096
@@ -117,8 +125,16 @@ class GatewayConfig:
     authz_transport: Literal["grpc", "http"] = "grpc"
     policy_http: Upstream | None = None
     usage_extraction: UsageExtraction = "lua"
+    # How the usage is charged after the response: from the access-log entries the service
+    # receives anyway (no call per request, policy_engine.envoy.usage_charge), or by one
+    # rate-limit call per response (`apply_on_stream_done`), as an Istio mesh does.
+    charging: Literal["access_log", "rate_limit"] = "access_log"
 
     def __post_init__(self) -> None:
+        if self.charging not in ("access_log", "rate_limit"):
+            raise ValueError(f"charging must be 'access_log' or 'rate_limit', not {self.charging!r}")
+        if self.usage_extraction not in ("lua", "native"):
+            raise ValueError(f"usage_extraction must be 'lua' or 'native', not {self.usage_extraction!r}")
         if self.authz_transport == "http" and self.policy_http is None:
             raise ValueError("the http ext_authz transport needs the service's HTTP port (policy_http)")
 
@@ -158,6 +174,12 @@ def grpc_access_log(config: GatewayConfig) -> dict[str, Any]:
                 "transport_api_version": "V3",
                 "grpc_service": {"envoy_grpc": {"cluster_name": POLICY_CLUSTER}},
                 "buffer_flush_interval": f"{config.access_log_flush_s}s",
+                # Tells the service to charge the usage this entry reports (see GatewayConfig).
+                **(
+                    {"custom_tags": [{"tag": CHARGE_TAG, "literal": {"value": CHARGE_TAG_VALUE}}]}
+                    if config.charging == "access_log"
+                    else {}
+                ),
             },
             # Lets the service tell streamed answers (time to first token) from JSON ones.
             "additional_response_headers_to_log": ["content-type"],
@@ -335,7 +357,7 @@ def usage_filters(extraction: UsageExtraction = "lua") -> list[dict[str, Any]]:
             "@type": "type.googleapis.com/envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
             "response_rules": {
                 "rules": [_usage_rule(f) for f in fields],
-                "allow_content_types": list(USAGE_JSON_TYPES),
+                "allow_content_types_regex": {"regex": USAGE_JSON_TYPE},
             },
         },
     }
@@ -352,7 +374,8 @@ def usage_filters(extraction: UsageExtraction = "lua") -> list[dict[str, Any]]:
                         "@type": _JSON_PARSER_TYPE,
                         "rules": [{"rule": _usage_rule(f)} for f in fields],
                     },
-                }
+                },
+                "max_event_size": USAGE_SSE_EVENT_LIMIT,
             },
         },
     }
@@ -377,7 +400,7 @@ def gateway_http_filters(config: GatewayConfig) -> list[dict[str, Any]]:
     return [
         *([strip_filter()] if config.authz_transport == "http" else []),
         ext_authz_filter(config),
-        ratelimit_filter(),
+        *([ratelimit_filter()] if config.charging == "rate_limit" else []),
         *usage_filters(config.usage_extraction),
         {
             "name": "envoy.filters.http.router",

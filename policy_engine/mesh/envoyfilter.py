@@ -56,7 +56,10 @@ def envoy_filter_patches(
     context: str = CONTEXT_PLACEHOLDER,
 ) -> list[dict[str, Any]]:
     """`spec.configPatches`, in the order Envoy must run the filters (each before the router)."""
-    gateway = config if config is not None else GatewayConfig()
+    # The mesh charges through the rate-limit service: Istio's access-log provider carries no
+    # charging tag (policy_engine.envoy.usage_charge), so the filter is inserted whatever
+    # `config.charging` says.
+    gateway = config if config is not None else GatewayConfig(charging="rate_limit")
     authz = ext_authz_filter(gateway)["typed_config"]
     route_cache = {"@type": authz["@type"], "clear_route_cache": authz["clear_route_cache"]}
     return [

@@ -35,7 +35,7 @@ helper) so that decoding happens here, per message, instead of failing the whole
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,14 +158,24 @@ class IngestCounters:
     unknown_backend: int = 0
     malformed: int = 0  # undecodable messages and unreadable entries
     streams: int = 0
+    charged: int = 0  # token counters charged from entries
+    charge_errors: int = 0
 
 
 class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
     """Feeds the hub from Envoy's `envoy.access_loggers.http_grpc` streams."""
 
-    def __init__(self, hub: TelemetryHub, backend_of: Callable[[str], str | None] | None = None) -> None:
+    def __init__(
+        self,
+        hub: TelemetryHub,
+        backend_of: Callable[[str], str | None] | None = None,
+        charge: Callable[[Any], Awaitable[int]] | None = None,
+    ) -> None:
+        """`charge`: called with each entry's `AccessLogCommon` after the telemetry took it
+        (token usage charged from the log, policy_engine.envoy.usage_charge)."""
         self._hub = hub
         self._backend_of = backend_of or strip_prefix()
+        self._charge = charge
         self.counters = IngestCounters()
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -185,12 +195,27 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
     ) -> als_pb2.StreamAccessLogsResponse:
         self.counters.streams += 1
         async for message in request_iterator:
-            self.ingest(message)
+            entries = self._entries(message)
+            self._observe(entries)
+            if self._charge is not None:
+                await self._charge_all(entries)
         # Envoy keeps the stream open for good; an answer only comes when it closes the stream.
         return als_pb2.StreamAccessLogsResponse()
 
+    async def _charge_all(self, entries: list[Any]) -> None:
+        assert self._charge is not None
+        for entry in entries:
+            try:
+                self.counters.charged += await self._charge(entry.common_properties)
+            except Exception:  # one bad entry must not end the stream and its later charges
+                self.counters.charge_errors += 1
+                log.warning("charging an access-log entry failed", exc_info=True)
+
     def ingest(self, message: Any) -> int:
         """One stream message (decoded or raw bytes) → number of observations the hub took."""
+        return self._observe(self._entries(message))
+
+    def _entries(self, message: Any) -> list[Any]:
         self.counters.messages += 1
         if isinstance(message, bytes | bytearray | memoryview):
             try:
@@ -198,12 +223,14 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
             except Exception:
                 self.counters.malformed += 1
                 log.debug("undecodable access-log message of %d bytes", len(message))
-                return 0
+                return []
         try:
-            entries = list(message.http_logs.log_entry)
+            return list(message.http_logs.log_entry)
         except Exception:
             self.counters.malformed += 1
-            return 0
+            return []
+
+    def _observe(self, entries: list[Any]) -> int:
         taken = 0
         for entry in entries:
             self.counters.entries += 1

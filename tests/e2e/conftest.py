@@ -96,13 +96,20 @@ def copied_gateway(
     gw.stop()
 
 
-@pytest.fixture(params=[*TRANSPORTS, "grpc-native"])
+TOKEN_VARIANTS = {
+    "native": {"usage_extraction": "native"},
+    "ratelimit": {"charging": "rate_limit"},
+}
+
+
+@pytest.fixture(params=[*TRANSPORTS, "grpc-native", "grpc-ratelimit"])
 def token_gateway(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Gateway]:
     """Small token budgets (tests/e2e/policies, copied so a test may edit them); once with each
-    ext_authz transport (the charge rides on the metadata either answer carries), and once with
-    the usage read by Envoy's native json_to_metadata and sse_to_metadata instead of Lua."""
-    transport, _, extraction = request.param.partition("-")
-    options: dict[str, object] = {"usage_extraction": extraction} if extraction else {}
+    ext_authz transport (the charge rides on the metadata either answer carries), once with the
+    usage read by Envoy's native json_to_metadata and sse_to_metadata instead of Lua, and once
+    charged by a rate-limit call per response instead of from the access log (the mesh's way)."""
+    transport, _, variant = request.param.partition("-")
+    options = dict(TOKEN_VARIANTS[variant]) if variant else {}
     yield from copied_gateway(tmp_path, transport=transport, envoy_options=options)
 
 

@@ -45,11 +45,16 @@ def test_printed_config_is_the_tested_one_and_valid(tmp_path: object) -> None:
             "typed_config"
         ]["http_filters"]
     ]
+    # Usage is charged from the access log: no rate-limit call per request.
     assert filters == [
         "envoy.filters.http.ext_authz",
-        "envoy.filters.http.ratelimit",
         "envoy.filters.http.lua",
         "envoy.filters.http.router",
+    ]
+    manager = printed["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    (log,) = manager["access_log"]
+    assert log["typed_config"]["common_config"]["custom_tags"] == [
+        {"tag": "pe_charge", "literal": {"value": "access_log"}}
     ]
     authz = printed["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
         "http_filters"
@@ -82,3 +87,36 @@ def test_http_transport_config_is_the_tested_one_and_valid(tmp_path: object) -> 
     # The rate-limit service (token charging) and the access log stay on gRPC.
     clusters = {c["name"] for c in printed["static_resources"]["clusters"]}
     assert {"policy-engine", "policy-engine-http"} <= clusters
+
+
+def test_native_usage_extraction_config_is_the_tested_one_and_valid(tmp_path: object) -> None:
+    printed = printed_and_valid(
+        tmp_path,
+        ["--usage-extraction", "native"],
+        GatewayConfig(listen_address="0.0.0.0", usage_extraction="native"),
+    )
+    manager = printed["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    names = [f["name"] for f in manager["http_filters"]]
+    assert names[-3:] == [
+        "envoy.filters.http.json_to_metadata",
+        "envoy.filters.http.sse_to_metadata",
+        "envoy.filters.http.router",
+    ]
+    assert "envoy.filters.http.lua" not in names
+
+
+def test_an_unknown_usage_extraction_is_refused() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="usage_extraction"):
+        GatewayConfig(usage_extraction="wasm")  # type: ignore[arg-type]
+
+
+def test_rate_limit_charging_config_is_the_tested_one_and_valid(tmp_path: object) -> None:
+    printed = printed_and_valid(
+        tmp_path, ["--charging", "rate-limit"], GatewayConfig(listen_address="0.0.0.0", charging="rate_limit")
+    )
+    manager = printed["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert "envoy.filters.http.ratelimit" in [f["name"] for f in manager["http_filters"]]
+    # Untagged entries: the service must not charge them a second time.
+    assert "custom_tags" not in manager["access_log"][0]["typed_config"]["common_config"]

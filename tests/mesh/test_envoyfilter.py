@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import subprocess
 from pathlib import Path
@@ -28,8 +29,10 @@ ISTIO_CLUSTER = istio_cluster("pe-policy-engine.policy-engine.svc.cluster.local"
 
 
 def e2e_filters() -> list[dict[str, Any]]:
-    """The HTTP filters of the bootstrap the end-to-end tests run."""
-    listener = bootstrap(GATEWAY)["static_resources"]["listeners"][0]
+    """The HTTP filters of the bootstrap the end-to-end tests run when Envoy charges through the
+    rate-limit service, as the mesh does (token_gateway[grpc-ratelimit])."""
+    config = dataclasses.replace(GATEWAY, charging="rate_limit")
+    listener = bootstrap(config)["static_resources"]["listeners"][0]
     manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
     return list(manager["http_filters"])
 
@@ -156,3 +159,18 @@ def test_envoy_accepts_the_chart_filter_chain(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert authz["typed_config"]["clear_route_cache"] is True
+
+
+def test_a_native_usage_envoy_filter_inserts_both_native_readers_in_order() -> None:
+    """The mesh keeps Lua by default; asked for Envoy's native readers it inserts both."""
+    native = envoy_filter(MeshTarget(), GatewayConfig(usage_extraction="native"))
+    inserted = [
+        p["patch"]["value"]["name"]
+        for p in native["spec"]["configPatches"]
+        if p["patch"]["operation"] == "INSERT_BEFORE"
+    ]
+    assert inserted == [
+        "envoy.filters.http.ratelimit",
+        "envoy.filters.http.json_to_metadata",
+        "envoy.filters.http.sse_to_metadata",
+    ]

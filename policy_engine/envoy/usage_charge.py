@@ -1,0 +1,67 @@
+"""Token usage charged from Envoy's access-log stream, the gateway's default charging path.
+
+Envoy already streams one access-log entry per request to the service (live telemetry), in
+batches. With `GatewayConfig.charging="access_log"` each entry also carries what the rate-limit
+call would have: the counters and reservations the decision returned as ext_authz dynamic
+metadata, and the usage the backend reported (`policy_engine.usage`). Charging from the entry
+saves a gRPC call per request, the service's dearest part after the decision itself
+(docs/BENCHMARKS.md); a charge lands within one flush interval of the response.
+
+Only entries tagged `pe_charge: access_log` are charged: an Envoy that charges through the
+rate-limit service (the mesh's EnvoyFilter) streams untagged entries, which must not be charged
+a second time. As on the rate-limit path, a response without usage (an aborted stream, a stream
+without `include_usage`) charges nothing and keeps its reservation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from policy_engine.decide.quota import METADATA_KEYS
+from policy_engine.envoy.bootstrap import (
+    AUTHZ_NAMESPACE,
+    CHARGE_TAG,
+    CHARGE_TAG_VALUE,
+    USAGE_FIELDS,
+    USAGE_NAMESPACE,
+)
+from policy_engine.envoy.ratelimit import MAX_HITS
+
+
+def usage_charges(common: Any) -> list[tuple[str, int, str]]:
+    """(counters JSON, tokens, kind) for each token kind an access-log entry's
+    `AccessLogCommon` asks to charge; none unless the entry is tagged for charging."""
+    if common.custom_tags.get(CHARGE_TAG) != CHARGE_TAG_VALUE:
+        return []
+    namespaces = common.metadata.filter_metadata
+    if AUTHZ_NAMESPACE not in namespaces or USAGE_NAMESPACE not in namespaces:
+        return []
+    counters = namespaces[AUTHZ_NAMESPACE].fields
+    usage = namespaces[USAGE_NAMESPACE].fields
+    charges = []
+    for kind, key in METADATA_KEYS.items():
+        field = USAGE_FIELDS[kind]
+        if key not in counters or field not in usage:
+            continue
+        entries, reported = counters[key], usage[field]
+        if entries.WhichOneof("kind") != "string_value" or reported.WhichOneof("kind") != "number_value":
+            continue
+        tokens = reported.number_value
+        if tokens >= 1:  # NaN and negatives fail this too
+            charges.append((entries.string_value, int(min(tokens, MAX_HITS)), kind))
+    return charges
+
+
+class UsageCharger:
+    """Charges the usage an access-log entry reports; `charge` is what AccessLogService calls."""
+
+    def __init__(self, charge_usage: Callable[[str, int, str], Awaitable[int]]) -> None:
+        self._charge_usage = charge_usage
+
+    async def charge(self, common: Any) -> int:
+        """Counters charged for one entry's `AccessLogCommon`."""
+        charged = 0
+        for entries, tokens, kind in usage_charges(common):
+            charged += await self._charge_usage(entries, tokens, kind)
+        return charged

@@ -1,0 +1,90 @@
+"""Token usage charged from access-log entries (the default charging path), and only from
+entries tagged for it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import grpc
+from envoy.service.accesslog.v3 import als_pb2_grpc
+
+from policy_engine.envoy.bootstrap import AUTHZ_NAMESPACE, CHARGE_TAG, CHARGE_TAG_VALUE
+from policy_engine.envoy.usage_charge import UsageCharger, usage_charges
+from policy_engine.telemetry.access_log import AccessLogService
+from policy_engine.telemetry.hub import TelemetryHub
+from tests.unit.test_telemetry_access_log import FakeClock, entry, message, serve
+
+COUNTERS = json.dumps([["tokens|free|day|total_tokens|acme", 30]])
+
+
+def charged_entry(
+    usage: dict[str, Any] | None = None, tagged: bool = True, counters: dict[str, Any] | None = None
+) -> Any:
+    log = entry(usage=usage if usage is not None else {"total_tokens": 41})
+    common = log.common_properties
+    if tagged:
+        common.custom_tags[CHARGE_TAG] = CHARGE_TAG_VALUE
+    common.metadata.filter_metadata[AUTHZ_NAMESPACE].update(
+        counters if counters is not None else {"pe_total_tokens": COUNTERS}
+    )
+    return log
+
+
+def test_a_tagged_entry_charges_each_reported_kind() -> None:
+    log = charged_entry(
+        usage={"prompt_tokens": 11, "completion_tokens": 30, "total_tokens": 41},
+        counters={"pe_total_tokens": COUNTERS, "pe_output_tokens": "[]", "pe_input_tokens": "[]"},
+    )
+    assert sorted(usage_charges(log.common_properties)) == sorted(
+        [(COUNTERS, 41, "total_tokens"), ("[]", 30, "output_tokens"), ("[]", 11, "input_tokens")]
+    )
+
+
+def test_what_is_not_charged() -> None:
+    # Charged through the rate-limit service instead (the mesh's Envoy tags nothing).
+    assert usage_charges(charged_entry(tagged=False).common_properties) == []
+    # No usage reported (an aborted stream): the reservation stays.
+    assert usage_charges(charged_entry(usage={}).common_properties) == []
+    # No counters: the decision charged nothing to this request.
+    assert usage_charges(charged_entry(counters={}).common_properties) == []
+    # Zero, negative, NaN or non-numeric usage, and counters that are not a string.
+    for odd in (0, -5, float("nan"), "41", 0.4):
+        assert usage_charges(charged_entry(usage={"total_tokens": odd}).common_properties) == []
+    assert usage_charges(charged_entry(counters={"pe_total_tokens": 7}).common_properties) == []
+    # Absurd usage is clamped, as on the rate-limit path.
+    ((_, tokens, _),) = usage_charges(charged_entry(usage={"total_tokens": 1e30}).common_properties)
+    assert tokens == 1 << 32
+
+
+def test_the_stream_charges_tagged_entries_and_survives_a_failing_charge() -> None:
+    calls: list[tuple[str, int, str]] = []
+
+    async def charge_usage(entries: str, tokens: int, kind: str) -> int:
+        calls.append((entries, tokens, kind))
+        if tokens == 13:
+            raise RuntimeError("the store is down")
+        return 1
+
+    hub = TelemetryHub(["a"], clock=FakeClock())
+    service = AccessLogService(hub, charge=UsageCharger(charge_usage).charge)
+    messages = [
+        message(charged_entry(usage={"total_tokens": 13}), charged_entry(tagged=False)),
+        message(charged_entry(usage={"total_tokens": 41})),
+    ]
+
+    async def scenario() -> None:
+        server, port = await serve(service)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = als_pb2_grpc.AccessLogServiceStub(channel)
+                await stub.StreamAccessLogs(iter(messages), timeout=30)
+        finally:
+            await server.stop(None)
+
+    asyncio.run(scenario())
+    assert calls == [(COUNTERS, 13, "total_tokens"), (COUNTERS, 41, "total_tokens")]
+    assert (service.counters.charged, service.counters.charge_errors) == (1, 1)
+    # The telemetry took every entry, charged or not.
+    assert service.counters.observed == 3
