@@ -13,9 +13,9 @@ after each response, as in production, at the cost of a C++ upstream. Rows:
 - Envoy + a do-nothing Python gRPC ext_authz (bench/noop_authz.py, same grpc.aio stack, no
   decision): the floor of any Python gRPC decision service on this machine; and the same over
   Envoy's HTTP ext_authz protocol on plain asyncio, the floor of the other transport;
-- Envoy + policy-engine (the example policies, a premium tenant, a chat request of ~1 KB, token
-  charging through the rate-limit filter after each response, the access-log stream) with 1 and
-  2 workers, asked over gRPC and over
+- Envoy + policy-engine (the example policies, a premium tenant, a chat request of ~1 KB, the
+  access-log stream and token charging after each response: from the access log, or through the
+  rate-limit filter with --charging rate_limit) with 1 and 2 workers, asked over gRPC and over
   HTTP (`serve --http-port`, `envoy-config --policy-http`), with token usage read by Lua and by
   Envoy's native filters (`envoy-config --usage-extraction`).
 Three loads:

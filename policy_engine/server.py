@@ -241,6 +241,7 @@ async def serve(settings: Settings, worker: int = 0) -> None:
     if http_server is not None:
         http_server.close()  # stop accepting; answers in flight finish within the grace below
     await server.stop(settings.grace_s)
+    await access_log.drain()  # the charges of the last log entries
     await scraper.stop()
     await canary.close()
     if flusher is not None:

@@ -2,8 +2,9 @@
 
 One source for every place that runs Envoy with the service (end-to-end tests, the demo,
 `policy-engine envoy-config`): ext_authz with the request body and `clear_route_cache`, the
-token-usage extraction, the rate-limit filter that charges usage after the response, and
-routes that match the `x-pe-route` header the service sets.
+token-usage extraction, the access log that streams every outcome to the service (telemetry,
+and the usage it charges; or the rate-limit filter that charges it, `charging="rate_limit"`),
+and routes that match the `x-pe-route` header the service sets.
 """
 
 from __future__ import annotations

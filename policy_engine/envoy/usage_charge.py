@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from envoy.data.accesslog.v3 import accesslog_pb2
+
 from policy_engine.decide.quota import METADATA_KEYS
 from policy_engine.envoy.bootstrap import (
     AUTHZ_NAMESPACE,
@@ -28,11 +30,17 @@ from policy_engine.envoy.bootstrap import (
 )
 from policy_engine.envoy.ratelimit import MAX_HITS
 
+_FINAL_TYPES = frozenset({accesslog_pb2.AccessLogType.NotSet, accesslog_pb2.AccessLogType.DownstreamEnd})
+
 
 def usage_charges(common: Any) -> list[tuple[str, int, str]]:
     """(counters JSON, tokens, kind) for each token kind an access-log entry's
     `AccessLogCommon` asks to charge; none unless the entry is tagged for charging."""
     if common.custom_tags.get(CHARGE_TAG) != CHARGE_TAG_VALUE:
+        return []
+    # One charge per request: only its final downstream entry, never a periodic or an
+    # upstream one (should the logger ever be configured to send those too).
+    if common.intermediate_log_entry or common.access_log_type not in _FINAL_TYPES:
         return []
     namespaces = common.metadata.filter_metadata
     if AUTHZ_NAMESPACE not in namespaces or USAGE_NAMESPACE not in namespaces:

@@ -34,6 +34,7 @@ helper) so that decoding happens here, per message, instead of failing the whole
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -49,6 +50,9 @@ from policy_engine.telemetry.observations import RequestObservation
 log = logging.getLogger("policy_engine.telemetry.access_log")
 
 METHOD = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
+# Message batches whose charges may be under way at once (Envoy sends one per flush interval per
+# worker thread, so this is minutes of backlog before anything is dropped).
+MAX_CHARGING_BATCHES = 1024
 USAGE_NAMESPACE = "policy_engine.usage"
 BACKEND_CLUSTER_PREFIX = "backend-"
 _CONNECT_FLAGS = (
@@ -159,7 +163,8 @@ class IngestCounters:
     malformed: int = 0  # undecodable messages and unreadable entries
     streams: int = 0
     charged: int = 0  # token counters charged from entries
-    charge_errors: int = 0
+    charge_errors: int = 0  # entries whose charge failed (a store that refuses is counted there)
+    charges_dropped: int = 0  # entries not charged because too many batches were under way
 
 
 class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
@@ -176,6 +181,7 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
         self._hub = hub
         self._backend_of = backend_of or strip_prefix()
         self._charge = charge
+        self._charging: set[asyncio.Future[None]] = set()
         self.counters = IngestCounters()
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -197,19 +203,40 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
         async for message in request_iterator:
             entries = self._entries(message)
             self._observe(entries)
-            if self._charge is not None:
-                await self._charge_all(entries)
+            if self._charge is not None and entries:
+                self._start_charging(entries)
         # Envoy keeps the stream open for good; an answer only comes when it closes the stream.
         return als_pb2.StreamAccessLogsResponse()
+
+    def _start_charging(self, entries: list[Any]) -> None:
+        # Charges run beside the stream, not in it: a slow counter store (Redis timing out)
+        # must not hold up reading the log, or Envoy would drop entries and the telemetry with
+        # them. Past the bound, a batch is dropped and counted rather than queued without end.
+        if len(self._charging) >= MAX_CHARGING_BATCHES:
+            self.counters.charges_dropped += len(entries)
+            log.warning("token charges of %d access-log entries dropped: the store is behind", len(entries))
+            return
+        task = asyncio.ensure_future(self._charge_all(entries))
+        self._charging.add(task)
+        task.add_done_callback(self._charging.discard)
 
     async def _charge_all(self, entries: list[Any]) -> None:
         assert self._charge is not None
         for entry in entries:
             try:
-                self.counters.charged += await self._charge(entry.common_properties)
+                # Awaited first: `counters.charged += await ...` would read the count before the
+                # await and lose the charges of batches finishing meanwhile.
+                charged = await self._charge(entry.common_properties)
             except Exception:  # one bad entry must not end the stream and its later charges
                 self.counters.charge_errors += 1
                 log.warning("charging an access-log entry failed", exc_info=True)
+                continue
+            self.counters.charged += charged
+
+    async def drain(self) -> None:
+        """Wait for the charges under way (at shutdown, once the streams have ended)."""
+        while self._charging:
+            await asyncio.gather(*self._charging, return_exceptions=True)
 
     def ingest(self, message: Any) -> int:
         """One stream message (decoded or raw bytes) → number of observations the hub took."""

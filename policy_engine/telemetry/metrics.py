@@ -84,6 +84,16 @@ class TelemetryCollector(Collector):
             for outcome in ("observed", "ignored", "unknown_backend", "malformed"):
                 entries.add_metric([outcome], getattr(counters, outcome))
             yield entries
+            charges = CounterMetricFamily(
+                "pe_access_log_charges",
+                "Token charges from access-log entries: counters charged, entries whose charge "
+                "failed, entries dropped while the counter store was behind.",
+                labels=["outcome"],
+            )
+            charges.add_metric(["charged"], counters.charged)
+            charges.add_metric(["failed"], counters.charge_errors)
+            charges.add_metric(["dropped"], counters.charges_dropped)
+            yield charges
         if self._scraper is not None:
             scrapes = CounterMetricFamily(
                 "pe_telemetry_scrapes", "Metrics scrapes of backends by outcome.", labels=["outcome"]

@@ -8,12 +8,15 @@ import json
 from typing import Any
 
 import grpc
+from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2_grpc
 
 from policy_engine.envoy.bootstrap import AUTHZ_NAMESPACE, CHARGE_TAG, CHARGE_TAG_VALUE
 from policy_engine.envoy.usage_charge import UsageCharger, usage_charges
+from policy_engine.telemetry import access_log
 from policy_engine.telemetry.access_log import AccessLogService
 from policy_engine.telemetry.hub import TelemetryHub
+from policy_engine.telemetry.metrics import TelemetryCollector
 from tests.unit.test_telemetry_access_log import FakeClock, entry, message, serve
 
 COUNTERS = json.dumps([["tokens|free|day|total_tokens|acme", 30]])
@@ -88,3 +91,51 @@ def test_the_stream_charges_tagged_entries_and_survives_a_failing_charge() -> No
     assert (service.counters.charged, service.counters.charge_errors) == (1, 1)
     # The telemetry took every entry, charged or not.
     assert service.counters.observed == 3
+
+
+def test_only_the_final_downstream_entry_of_a_request_is_charged() -> None:
+    periodic = charged_entry()
+    periodic.common_properties.intermediate_log_entry = True
+    upstream = charged_entry()
+    upstream.common_properties.access_log_type = accesslog_pb2.AccessLogType.UpstreamEnd
+    assert usage_charges(periodic.common_properties) == []
+    assert usage_charges(upstream.common_properties) == []
+    unset = charged_entry()
+    unset.common_properties.access_log_type = accesslog_pb2.AccessLogType.NotSet
+    assert usage_charges(unset.common_properties) == [(COUNTERS, 41, "total_tokens")]
+
+
+def test_a_slow_store_holds_up_neither_the_stream_nor_the_telemetry(monkeypatch: Any) -> None:
+    monkeypatch.setattr(access_log, "MAX_CHARGING_BATCHES", 2)
+    release = asyncio.Event()
+    charged: list[int] = []
+
+    async def stuck_store(entries: str, tokens: int, kind: str) -> int:
+        await release.wait()
+        charged.append(tokens)
+        return 1
+
+    hub = TelemetryHub(["a"], clock=FakeClock())
+    service = AccessLogService(hub, charge=UsageCharger(stuck_store).charge)
+    batches = [message(charged_entry(usage={"total_tokens": n})) for n in (1, 2, 3, 4)]
+
+    async def scenario() -> None:
+        server, port = await serve(service)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = als_pb2_grpc.AccessLogServiceStub(channel)
+                # The stream ends while every charge still waits for the store.
+                await stub.StreamAccessLogs(iter(batches), timeout=30)
+            assert service.counters.observed == 4 and charged == []
+            release.set()
+            await service.drain()
+        finally:
+            await server.stop(None)
+
+    asyncio.run(scenario())
+    # Two batches were under way; the two after them were dropped and counted.
+    assert sorted(charged) == [1, 2]
+    assert (service.counters.charged, service.counters.charges_dropped) == (2, 2)
+    families = {f.name: f for f in TelemetryCollector(hub, service).collect()}
+    outcomes = {s.labels["outcome"]: s.value for s in families["pe_access_log_charges"].samples}
+    assert outcomes == {"charged": 2, "failed": 0, "dropped": 2}
