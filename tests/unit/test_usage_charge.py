@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -33,6 +34,20 @@ def charged_entry(
         counters if counters is not None else {"pe_total_tokens": COUNTERS}
     )
     return log
+
+
+async def streamed(
+    service: AccessLogService, batches: list[Any], stream_ended: Callable[[], None] = lambda: None
+) -> None:
+    """Stream `batches` through a real grpc.aio server, then wait for the charges under way."""
+    server, port = await serve(service)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await als_pb2_grpc.AccessLogServiceStub(channel).StreamAccessLogs(iter(batches), timeout=30)
+        stream_ended()
+        await service.drain()
+    finally:
+        await server.stop(None)
 
 
 def test_a_tagged_entry_charges_each_reported_kind() -> None:
@@ -77,16 +92,7 @@ def test_the_stream_charges_tagged_entries_and_survives_a_failing_charge() -> No
         message(charged_entry(usage={"total_tokens": 41})),
     ]
 
-    async def scenario() -> None:
-        server, port = await serve(service)
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = als_pb2_grpc.AccessLogServiceStub(channel)
-                await stub.StreamAccessLogs(iter(messages), timeout=30)
-        finally:
-            await server.stop(None)
-
-    asyncio.run(scenario())
+    asyncio.run(streamed(service, messages))
     assert calls == [(COUNTERS, 13, "total_tokens"), (COUNTERS, 41, "total_tokens")]
     assert (service.counters.charged, service.counters.charge_errors) == (1, 1)
     # The telemetry took every entry, charged or not.
@@ -119,20 +125,12 @@ def test_a_slow_store_holds_up_neither_the_stream_nor_the_telemetry(monkeypatch:
     service = AccessLogService(hub, charge=UsageCharger(stuck_store).charge)
     batches = [message(charged_entry(usage={"total_tokens": n})) for n in (1, 2, 3, 4)]
 
-    async def scenario() -> None:
-        server, port = await serve(service)
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = als_pb2_grpc.AccessLogServiceStub(channel)
-                # The stream ends while every charge still waits for the store.
-                await stub.StreamAccessLogs(iter(batches), timeout=30)
-            assert service.counters.observed == 4 and charged == []
-            release.set()
-            await service.drain()
-        finally:
-            await server.stop(None)
+    def stream_ended() -> None:
+        # The stream ended while every charge still waited for the store.
+        assert service.counters.observed == 4 and charged == []
+        release.set()
 
-    asyncio.run(scenario())
+    asyncio.run(streamed(service, batches, stream_ended))
     # Two batches were under way; the two after them were dropped and counted.
     assert sorted(charged) == [1, 2]
     assert (service.counters.charged, service.counters.charges_dropped) == (2, 2)
