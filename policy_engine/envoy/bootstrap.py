@@ -35,8 +35,9 @@ USAGE_FIELDS = {
     "total_tokens": "total_tokens",
 }
 
-# Two ways to read the backend's `usage` into dynamic metadata for the rate-limit entries that
-# run when the stream is done (`GatewayConfig.usage_extraction`):
+# Two ways to read the backend's `usage` into dynamic metadata, where the charge after the
+# response finds it (in the access-log entry, or as the rate-limit entries' hits), chosen by
+# `GatewayConfig.usage_extraction`:
 # - "lua" (the default): the script below scans JSON bodies and SSE events chunk by chunk,
 #   never buffering, so answers of any size are charged; it adds prompt and completion when a
 #   backend reports no total;
