@@ -137,3 +137,40 @@ def test_a_slow_store_holds_up_neither_the_stream_nor_the_telemetry(monkeypatch:
     families = {f.name: f for f in TelemetryCollector(hub, service).collect()}
     outcomes = {s.labels["outcome"]: s.value for s in families["pe_access_log_charges"].samples}
     assert outcomes == {"charged": 2, "failed": 0, "dropped": 2}
+
+
+def test_a_long_batch_leaves_the_event_loop_turns_for_decisions() -> None:
+    # A message holds a flush interval's entries; read and charged in one go, it would hold up
+    # every decision arriving meanwhile. A task that runs whenever the loop turns sees the
+    # batch's progress between its slices.
+    seen_observed: set[int] = set()
+    seen_charged: set[int] = set()
+
+    async def memory_store(entries: str, tokens: int, kind: str) -> int:
+        return 1  # never suspends, like the in-memory store
+
+    hub = TelemetryHub(["a"], clock=FakeClock())
+    service = AccessLogService(hub, charge=UsageCharger(memory_store).charge)
+    size = 10 * access_log.ENTRIES_PER_TURN
+    batch = message(*(charged_entry() for _ in range(size)))
+
+    async def scenario() -> None:
+        done = False
+
+        async def watch() -> None:
+            while not done:
+                seen_observed.add(service.counters.observed)
+                seen_charged.add(service.counters.charged)
+                await asyncio.sleep(0)
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await streamed(service, [batch])
+        finally:
+            done = True
+            await watcher
+
+    asyncio.run(scenario())
+    assert (service.counters.observed, service.counters.charged) == (size, size)
+    assert {n for n in seen_observed if 0 < n < size}, "the entries were read in one go"
+    assert {n for n in seen_charged if 0 < n < size}, "the entries were charged in one go"
