@@ -22,7 +22,10 @@ Three loads:
 - saturation: wrk with N connections as fast as possible → requests/s, and the CPU time each
   process used per request (from /proc), which gives what the service alone could do with
   two cores of its own: 2 s of CPU per second / its CPU per request;
-- fixed rate: wrk with a per-connection delay giving about --rate requests/s → p50/p90/p99;
+- fixed rate: wrk with a per-connection delay giving about --rate requests/s → p50/p90/p99, in
+  --rounds rounds that take turns between the setups (all of them stay up for the whole run), so
+  that a noisy spell of this shared machine falls on every setup alike; the added p99 is the
+  median over the rounds of a setup's p99 minus Envoy alone's in the same round;
 - one connection, back to back and with 10 ms between requests → the median of a request that
   finds the machine's caches warm, and one that finds them cooled.
 """
@@ -35,10 +38,12 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,7 +51,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from policy_engine.envoy.bootstrap import UsageExtraction  # noqa: E402
-from tests.e2e.harness import envoy_binary, free_port, start_service, stop_process, wait_until  # noqa: E402
+from tests.e2e.harness import (  # noqa: E402
+    ServiceProcess,
+    envoy_binary,
+    free_port,
+    start_service,
+    stop_process,
+    wait_until,
+)
 
 BACKENDS = ["llama-70b-h100-a", "llama-70b-h100-b", "llama-70b-a100-a", "llama-70b-a100-b"]
 BODY = json.dumps(
@@ -83,6 +95,22 @@ _BUFFER_FILTER = {
         "max_request_bytes": 1 << 20,
     },
 }
+
+
+@dataclass
+class Setup:
+    """One gateway under test, up for the whole run, and what was measured of it."""
+
+    name: str
+    url: str
+    pids: dict[str, int]  # the processes whose CPU time is counted
+    service: ServiceProcess | None = None  # a policy-engine setup
+    saturation: dict[str, float] = field(default_factory=dict)
+    warm: dict[str, float] = field(default_factory=dict)
+    cold: dict[str, float] = field(default_factory=dict)
+    paced: list[dict[str, float]] = field(default_factory=list)  # one per round
+    sent: float = 0.0  # requests sent to it in all
+    charged: float = 0.0  # usage charged per request sent (policy-engine setups)
 
 
 def envoy_config(
@@ -290,6 +318,9 @@ def main() -> None:
         help="how the policy-engine rows charge usage after the response (envoy-config --charging)",
     )
     parser.add_argument("--envoy-threads", type=int, default=2, help="Envoy --concurrency, every setup")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="paced runs of each setup, taking turns between setups"
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install -y wrk")
@@ -314,23 +345,18 @@ def main() -> None:
         f"machine: {platform.machine()} cores={os.cpu_count()} python={platform.python_version()} "
         f"load before={os.getloadavg()[0]:.2f}"
     )
-    rows: list[tuple[str, dict[str, float], dict[str, float], dict[str, float], dict[str, float]]] = []
+    setups: list[Setup] = []
     processes: list[subprocess.Popen[bytes]] = []
-    charges: list[float] = []  # per policy-engine row: usage charged per request sent
+    services: list[ServiceProcess] = []
 
     def answering(url: str, what: str) -> None:
         command = ["curl", "-sf", "-o", "/dev/null", "-X", "POST", url]
         wait_until(lambda: subprocess.run(command).returncode == 0, 20, what)
 
-    def measure_row(name: str, url: str, pids: dict[str, int]) -> dict[str, float]:
-        saturation = measured(url, args.duration, args.connections, saturate, pids)
-        fixed = wrk(url, args.duration, paced_connections, paced, threads=1)
-        warm = wrk(url, lone_seconds, 1, saturate, threads=1)
-        cold = wrk(url, lone_seconds, 1, lone, threads=1)
-        rows.append((name, saturation, fixed, warm, cold))
-        return {"requests": sum(r["requests"] for r in (saturation, fixed, warm, cold))}
-
     try:
+        # Every setup is started first and stays up: the paced runs below take turns between
+        # them, round after round, so that a noisy spell of this shared machine lands on every
+        # setup alike rather than on whichever ran then.
         model_port = free_port()
         model = start_envoy(noop_envoy_config(model_port, MODEL_BODY), workdir, "model", 1)
         processes.append(model)
@@ -340,8 +366,7 @@ def main() -> None:
         processes.append(alone)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         answering(url, "envoy alone")
-        measure_row("Envoy alone", url, {"envoy": alone.pid})
-        stop_process(alone)
+        setups.append(Setup("Envoy alone", url, {"envoy": alone.pid}))
 
         noop_port = free_port()
         noop_envoy = start_envoy(noop_envoy_config(noop_port), workdir, "noop-cpp", 1)
@@ -356,11 +381,13 @@ def main() -> None:
         processes.append(envoy)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         answering(url, "envoy with the C++ no-op ext_authz")
-        measure_row(
-            "Envoy + no-op C++ (Envoy) HTTP ext_authz", url, {"envoy": envoy.pid, "service": noop_envoy.pid}
+        setups.append(
+            Setup(
+                "Envoy + no-op C++ (Envoy) HTTP ext_authz",
+                url,
+                {"envoy": envoy.pid, "service": noop_envoy.pid},
+            )
         )
-        stop_process(envoy)
-        stop_process(noop_envoy)
 
         for transport in ("gRPC", "HTTP"):
             port_file = workdir / f"noop-{transport}.port"
@@ -383,9 +410,7 @@ def main() -> None:
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
             answering(url, "envoy with the no-op ext_authz")
             pids = {"envoy": envoy.pid, "service": noop.pid}
-            measure_row(f"Envoy + no-op Python {transport} ext_authz", url, pids)
-            stop_process(envoy)
-            stop_process(noop)
+            setups.append(Setup(f"Envoy + no-op Python {transport} ext_authz", url, pids))
         # The example policies with the premium token budget out of reach: a fast run would
         # otherwise spend it (each request reserves its estimate) and measure cheap 429s.
         policies = workdir / "policies"
@@ -395,17 +420,18 @@ def main() -> None:
         if raised == quotas.read_text():
             sys.exit("policies/quotas.yaml changed: update the premium budget this benchmark raises")
         quotas.write_text(raised)
-        setups = [
+        combinations = [
             (transport, workers, usage, charging)
             for transport in args.transports
             for workers in args.workers
             for usage in args.usage
             for charging in args.charging
         ]
-        for transport, workers, usage, charging in setups:
+        for transport, workers, usage, charging in combinations:
             http_port = free_port() if transport == "http" else None
             extra = ["--no-reload", *(["--http-port", str(http_port)] if http_port else [])]
             service = start_service(policies, backends=BACKENDS, workers=workers, extra_args=extra)
+            services.append(service)
             port = free_port()
             config = envoy_config(
                 port, service.port, model_port, http_port=http_port, usage=usage, charging=charging
@@ -429,49 +455,80 @@ def main() -> None:
                 logs = (workdir / f"{name}.log").read_text()[-2000:]
                 logs += service.output()[-2000:]
                 sys.exit(f"the gateway does not answer 200: {answer.stdout[:500]}\n{logs}")
-            time.sleep(0.5)
-            pids = {"envoy": envoy.pid, "service": service.process.pid}
             plural = "s" if workers > 1 else ""
             charged_by = charging.replace("_", "-")
             label = f"{transport} ({workers} worker{plural}, {usage} usage, charged by {charged_by})"
-            sent = measure_row(f"Envoy + policy-engine, {label}", url, pids)["requests"]
-            time.sleep(1)  # the last charges are made after their responses
-            # Every answered request is charged its reported usage after the response.
-            charged = re.search(
-                r'^pe_tokens_charged_total\{kind="total_tokens"\} ([0-9.e+]+)$', service.metrics(), re.M
-            )
-            charges.append(float(charged.group(1)) / 320 / sent if charged else 0.0)
-            stop_process(envoy)
-            service.stop()
+            pids = {"envoy": envoy.pid, "service": service.process.pid}
+            setups.append(Setup(f"Envoy + policy-engine, {label}", url, pids, service))
+        time.sleep(1)
+
+        for setup in setups:
+            setup.saturation = measured(setup.url, args.duration, args.connections, saturate, setup.pids)
+            setup.warm = wrk(setup.url, lone_seconds, 1, saturate, threads=1)
+            setup.cold = wrk(setup.url, lone_seconds, 1, lone, threads=1)
+            setup.sent += sum(r["requests"] for r in (setup.saturation, setup.warm, setup.cold))
+        for round_index in range(args.rounds):
+            # A different setup goes first each round: none always follows the same neighbour.
+            shift = round_index % len(setups)
+            for setup in setups[shift:] + setups[:shift]:
+                result = wrk(setup.url, args.duration, paced_connections, paced, threads=1)
+                setup.paced.append(result)
+                setup.sent += result["requests"]
+        time.sleep(1)  # the last charges are made after their responses
+        for setup in setups:
+            if setup.service is not None:
+                # Every answered request is charged its reported usage after the response.
+                charged = re.search(
+                    r'^pe_tokens_charged_total\{kind="total_tokens"\} ([0-9.e+]+)$',
+                    setup.service.metrics(),
+                    re.M,
+                )
+                setup.charged = float(charged.group(1)) / 320 / setup.sent if charged else 0.0
     finally:
+        for service in services:
+            service.stop()
         for process in processes:
             stop_process(process)
 
-    base_sat, base_paced = rows[0][1], rows[0][2]
     print(
         f"\nsaturation: wrk -t2 -c{args.connections} -d{args.duration}s; "
         f"fixed rate: wrk -t1 -c{paced_connections} with {delay_ms:.1f} ms delay per connection "
-        f"(≈{args.rate} req/s); CPU: µs of CPU time per request during the saturation run "
-        "(a service's row counts all its processes); one connection: wrk -t1 -c1 "
-        f"-d{lone_seconds}s back to back (warm) and with 10 ms between requests (cold), p50\n"
+        f"(≈{args.rate} req/s), {args.rounds} rounds taking turns between the setups, medians of the "
+        "rounds (added p99: the median of each round's p99 minus Envoy alone's in that round, with "
+        "the rounds' range); CPU: µs of CPU time per request during the saturation run (a service's "
+        f"row counts all its processes); one connection: wrk -t1 -c1 -d{lone_seconds}s back to back "
+        "(warm) and with 10 ms between requests (cold), p50\n"
     )
     print(
         "| setup | saturation req/s | ratio | non-2xx | Envoy CPU µs/req | service CPU µs/req "
         "| service alone on 2 cores, req/s | paced req/s | p50 ms | p90 ms | p99 ms | added p99 ms "
-        "| one conn. warm p50 ms | one conn. cold p50 ms |"
+        "| added p99 range ms | one conn. warm p50 ms | one conn. cold p50 ms |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, sat, pace, warm, cold in rows:
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    base = setups[0]
+    for setup in setups:
+        sat = setup.saturation
         service_cpu = sat.get("service_cpu_us")
         service_text = f"{service_cpu:.0f}" if service_cpu else "—"
         capacity = f"{2e6 / service_cpu:.0f}" if service_cpu else "—"
+        added = [
+            mine.get("p99_ms", 0) - theirs.get("p99_ms", 0)
+            for mine, theirs in zip(setup.paced, base.paced, strict=True)
+        ]
+
+        def median(key: str, setup: Setup = setup) -> float:
+            return statistics.median(r.get(key, 0.0) for r in setup.paced)
+
         print(
-            f"| {name} | {sat['rps']:.0f} | {sat['rps'] / base_sat['rps']:.2f} | {sat['non_2xx']:.0f} "
+            f"| {setup.name} | {sat['rps']:.0f} | {sat['rps'] / base.saturation['rps']:.2f} "
+            f"| {sat['non_2xx'] + sum(r['non_2xx'] for r in setup.paced):.0f} "
             f"| {sat.get('envoy_cpu_us', 0):.0f} | {service_text} | {capacity} "
-            f"| {pace['rps']:.0f} | {pace.get('p50_ms', 0):.2f} | {pace.get('p90_ms', 0):.2f} "
-            f"| {pace.get('p99_ms', 0):.2f} | {pace.get('p99_ms', 0) - base_paced.get('p99_ms', 0):.2f} "
-            f"| {warm.get('p50_ms', 0):.2f} | {cold.get('p50_ms', 0):.2f} |"
+            f"| {median('rps'):.0f} | {median('p50_ms'):.2f} | {median('p90_ms'):.2f} "
+            f"| {median('p99_ms'):.2f} | {statistics.median(added):.2f} "
+            f"| {min(added):.2f} to {max(added):.2f} "
+            f"| {setup.warm.get('p50_ms', 0):.2f} | {setup.cold.get('p50_ms', 0):.2f} |"
         )
+    charges = [setup.charged for setup in setups if setup.service is not None]
     if charges:
         # A ratio near 1 shows the rows paid for token charging; a few probes are not counted.
         ratios = ", ".join(f"{c:.2f}" for c in charges)
