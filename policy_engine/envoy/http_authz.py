@@ -17,7 +17,6 @@ path's (`AuthorizationService.decide`).
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -28,7 +27,6 @@ from policy_engine.decide.attributes import Peer, RequestAttributes
 from policy_engine.decide.decision import Decision
 from policy_engine.envoy.authz import AuthorizationService
 from policy_engine.envoy.check import MAX_HEADERS, PARTIAL_BODY_HEADER
-from policy_engine.envoy.eager import start_eagerly
 
 log = logging.getLogger("policy_engine.http_authz")
 
@@ -133,33 +131,16 @@ class HttpAuthorization(asyncio.Protocol):
             self._next()
 
     def _next(self) -> None:
-        # A loop, not a recursion through _answer: a decision made at once answers at once,
-        # and a buffer holding many pipelined requests must not grow the stack.
-        while not self._busy and self._transport is not None:
-            request = self._take_request()
-            if request is None:
-                return
-            attrs, start = request
-            self._busy = True
-            decided = start_eagerly(self._service.decide(attrs, (), start))
-            if not decided.done():  # waiting for the counter store: answer when it is done
-                decided.add_done_callback(functools.partial(self._answer_later, attrs=attrs))
-                return
-            self._answer(decided, attrs)
-
-    def _take_request(self) -> tuple[RequestAttributes, float] | None:
-        """The next whole request in the buffer and when its reading began, or None
-        (incomplete, or refused and the connection closed)."""
         end = self._buffer.find(b"\r\n\r\n")
         if end < 0:
             if len(self._buffer) > MAX_HEAD_BYTES:
                 self._fail(431, "request header fields too large")
-            return None
+            return
         head = bytes(self._buffer[:end]).decode("latin-1").split("\r\n")
         parts = head[0].split(" ")
         if len(parts) != 3:
             self._fail(400, "malformed request line")
-            return None
+            return
         headers: dict[str, str] = {}
         lengths = []
         for line in head[1:]:
@@ -172,26 +153,25 @@ class HttpAuthorization(asyncio.Protocol):
                 headers[name] = value.strip().encode("latin-1").decode("utf-8", "replace")
         if "chunked" in headers.get("transfer-encoding", ""):
             self._fail(501, "chunked request bodies are not supported")
-            return None
+            return
         # One plain decimal length or none: anything else could frame requests differently
         # here and in a proxy in front.
         if len(lengths) > 1 or (lengths and not (lengths[0].isascii() and lengths[0].isdigit())):
             self._fail(400, "malformed content-length")
-            return None
+            return
         length = int(lengths[0]) if lengths else 0
         if length > MAX_BODY_BYTES:
             self._fail(413, "request body too large")
-            return None
+            return
         if len(self._buffer) < end + 4 + length:
-            return None  # the rest of the body is on its way
+            return  # the rest of the body is on its way
         body = bytes(self._buffer[end + 4 : end + 4 + length])
         del self._buffer[: end + 4 + length]
+        self._busy = True
         start = time.perf_counter()
-        return request_attributes(parts[0], parts[1], headers, body, self._max_body), start
-
-    def _answer_later(self, done: asyncio.Future[Decision], *, attrs: RequestAttributes) -> None:
-        self._answer(done, attrs)
-        self._next()
+        attrs = request_attributes(parts[0], parts[1], headers, body, self._max_body)
+        task = asyncio.ensure_future(self._service.decide(attrs, (), start))
+        task.add_done_callback(lambda done: self._answer(done, attrs))
 
     def _answer(self, done: asyncio.Future[Decision], attrs: RequestAttributes) -> None:
         self._busy = False
@@ -203,6 +183,8 @@ class HttpAuthorization(asyncio.Protocol):
             log.exception("request %s: the HTTP answer failed", attrs.id)
             response = _plain_error(500, "the policy decision failed")
         self._transport.write(response)
+        if self._buffer:
+            self._next()
 
     def _fail(self, status: int, message: str) -> None:
         if self._transport is not None:
