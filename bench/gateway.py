@@ -322,6 +322,8 @@ def main() -> None:
         "--rounds", type=int, default=3, help="paced runs of each setup, taking turns between setups"
     )
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install -y wrk")
 
@@ -521,7 +523,7 @@ def main() -> None:
 
         print(
             f"| {setup.name} | {sat['rps']:.0f} | {sat['rps'] / base.saturation['rps']:.2f} "
-            f"| {sat['non_2xx'] + sum(r['non_2xx'] for r in setup.paced):.0f} "
+            f"| {sum(r['non_2xx'] for r in (sat, setup.warm, setup.cold, *setup.paced)):.0f} "
             f"| {sat.get('envoy_cpu_us', 0):.0f} | {service_text} | {capacity} "
             f"| {median('rps'):.0f} | {median('p50_ms'):.2f} | {median('p90_ms'):.2f} "
             f"| {median('p99_ms'):.2f} | {statistics.median(added):.2f} "

@@ -206,12 +206,14 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
         self.counters.streams += 1
         async for message in request_iterator:
             entries = self._entries(message)
+            # Charging starts before the first wait below: a stream cancelled there (Envoy
+            # resets it, or shutdown) must not lose the message's charges with it.
+            if self._charge is not None and entries:
+                self._start_charging(entries)
             for first in range(0, len(entries), ENTRIES_PER_TURN):
                 if first:
                     await asyncio.sleep(0)
                 self._observe(entries[first : first + ENTRIES_PER_TURN])
-            if self._charge is not None and entries:
-                self._start_charging(entries)
         # Envoy keeps the stream open for good; an answer only comes when it closes the stream.
         return als_pb2.StreamAccessLogsResponse()
 

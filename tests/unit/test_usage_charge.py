@@ -4,8 +4,9 @@ entries tagged for it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -174,3 +175,30 @@ def test_a_long_batch_leaves_the_event_loop_turns_for_decisions() -> None:
     assert (service.counters.observed, service.counters.charged) == (size, size)
     assert {n for n in seen_observed if 0 < n < size}, "the entries were read in one go"
     assert {n for n in seen_charged if 0 < n < size}, "the entries were charged in one go"
+
+
+def test_a_stream_cancelled_in_the_middle_of_a_message_still_charges_it() -> None:
+    # Envoy resets the stream, or the server shuts down, while a message is read a slice at a
+    # time: its entries are charged all the same.
+    async def memory_store(entries: str, tokens: int, kind: str) -> int:
+        return 1
+
+    hub = TelemetryHub(["a"], clock=FakeClock())
+    service = AccessLogService(hub, charge=UsageCharger(memory_store).charge)
+    size = 10 * access_log.ENTRIES_PER_TURN
+
+    async def scenario() -> None:
+        async def messages() -> AsyncIterator[Any]:
+            yield message(*(charged_entry() for _ in range(size)))
+            await asyncio.Event().wait()  # the stream stays open
+
+        stream = asyncio.ensure_future(service.StreamAccessLogs(messages(), None))
+        await asyncio.sleep(0)  # the stream reads the first slice of the message
+        assert 0 < service.counters.observed < size
+        stream.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stream
+        await service.drain()
+
+    asyncio.run(scenario())
+    assert service.counters.charged == size
