@@ -12,7 +12,9 @@ after each response, as in production, at the cost of a C++ upstream. Rows:
   any decision service asked over HTTP on this machine;
 - Envoy + a do-nothing Python gRPC ext_authz (bench/noop_authz.py, same grpc.aio stack, no
   decision): the floor of any Python gRPC decision service on this machine; and the same over
-  Envoy's HTTP ext_authz protocol on plain asyncio, the floor of the other transport;
+  Envoy's HTTP ext_authz protocol on plain asyncio, the floor of the other transport; and that
+  HTTP no-op (answering with a route) behind the gateway's whole Envoy configuration but the
+  access log: what the configuration costs in Envoy, apart from any decision;
 - Envoy + policy-engine (the example policies, a premium tenant, a chat request of ~1 KB, the
   access-log stream and token charging after each response: from the access log, or through the
   rate-limit filter with --charging rate_limit) with 1 and 2 workers, asked over gRPC and over
@@ -391,28 +393,41 @@ def main() -> None:
             )
         )
 
-        for transport in ("gRPC", "HTTP"):
-            port_file = workdir / f"noop-{transport}.port"
+        # The Python floors; the last one behind the gateway's whole Envoy configuration (routes
+        # on x-pe-route, header rules, the usage reader), which the no-op answers with a route:
+        # the difference to the row before is that configuration's cost in Envoy, and the
+        # policy-engine rows' difference to it is the service's.
+        for transport, gateway in (("gRPC", False), ("HTTP", False), ("HTTP", True)):
+            name = f"noop-{transport}{'-gateway' if gateway else ''}"
+            port_file = workdir / f"{name}.port"
             command = [sys.executable, str(ROOT / "bench" / "noop_authz.py"), str(port_file)]
-            noop = subprocess.Popen(
-                [*command, *(["--http"] if transport == "HTTP" else [])], start_new_session=True
-            )
+            if transport == "HTTP":
+                command.append("--http")
+            if gateway:
+                command += ["--route", BACKENDS[0]]
+            noop = subprocess.Popen(command, start_new_session=True)
             processes.append(noop)
             wait_until(
                 lambda port_file=port_file: port_file.exists() and port_file.read_text() != "", 20, "no-op"
             )
             port = free_port()
             noop_port = int(port_file.read_text())
-            if transport == "HTTP":
+            if gateway:
+                config = envoy_config(port, None, model_port, http_port=noop_port)
+                # No access-log sink to stream to (the no-op serves no gRPC).
+                listener = config["static_resources"]["listeners"][0]
+                listener["filter_chains"][0]["filters"][0]["typed_config"].pop("access_log")
+            elif transport == "HTTP":
                 config = envoy_config(port, None, model_port, full=False, http_port=noop_port)
             else:
                 config = envoy_config(port, noop_port, model_port, full=False)
-            envoy = start_envoy(config, workdir, f"noop-{transport}", args.envoy_threads)
+            envoy = start_envoy(config, workdir, name, args.envoy_threads)
             processes.append(envoy)
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
             answering(url, "envoy with the no-op ext_authz")
             pids = {"envoy": envoy.pid, "service": noop.pid}
-            setups.append(Setup(f"Envoy + no-op Python {transport} ext_authz", url, pids))
+            label = "the gateway's Envoy configuration" if gateway else "ext_authz only"
+            setups.append(Setup(f"Envoy ({label}) + no-op Python {transport} ext_authz", url, pids))
         # The example policies with the premium token budget out of reach: a fast run would
         # otherwise spend it (each request reserves its estimate) and measure cheap 429s.
         policies = workdir / "policies"

@@ -1,18 +1,21 @@
 """Do-nothing ext_authz servers in Python: the floors bench/gateway.py measures against.
 
-Run: .venv/bin/python bench/noop_authz.py PORT_FILE [--http]
+Run: .venv/bin/python bench/noop_authz.py PORT_FILE [--http] [--route BACKEND]
 
 Every request is allowed without any work. The default is a gRPC Authorization service on the
 same grpc.aio stack as policy-engine, so Envoy + this server shows what a Python gRPC ext_authz
 costs on the machine before any decision is made. With --http it is Envoy's HTTP ext_authz
 protocol instead (any request answered 200) on a plain asyncio server: the floor of the other
-transport Envoy offers. It writes its port to PORT_FILE and serves until terminated.
+transport Envoy offers. With --route (HTTP only) every answer also names that backend in
+`x-pe-route`, as policy-engine's do, so that an Envoy with the gateway's whole configuration
+routes the request: what that configuration costs in Envoy, apart from any decision. It writes
+its port to PORT_FILE and serves until terminated.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +39,8 @@ class NoopAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: 
 class NoopHttpAuthorization(asyncio.Protocol):
     """HTTP/1.1 with keep-alive; requests framed by Content-Length (what Envoy sends)."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: bytes = _HTTP_OK) -> None:
+        self._answer = answer
         self._buffer = b""
         self._transport: asyncio.Transport | None = None
 
@@ -56,13 +60,16 @@ class NoopHttpAuthorization(asyncio.Protocol):
                 return
             self._buffer = self._buffer[end + 4 + length :]
             if self._transport is not None:
-                self._transport.write(_HTTP_OK)
+                self._transport.write(self._answer)
 
 
-async def serve(port_file: Path, http: bool) -> None:
+async def serve(port_file: Path, http: bool, route: str | None) -> None:
     if http:
+        answer = _HTTP_OK
+        if route:
+            answer = f"HTTP/1.1 200 OK\r\nx-pe-route: {route}\r\ncontent-length: 0\r\n\r\n".encode()
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(NoopHttpAuthorization, "127.0.0.1", 0)
+        server = await loop.create_server(lambda: NoopHttpAuthorization(answer), "127.0.0.1", 0)
         port_file.write_text(str(server.sockets[0].getsockname()[1]))
         await server.serve_forever()
         return
@@ -75,7 +82,12 @@ async def serve(port_file: Path, http: bool) -> None:
 
 
 if __name__ == "__main__":
-    arguments = [a for a in sys.argv[1:] if a != "--http"]
-    if len(arguments) != 1:
-        sys.exit(__doc__)
-    asyncio.run(serve(Path(arguments[0]), "--http" in sys.argv[1:]))
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("port_file", type=Path)
+    parser.add_argument("--http", action="store_true", help="Envoy's HTTP ext_authz protocol instead of gRPC")
+    parser.add_argument("--route", help="backend every HTTP answer names in x-pe-route")
+    args = parser.parse_args()
+    if args.route and not args.http:
+        parser.error("--route needs --http")
+    asyncio.run(serve(args.port_file, args.http, args.route))
