@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from policy_engine.audit.metrics import Metrics
 from policy_engine.decide.decision import Decision
-from policy_engine.decide.quota import settle, store_failed
+from policy_engine.decide.quota import TOKEN_KINDS, settle, store_failed
 from policy_engine.policy.bundle import Bundle
 from policy_engine.quota.store import CounterStore, Demand, StoreUnavailable
 from policy_engine.quota.view import parse_counter
@@ -22,6 +22,11 @@ class QuotaService:
         self._store = store
         self._bundle = bundle
         self._metrics = metrics
+        # The labelled series, looked up once: labels() validates and locks on every call,
+        # and admit runs on every request.
+        self._latency = {op: metrics.store_latency.labels(op) for op in ("admit", "charge")}
+        self._errors = {op: metrics.store_errors.labels(op) for op in ("admit", "charge")}
+        self._tokens = {kind: metrics.tokens_charged.labels(kind) for kind in TOKEN_KINDS}
 
     async def settle(self, decision: Decision) -> Decision:
         """Charge an allowed decision's counters atomically, or turn it into a 429."""
@@ -43,11 +48,11 @@ class QuotaService:
         try:
             admission = await self._store.admit(demands)
         except StoreUnavailable as error:
-            self._metrics.store_errors.labels("admit").inc()
+            self._errors["admit"].inc()
             log.warning("quota store unavailable: %s", error)
             return store_failed(decision, str(error))
         finally:
-            self._metrics.store_latency.labels("admit").observe(time.perf_counter() - start)
+            self._latency["admit"].observe(time.perf_counter() - start)
         return settle(decision, admission.states, admission.admitted)
 
     async def charge_usage(self, entries_json: str, actual: int, kind: str) -> int:
@@ -77,12 +82,13 @@ class QuotaService:
             try:
                 await self._store.charge(counter, parsed.key, window, algorithm, actual - reserved)
             except StoreUnavailable as error:
-                self._metrics.store_errors.labels("charge").inc()
+                self._errors["charge"].inc()
                 log.warning("token charge of %s lost: %s", counter, error)
                 continue
             finally:
-                self._metrics.store_latency.labels("charge").observe(time.perf_counter() - start)
+                self._latency["charge"].observe(time.perf_counter() - start)
             charged += 1
         if charged:
-            self._metrics.tokens_charged.labels(kind).inc(max(0, actual))
+            series = self._tokens.get(kind) or self._metrics.tokens_charged.labels(kind)
+            series.inc(max(0, actual))
         return charged
