@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from policy_engine.decide.pipeline import ROUTE_HEADER
 from policy_engine.decide.quota import METADATA_KEYS
+from policy_engine.telemetry.access_log import BACKEND_CLUSTER_PREFIX, USAGE_NAMESPACE
 
 POLICY_CLUSTER = "policy-engine"
 POLICY_HTTP_CLUSTER = "policy-engine-http"
@@ -24,7 +25,6 @@ _HCM_TYPE = (
 )
 RATE_LIMIT_DOMAIN = "policy-engine"
 AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
-USAGE_NAMESPACE = "policy_engine.usage"
 # The access-log custom tag that asks the service to charge the entry's usage.
 CHARGE_TAG = "pe_charge"
 CHARGE_TAG_VALUE = "access_log"
@@ -415,9 +415,12 @@ def bootstrap(config: GatewayConfig) -> dict[str, Any]:
     routes: list[dict[str, Any]] = [
         {
             # The route name lets the access log attribute a request that found no healthy host.
-            "name": f"backend-{name}",
+            "name": f"{BACKEND_CLUSTER_PREFIX}{name}",
             "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "string_match": {"exact": name}}]},
-            "route": {"cluster": f"backend-{name}", "timeout": f"{config.upstream_timeout_s}s"},
+            "route": {
+                "cluster": f"{BACKEND_CLUSTER_PREFIX}{name}",
+                "timeout": f"{config.upstream_timeout_s}s",
+            },
         }
         for name in sorted(config.backends)
     ]
@@ -461,7 +464,10 @@ def bootstrap(config: GatewayConfig) -> dict[str, Any]:
         ],
     }
     clusters = [_cluster(POLICY_CLUSTER, config.policy, http2=True, replicas=config.policy_replicas)]
-    clusters += [_cluster(f"backend-{name}", upstream) for name, upstream in sorted(config.backends.items())]
+    clusters += [
+        _cluster(f"{BACKEND_CLUSTER_PREFIX}{name}", upstream)
+        for name, upstream in sorted(config.backends.items())
+    ]
     if config.policy_http is not None and config.authz_transport == "http":
         clusters.append(_cluster(POLICY_HTTP_CLUSTER, config.policy_http))
     if config.otlp_endpoint is not None:

@@ -21,14 +21,9 @@ from typing import Any
 from envoy.data.accesslog.v3 import accesslog_pb2
 
 from policy_engine.decide.quota import METADATA_KEYS
-from policy_engine.envoy.bootstrap import (
-    AUTHZ_NAMESPACE,
-    CHARGE_TAG,
-    CHARGE_TAG_VALUE,
-    USAGE_FIELDS,
-    USAGE_NAMESPACE,
-)
+from policy_engine.envoy.bootstrap import AUTHZ_NAMESPACE, CHARGE_TAG, CHARGE_TAG_VALUE, USAGE_FIELDS
 from policy_engine.envoy.ratelimit import MAX_HITS
+from policy_engine.telemetry.access_log import USAGE_NAMESPACE
 
 _FINAL_TYPES = frozenset({accesslog_pb2.AccessLogType.NotSet, accesslog_pb2.AccessLogType.DownstreamEnd})
 

@@ -57,6 +57,8 @@ MAX_CHARGING_BATCHES = 1024
 # interval's entries (~20 at Envoy's default 16 KiB buffer, ~50 µs each to read and charge);
 # handled in one go it would hold up every decision arriving meanwhile by a millisecond or more.
 ENTRIES_PER_TURN = 4
+# Shared with the bootstrap that writes them (policy_engine.envoy.bootstrap): the usage readers'
+# metadata namespace, and the prefix of the clusters that are backends.
 USAGE_NAMESPACE = "policy_engine.usage"
 BACKEND_CLUSTER_PREFIX = "backend-"
 _CONNECT_FLAGS = (
