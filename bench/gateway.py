@@ -14,7 +14,9 @@ after each response, as in production, at the cost of a C++ upstream. Rows:
   decision): the floor of any Python gRPC decision service on this machine; and the same over
   Envoy's HTTP ext_authz protocol on plain asyncio, the floor of the other transport; and that
   HTTP no-op (answering with a route) behind the gateway's whole Envoy configuration but the
-  access log: what the configuration costs in Envoy, apart from any decision;
+  access log: what the configuration costs in Envoy, apart from any decision; with --busy-us,
+  the same no-op spinning that many µs of CPU per request: what a decision's CPU cost alone
+  does to the latency on this machine;
 - Envoy + policy-engine (the example policies, a premium tenant, a chat request of ~1 KB, the
   access-log stream and token charging after each response: from the access log, or through the
   rate-limit filter with --charging rate_limit) with 1 and 2 workers, asked over gRPC and over
@@ -323,6 +325,14 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=3, help="paced runs of each setup, taking turns between setups"
     )
+    parser.add_argument(
+        "--busy-us",
+        type=float,
+        nargs="*",
+        default=[],
+        help="more floors: the HTTP no-op behind the gateway's configuration, spinning this many "
+        "µs of CPU per request (a decision's cost without a decision)",
+    )
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -397,14 +407,16 @@ def main() -> None:
         # on x-pe-route, header rules, the usage reader), which the no-op answers with a route:
         # the difference to the row before is that configuration's cost in Envoy, and the
         # policy-engine rows' difference to it is the service's.
-        for transport, gateway in (("gRPC", False), ("HTTP", False), ("HTTP", True)):
-            name = f"noop-{transport}{'-gateway' if gateway else ''}"
+        floors = [("gRPC", False, 0.0), ("HTTP", False, 0.0), ("HTTP", True, 0.0)]
+        floors += [("HTTP", True, busy) for busy in args.busy_us if busy > 0]
+        for transport, gateway, busy in floors:
+            name = f"noop-{transport}{'-gateway' if gateway else ''}-{busy:.0f}"
             port_file = workdir / f"{name}.port"
             command = [sys.executable, str(ROOT / "bench" / "noop_authz.py"), str(port_file)]
             if transport == "HTTP":
                 command.append("--http")
             if gateway:
-                command += ["--route", BACKENDS[0]]
+                command += ["--route", BACKENDS[0], "--busy-us", str(busy)]
             noop = subprocess.Popen(command, start_new_session=True)
             processes.append(noop)
             wait_until(
@@ -427,7 +439,8 @@ def main() -> None:
             answering(url, "envoy with the no-op ext_authz")
             pids = {"envoy": envoy.pid, "service": noop.pid}
             label = "the gateway's Envoy configuration" if gateway else "ext_authz only"
-            setups.append(Setup(f"Envoy ({label}) + no-op Python {transport} ext_authz", url, pids))
+            what = f"Python HTTP spending {busy:.0f} µs of CPU" if busy else f"no-op Python {transport}"
+            setups.append(Setup(f"Envoy ({label}) + {what} ext_authz", url, pids))
         # The example policies with the premium token budget out of reach: a fast run would
         # otherwise spend it (each request reserves its estimate) and measure cheap 429s.
         policies = workdir / "policies"

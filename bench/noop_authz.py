@@ -1,6 +1,6 @@
 """Do-nothing ext_authz servers in Python: the floors bench/gateway.py measures against.
 
-Run: .venv/bin/python bench/noop_authz.py PORT_FILE [--http] [--route BACKEND]
+Run: .venv/bin/python bench/noop_authz.py PORT_FILE [--http] [--route BACKEND] [--busy-us N]
 
 Every request is allowed without any work. The default is a gRPC Authorization service on the
 same grpc.aio stack as policy-engine, so Envoy + this server shows what a Python gRPC ext_authz
@@ -8,14 +8,17 @@ costs on the machine before any decision is made. With --http it is Envoy's HTTP
 protocol instead (any request answered 200) on a plain asyncio server: the floor of the other
 transport Envoy offers. With --route (HTTP only) every answer also names that backend in
 `x-pe-route`, as policy-engine's do, so that an Envoy with the gateway's whole configuration
-routes the request: what that configuration costs in Envoy, apart from any decision. It writes
-its port to PORT_FILE and serves until terminated.
+routes the request: what that configuration costs in Envoy, apart from any decision. With
+--busy-us (HTTP only) it spins N µs of CPU before each answer: a stand-in for a decision of that
+cost, to see what a service's CPU per request does to the latency. It writes its port to
+PORT_FILE and serves until terminated.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +42,9 @@ class NoopAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: 
 class NoopHttpAuthorization(asyncio.Protocol):
     """HTTP/1.1 with keep-alive; requests framed by Content-Length (what Envoy sends)."""
 
-    def __init__(self, answer: bytes = _HTTP_OK) -> None:
+    def __init__(self, answer: bytes = _HTTP_OK, busy_s: float = 0.0) -> None:
         self._answer = answer
+        self._busy_s = busy_s
         self._buffer = b""
         self._transport: asyncio.Transport | None = None
 
@@ -59,17 +63,23 @@ class NoopHttpAuthorization(asyncio.Protocol):
             if len(self._buffer) < end + 4 + length:
                 return
             self._buffer = self._buffer[end + 4 + length :]
+            if self._busy_s:
+                until = time.perf_counter() + self._busy_s
+                while time.perf_counter() < until:
+                    pass
             if self._transport is not None:
                 self._transport.write(self._answer)
 
 
-async def serve(port_file: Path, http: bool, route: str | None) -> None:
+async def serve(port_file: Path, http: bool, route: str | None, busy_us: float) -> None:
     if http:
         answer = _HTTP_OK
         if route:
             answer = f"HTTP/1.1 200 OK\r\nx-pe-route: {route}\r\ncontent-length: 0\r\n\r\n".encode()
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: NoopHttpAuthorization(answer), "127.0.0.1", 0)
+        server = await loop.create_server(
+            lambda: NoopHttpAuthorization(answer, busy_us / 1e6), "127.0.0.1", 0
+        )
         port_file.write_text(str(server.sockets[0].getsockname()[1]))
         await server.serve_forever()
         return
@@ -87,7 +97,8 @@ if __name__ == "__main__":
     parser.add_argument("port_file", type=Path)
     parser.add_argument("--http", action="store_true", help="Envoy's HTTP ext_authz protocol instead of gRPC")
     parser.add_argument("--route", help="backend every HTTP answer names in x-pe-route")
+    parser.add_argument("--busy-us", type=float, default=0.0, help="µs of CPU spent before each HTTP answer")
     args = parser.parse_args()
-    if args.route and not args.http:
-        parser.error("--route needs --http")
-    asyncio.run(serve(args.port_file, args.http, args.route))
+    if (args.route or args.busy_us) and not args.http:
+        parser.error("--route and --busy-us need --http")
+    asyncio.run(serve(args.port_file, args.http, args.route, args.busy_us))
