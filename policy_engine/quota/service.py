@@ -89,6 +89,8 @@ class QuotaService:
                 self._latency["charge"].observe(time.perf_counter() - start)
             charged += 1
         if charged:
-            series = self._tokens.get(kind) or self._metrics.tokens_charged.labels(kind)
+            series = self._tokens.get(kind)
+            if series is None:  # not a token kind the bootstrap charges; counted all the same
+                series = self._metrics.tokens_charged.labels(kind)
             series.inc(max(0, actual))
         return charged
