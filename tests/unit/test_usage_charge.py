@@ -140,6 +140,15 @@ def test_a_slow_store_holds_up_neither_the_stream_nor_the_telemetry(monkeypatch:
     assert outcomes == {"charged": 2, "failed": 0, "dropped": 2}
 
 
+def _charging_without_waits() -> AccessLogService:
+    """A stream service whose charges never suspend, like the in-memory store's."""
+
+    async def memory_store(entries: str, tokens: int, kind: str) -> int:
+        return 1
+
+    return AccessLogService(TelemetryHub(["a"], clock=FakeClock()), charge=UsageCharger(memory_store).charge)
+
+
 def test_a_long_batch_leaves_the_event_loop_turns_for_decisions() -> None:
     # A message holds a flush interval's entries; read and charged in one go, it would hold up
     # every decision arriving meanwhile. A task that runs whenever the loop turns sees the
@@ -147,11 +156,7 @@ def test_a_long_batch_leaves_the_event_loop_turns_for_decisions() -> None:
     seen_observed: set[int] = set()
     seen_charged: set[int] = set()
 
-    async def memory_store(entries: str, tokens: int, kind: str) -> int:
-        return 1  # never suspends, like the in-memory store
-
-    hub = TelemetryHub(["a"], clock=FakeClock())
-    service = AccessLogService(hub, charge=UsageCharger(memory_store).charge)
+    service = _charging_without_waits()
     size = 10 * access_log.ENTRIES_PER_TURN
     batch = message(*(charged_entry() for _ in range(size)))
 
@@ -180,11 +185,7 @@ def test_a_long_batch_leaves_the_event_loop_turns_for_decisions() -> None:
 def test_a_stream_cancelled_in_the_middle_of_a_message_still_charges_it() -> None:
     # Envoy resets the stream, or the server shuts down, while a message is read a slice at a
     # time: its entries are charged all the same.
-    async def memory_store(entries: str, tokens: int, kind: str) -> int:
-        return 1
-
-    hub = TelemetryHub(["a"], clock=FakeClock())
-    service = AccessLogService(hub, charge=UsageCharger(memory_store).charge)
+    service = _charging_without_waits()
     size = 10 * access_log.ENTRIES_PER_TURN
 
     async def scenario() -> None:
