@@ -28,9 +28,9 @@ Three loads:
   two cores of its own: 2 s of CPU per second / its CPU per request;
 - fixed rate: wrk with a per-connection delay giving about --rate requests/s → p50/p90/p99, in
   --rounds rounds that take turns between the setups (all of them stay up for the whole run, the
-  idle ones' timers running meanwhile), so
-  that a noisy spell of this shared machine falls on every setup alike; the added p99 is the
-  median over the rounds of a setup's p99 minus Envoy alone's in the same round;
+  idle ones' timers running meanwhile), so that a noisy spell of this shared machine falls on
+  every setup alike; the added p99 is the median over the rounds of a setup's p99 minus Envoy
+  alone's in the same round;
 - one connection, back to back and with 10 ms between requests → the median of a request that
   finds the machine's caches warm, and one that finds them cooled.
 """
