@@ -50,15 +50,31 @@ def tightest(checks: Sequence[QuotaCheck]) -> QuotaCheck | None:
     return best
 
 
-def token_metadata(checks: Sequence[QuotaCheck]) -> dict[str, str]:
-    """Per token kind, a JSON list of [counter, reserved] for the after-response charge."""
+def token_metadata(
+    checks: Sequence[QuotaCheck], reserved_at: float | None = None, reserved: bool = True
+) -> dict[str, str]:
+    """Per token kind, a JSON list of [counter, reserved] for the after-response charge, or
+    [counter, reserved, reserved_at] once a store has charged the reservation at that time (its
+    `Admission.at`), so that what is returned comes out of the bucket it went into. With
+    `reserved=False` nothing was reserved (a store that failed open): the charge is the usage."""
+    at = "" if reserved_at is None else f",{reserved_at!r}"
     metadata = {}
     for kind in TOKEN_KINDS:
         # json.dumps(entries, separators=(",", ":")) spelled out: a third of the time.
-        entries = [f"[{_json_string(c.counter)},{c.cost}]" for c in checks if c.kind == kind]
+        entries = [
+            f"[{_json_string(c.counter)},{c.cost if reserved else 0}{at}]" for c in checks if c.kind == kind
+        ]
         if entries:
             metadata[METADATA_KEYS[kind]] = "[" + ",".join(entries) + "]"
     return metadata
+
+
+def _with_token_metadata(metadata: Mapping[str, str], tokens: Mapping[str, str]) -> dict[str, str]:
+    kept = {k: v for k, v in metadata.items() if k not in _TOKEN_METADATA_KEYS}
+    return {**kept, **tokens}
+
+
+_TOKEN_METADATA_KEYS = frozenset(METADATA_KEYS.values())
 
 
 def _without_rate_headers(headers: Mapping[str, str]) -> dict[str, str]:
@@ -68,8 +84,12 @@ def _without_rate_headers(headers: Mapping[str, str]) -> dict[str, str]:
 _AFTER_QUOTA = frozenset({"canary", "stable", "route"})  # effects of the canary and routing stages
 
 
-def settle(decision: Decision, states: Sequence[CounterState], admitted: bool) -> Decision:
-    """Apply the store's usage to an allowed decision's checks; deny when a budget is exceeded."""
+def settle(
+    decision: Decision, states: Sequence[CounterState], admitted: bool, at: float | None = None
+) -> Decision:
+    """Apply the store's usage to an allowed decision's checks; deny when a budget is exceeded.
+
+    `at` is the store's clock when it charged (`Admission.at`), recorded in the token metadata."""
     by_counter = {s.counter: s for s in states}
     checks = []
     for check in decision.quota:
@@ -89,7 +109,12 @@ def settle(decision: Decision, states: Sequence[CounterState], admitted: bool) -
         best = tightest(checks)
         if best is not None:
             headers.update(rate_headers(best, denied=False))
-        return dataclasses.replace(decision, quota=tuple(checks), response_headers=headers)
+        metadata = decision.dynamic_metadata
+        if at is not None:
+            metadata = _with_token_metadata(metadata, token_metadata(checks, reserved_at=at))
+        return dataclasses.replace(
+            decision, quota=tuple(checks), response_headers=headers, dynamic_metadata=metadata
+        )
     headers.update(rate_headers(refused, denied=True))
     # As if the quota stage had refused: its rule fired `deny`, and nothing after it ran (later
     # quota limits, the canary and routing stages).
@@ -120,7 +145,17 @@ def store_failed(decision: Decision, error: str) -> Decision:
     """The counter store is down: policies with on_error allow admit, the others refuse."""
     errors = (*decision.errors, f"quota store: {error}")
     if all(check.fail_open for check in decision.quota):
-        return dataclasses.replace(decision, errors=errors)
+        # Nothing was reserved, so the charge after the response must be the whole usage, not
+        # usage minus an estimate (which would hand back other requests' reservations). And no
+        # x-ratelimit-* headers: the numbers behind them were never read.
+        return dataclasses.replace(
+            decision,
+            errors=errors,
+            response_headers=_without_rate_headers(decision.response_headers),
+            dynamic_metadata=_with_token_metadata(
+                decision.dynamic_metadata, token_metadata(decision.quota, reserved=False)
+            ),
+        )
     return dataclasses.replace(
         decision,
         allowed=False,

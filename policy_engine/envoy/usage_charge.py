@@ -10,7 +10,9 @@ saves a gRPC call per request, the service's dearest part after the decision its
 Only entries tagged `pe_charge: access_log` are charged: an Envoy that charges through the
 rate-limit service (the mesh's EnvoyFilter) streams untagged entries, which must not be charged
 a second time. As on the rate-limit path, a response without usage (an aborted stream, a stream
-without `include_usage`) charges nothing and keeps its reservation.
+without `include_usage`) charges nothing and keeps its reservation. A reported 0 is charged (it
+returns the reservation), which the rate-limit path cannot do: there a `hits_addend` of 0 means
+"check only".
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def usage_charges(common: Any) -> list[tuple[str, int, str]]:
         if entries.WhichOneof("kind") != "string_value" or reported.WhichOneof("kind") != "number_value":
             continue
         tokens = reported.number_value
-        if tokens >= 1:  # NaN and negatives fail this too
+        # A reported 0 is usage too (a filtered or empty answer): it returns the reservation.
+        if tokens >= 0:  # NaN fails this too
             charges.append((entries.string_value, int(min(tokens, MAX_HITS)), kind))
     return charges
 

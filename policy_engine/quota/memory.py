@@ -23,6 +23,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from policy_engine.quota.store import Admission, Algorithm, CounterState, Demand, exceeds
 
@@ -93,6 +94,25 @@ def counter_state(demand: Demand, now: float, current: int, previous: int) -> Co
     return CounterState(demand.counter, used, reset_s, is_exceeded(demand, used))
 
 
+RefundSource = Literal["current", "previous", "both", "none"]
+
+
+def refund_source(current_index: int, window: float, reserved_at: float | None) -> RefundSource:
+    """Which bucket a returned reservation comes out of (see CounterStore.charge).
+
+    Without the reservation's time: the current bucket, then the previous one (a reservation
+    made just before a boundary may come back just after it). With it: its own bucket while
+    that still counts, else nothing. A reservation from a later bucket than the current one (a
+    replica whose clock runs ahead) comes out of the current bucket.
+    """
+    if reserved_at is None:
+        return "both"
+    index = window_position(reserved_at, window).index
+    if index >= current_index:
+        return "current"
+    return "previous" if index == current_index - 1 else "none"
+
+
 def bucket_ttl_ms(window: float) -> int:
     """How long a bucket must live: it is read as the previous bucket for one window after its own."""
     return max(1, math.ceil(2 * window * 1000))
@@ -117,14 +137,9 @@ class _Counter:
 
     def advance(self, index: int) -> None:
         """Roll the buckets forward to `index`; buckets older than two windows are dropped here."""
-        if index == self.index:
+        if index <= self.index:  # the store's clock never goes back (MemoryStore._now)
             return
-        if index == self.index + 1:
-            self.previous = self.current
-        else:
-            # Two or more windows have passed (or the clock stepped back, which we treat the
-            # same way: the buckets no longer describe the window we are in).
-            self.previous = 0
+        self.previous = self.current if index == self.index + 1 else 0
         self.current = 0
         self.index = index
 
@@ -153,8 +168,15 @@ class MemoryStore:
         if max_counters < 1:
             raise ValueError("max_counters must be at least 1")
         self._clock = clock
+        self._latest = -math.inf
         self._max_counters = max_counters
         self._counters: OrderedDict[tuple[str, str], _Counter] = OrderedDict()
+
+    def _now(self) -> float:
+        # Never earlier than a reading already used: a clock stepped back (NTP) would otherwise
+        # roll the buckets back and forget the usage, admitting what the budget has no room for.
+        self._latest = max(self._latest, self._clock())
+        return self._latest
 
     def __len__(self) -> int:
         """Counters currently held (expired ones included until they are discarded)."""
@@ -162,7 +184,7 @@ class MemoryStore:
 
     async def admit(self, demands: Sequence[Demand]) -> Admission:
         validate_demands(demands)
-        now = self._clock()
+        now = self._now()
         states: list[CounterState] = []
         for demand in demands:
             index = window_position(now, demand.window).index
@@ -176,14 +198,20 @@ class MemoryStore:
                     index = window_position(now, demand.window).index
                     entry = self._get_or_create(demand.hash_tag, demand.counter, demand.window, index, now)
                     entry.current += demand.cost
-        return Admission(admitted, tuple(states))
+        return Admission(admitted, tuple(states), now)
 
     async def charge(
-        self, counter: str, hash_tag: str, window: float, algorithm: Algorithm, amount: int
+        self,
+        counter: str,
+        hash_tag: str,
+        window: float,
+        algorithm: Algorithm,
+        amount: int,
+        reserved_at: float | None = None,
     ) -> int:
         if window <= 0:
             raise ValueError(f"counter {counter!r}: window must be positive, got {window}")
-        now = self._clock()
+        now = self._now()
         position = window_position(now, window)
         if amount > 0:
             entry = self._get_or_create(hash_tag, counter, window, position.index, now)
@@ -193,16 +221,16 @@ class MemoryStore:
             if found is None:
                 return 0
             entry = found
-            # A reservation made just before a bucket boundary may be returned just after it:
-            # refund the current bucket first, then the previous one, never going below zero.
             refund = -amount
-            taken = min(entry.current, refund)
+            source = refund_source(position.index, window, reserved_at)
+            taken = min(entry.current, refund) if source in ("current", "both") else 0
             entry.current -= taken
-            entry.previous -= min(entry.previous, refund - taken)
+            if source in ("previous", "both"):
+                entry.previous -= min(entry.previous, refund - taken)
         return weighted_usage(entry.current, entry.previous, previous_weight(algorithm, position, window))
 
     async def usage(self, counter: str, hash_tag: str, window: float, algorithm: Algorithm) -> int:
-        position = window_position(self._clock(), window)
+        position = window_position(self._now(), window)
         entry = self._find(hash_tag, counter, window, position.index)
         if entry is None:
             return 0

@@ -32,6 +32,7 @@ once and may be lost: the charge then expires with its bucket.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Sequence
 
@@ -45,11 +46,14 @@ from policy_engine.quota.memory import (
     bucket_ttl_ms,
     counter_state,
     previous_weight,
+    refund_source,
     validate_demands,
     weighted_usage,
     window_position,
 )
 from policy_engine.quota.store import Admission, Algorithm, CounterState, Demand, StoreUnavailable
+
+log = logging.getLogger("policy_engine.quota")
 
 # One script for every operation, so a restarted server needs a single reload.
 #
@@ -57,7 +61,9 @@ from policy_engine.quota.store import Admission, Algorithm, CounterState, Demand
 # ARGV[1]: the mode.
 #   "admit"/"check": per counter 5 values: previous-bucket weight, limit, cost,
 #     refuse_at_limit ("1"/"0"), bucket TTL in ms. "check" decides but charges nothing.
-#   "charge": per counter 2 values: amount (negative refunds, 0 only reads), bucket TTL in ms.
+#   "charge": per counter 3 values: amount (negative refunds, 0 only reads), bucket TTL in ms,
+#     and for a refund the bucket(s) it comes out of: "current", "previous" or "both" (the
+#     current first), as refund_source() in policy_engine/quota/memory.py decides.
 # Reply: {decision (1 = within every budget), current_1, previous_1, current_2, previous_2, ...},
 #   the buckets before the charge for admit/check, after it for charge.
 _SCRIPT = """
@@ -72,21 +78,27 @@ end
 if mode == 'charge' then
   for i = 1, n do
     local current_key, previous_key = KEYS[2 * i - 1], KEYS[2 * i]
-    local amount = tonumber(ARGV[2 * i])
+    local arg = 2 + 3 * (i - 1)
+    local amount = tonumber(ARGV[arg])
+    local source = ARGV[arg + 2]
     if amount > 0 then
       redis.call('INCRBY', current_key, amount)
-      redis.call('PEXPIRE', current_key, ARGV[2 * i + 1])
+      redis.call('PEXPIRE', current_key, ARGV[arg + 1])
     elseif amount < 0 then
-      -- A reservation taken just before a bucket boundary may come back just after it:
-      -- refund the current bucket first, then the previous one, never below zero.
+      -- Never below zero; "both" takes from the current bucket first.
       local refund = -amount
-      local taken = math.min(bucket(current_key), refund)
-      if taken > 0 then
-        redis.call('DECRBY', current_key, taken)
+      if source == 'current' or source == 'both' then
+        local taken = math.min(bucket(current_key), refund)
+        if taken > 0 then
+          redis.call('DECRBY', current_key, taken)
+          refund = refund - taken
+        end
       end
-      local rest = math.min(bucket(previous_key), refund - taken)
-      if rest > 0 then
-        redis.call('DECRBY', previous_key, rest)
+      if source == 'previous' or source == 'both' then
+        local rest = math.min(bucket(previous_key), refund)
+        if rest > 0 then
+          redis.call('DECRBY', previous_key, rest)
+        end
       end
     end
     reply[2 * i] = bucket(current_key)
@@ -198,17 +210,32 @@ class RedisStore:
                 await self._refund(charged, now)
             raise
         if refused:
-            await self._refund(charged, now)
-        return Admission(not refused, tuple(state for state in states if state is not None))
+            try:
+                await self._refund(charged, now)
+            except StoreUnavailable as error:
+                # The refusal stands (the counters did answer): the tags charged before it
+                # keep a cost nobody uses until their buckets expire.
+                log.warning("refund of a refused request lost: %s", error)
+        return Admission(not refused, tuple(state for state in states if state is not None), now)
 
     async def charge(
-        self, counter: str, hash_tag: str, window: float, algorithm: Algorithm, amount: int
+        self,
+        counter: str,
+        hash_tag: str,
+        window: float,
+        algorithm: Algorithm,
+        amount: int,
+        reserved_at: float | None = None,
     ) -> int:
         if window <= 0:
             raise ValueError(f"counter {counter!r}: window must be positive, got {window}")
         position = window_position(self._clock(), window)
         keys = self._keys(hash_tag, counter, position.index)
-        _, buckets = await self._run("charge", keys, [str(amount), str(bucket_ttl_ms(window))])
+        source = refund_source(position.index, window, reserved_at) if amount < 0 else "none"
+        if source == "none":
+            amount = max(amount, 0)  # the reservation's bucket no longer counts: nothing to return
+        args = [str(amount), str(bucket_ttl_ms(window)), source]
+        _, buckets = await self._run("charge", keys, args)
         current, previous = buckets[0]
         return weighted_usage(current, previous, previous_weight(algorithm, position, window))
 
@@ -228,7 +255,8 @@ class RedisStore:
                     keys += self._keys(
                         demand.hash_tag, demand.counter, window_position(now, demand.window).index
                     )
-                    args += [str(-demand.cost), str(bucket_ttl_ms(demand.window))]
+                    # The same clock reading as the charge: exactly its bucket.
+                    args += [str(-demand.cost), str(bucket_ttl_ms(demand.window)), "current"]
             if keys:
                 await self._run("charge", keys, args)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -53,7 +54,7 @@ class QuotaService:
             return store_failed(decision, str(error))
         finally:
             self._latency["admit"].observe(time.perf_counter() - start)
-        return settle(decision, admission.states, admission.admitted)
+        return settle(decision, admission.states, admission.admitted, admission.at)
 
     async def charge_usage(self, entries_json: str, actual: int, kind: str) -> int:
         """After the response: charge `actual - reserved` on each counter named in the metadata.
@@ -70,17 +71,23 @@ class QuotaService:
         bundle = self._bundle()
         charged = 0
         for entry in entries:
-            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
+            # [counter, reserved] or [counter, reserved, reserved_at] (token_metadata)
+            if not (isinstance(entry, list) and len(entry) in (2, 3) and isinstance(entry[0], str)):
                 continue
-            counter, reserved = entry
+            counter, reserved = entry[0], entry[1]
+            reserved_at = entry[2] if len(entry) == 3 else None
+            if reserved_at is not None and not _is_time(reserved_at):
+                continue
             parsed = parse_counter(counter)
             budget = bundle.budget(parsed.policy, parsed.limit, parsed.kind) if parsed else None
-            if parsed is None or budget is None or parsed.kind != kind or not isinstance(reserved, int):
+            if parsed is None or budget is None or parsed.kind != kind or not _is_count(reserved):
                 continue  # the policy changed since the request, or a forged entry
             window, algorithm = budget
             start = time.perf_counter()
             try:
-                await self._store.charge(counter, parsed.key, window, algorithm, actual - reserved)
+                await self._store.charge(
+                    counter, parsed.key, window, algorithm, actual - reserved, reserved_at
+                )
             except StoreUnavailable as error:
                 self._errors["charge"].inc()
                 log.warning("token charge of %s lost: %s", counter, error)
@@ -94,3 +101,11 @@ class QuotaService:
                 series = self._metrics.tokens_charged.labels(kind)
             series.inc(max(0, actual))
         return charged
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_time(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

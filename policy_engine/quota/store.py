@@ -50,6 +50,9 @@ class CounterState:
 class Admission:
     admitted: bool  # every demand was within budget and all were charged
     states: tuple[CounterState, ...]  # same order as the demands
+    # The store's clock when it charged: names the buckets the costs went into, so that a
+    # reservation returned later comes out of the same bucket (charge's `reserved_at`).
+    at: float
 
 
 class CounterStore(Protocol):
@@ -58,9 +61,22 @@ class CounterStore(Protocol):
         ...
 
     async def charge(
-        self, counter: str, hash_tag: str, window: float, algorithm: Algorithm, amount: int
+        self,
+        counter: str,
+        hash_tag: str,
+        window: float,
+        algorithm: Algorithm,
+        amount: int,
+        reserved_at: float | None = None,
     ) -> int:
-        """Add `amount` (may be negative, to return a reservation); the new usage."""
+        """Add `amount`; the new usage.
+
+        A negative amount returns (part of) a reservation. With `reserved_at`, the `at` of the
+        admission that reserved it, it comes out of the bucket the reservation went into, and
+        only while that bucket still counts (the current or the previous one): taking it from
+        a later bucket would erase other requests' usage. Without, it comes out of the current
+        bucket, then the previous one. Never below zero.
+        """
         ...
 
     async def usage(self, counter: str, hash_tag: str, window: float, algorithm: Algorithm) -> int:

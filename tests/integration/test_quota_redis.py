@@ -7,6 +7,7 @@ speed, and a loaded CI machine must not turn them flaky.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import re
 import uuid
@@ -80,6 +81,7 @@ class Charge:
     window: float
     algorithm: Algorithm
     amount: int
+    reserved_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -103,8 +105,8 @@ async def play(store: CounterStore, clock: FakeClock, steps: Sequence[Step]) -> 
                 outcomes.append(None)
             case Admit(demands):
                 outcomes.append(await store.admit(demands))
-            case Charge(counter, hash_tag, window, algorithm, amount):
-                outcomes.append(await store.charge(counter, hash_tag, window, algorithm, amount))
+            case Charge(counter, hash_tag, window, algorithm, amount, reserved_at):
+                outcomes.append(await store.charge(counter, hash_tag, window, algorithm, amount, reserved_at))
             case Usage(counter, hash_tag, window, algorithm):
                 outcomes.append(await store.usage(counter, hash_tag, window, algorithm))
     return outcomes
@@ -169,6 +171,20 @@ SCENARIOS: dict[str, list[Step]] = {
         Usage("r", "acme", 30.0, "fixed"),
         Charge("r", "acme", 30.0, "sliding", -100),
         Charge("missing", "acme", 30.0, "sliding", -1),
+    ],
+    "a returned reservation comes out of its own bucket while it counts": [
+        Advance(29.0),
+        Charge("t", "acme", 30.0, "sliding", 9),  # A reserves at T0 + 29 (bucket 0) ...
+        Advance(2.0),
+        Charge("t", "acme", 30.0, "sliding", 7),  # ... B at T0 + 31 (bucket 1)
+        Charge("t", "acme", 30.0, "sliding", -8, T0 + 29.0),  # A returns 8: from bucket 0
+        Usage("t", "acme", 30.0, "fixed"),  # B's 7 untouched
+        Charge("t", "acme", 30.0, "sliding", -9, T0 + 31.0),  # B returns more than it has: 0
+        Charge("t", "acme", 30.0, "sliding", 5, T0 + 31.0),  # positive: the current bucket
+        Advance(60.0),  # bucket 3: bucket 1 no longer counts
+        Charge("t", "acme", 30.0, "sliding", 4),
+        Charge("t", "acme", 30.0, "sliding", -4, T0 + 31.0),  # nothing to return any more
+        Charge("t", "acme", 30.0, "sliding", -1, T0 + 200.0),  # a clock ahead: the current bucket
     ],
     "zero-cost demands and empty requests": [
         Admit(()),
@@ -263,6 +279,49 @@ def test_a_scenario_has_the_expected_outcomes(server: RedisProcess, prefix: str)
     admitted = outcomes[5]
     assert isinstance(admitted, Admission) and admitted.admitted
     assert outcomes[6:8] == [3, 4]
+
+
+def test_a_returned_reservation_has_the_expected_outcomes(server: RedisProcess, prefix: str) -> None:
+    async def scenario() -> list[Outcome]:
+        clock = FakeClock()
+        store = RedisStore(server.url, prefix=prefix, timeout_s=2.0, clock=clock)
+        try:
+            return await play(
+                store, clock, SCENARIOS["a returned reservation comes out of its own bucket while it counts"]
+            )
+        finally:
+            await store.close()
+
+    outcomes = asyncio.run(scenario())
+    # Usage at T0 + 31 weighs bucket 0 by 29/30; B's 7 stays in bucket 1 when A returns 8.
+    assert outcomes[4:8] == [7 + math.floor(1 * 29 / 30), 7, 0, 5]
+    assert outcomes[9:] == [4, 4, 3]
+
+
+def test_a_refusal_stands_when_its_refund_fails(server: RedisProcess, prefix: str) -> None:
+    """The counters answered (one budget is exceeded): losing the refund of the tags charged
+    before must not turn the 429 into a store outage, which `on_error: allow` would admit."""
+
+    async def scenario() -> Admission:
+        store = RedisStore(server.url, prefix=prefix, timeout_s=2.0, clock=FakeClock())
+        run = store._run
+
+        async def refund_fails(
+            mode: str, keys: list[str], args: list[str]
+        ) -> tuple[bool, list[tuple[int, int]]]:
+            if mode == "charge":
+                raise StoreUnavailable("connection reset")
+            return await run(mode, keys, args)
+
+        store._run = refund_fails  # type: ignore[method-assign]
+        try:
+            return await store.admit([demand("a", limit=5), demand("b", limit=0, hash_tag="zeta")])
+        finally:
+            await store.close()
+
+    admission = asyncio.run(scenario())
+    assert not admission.admitted
+    assert [state.exceeded for state in admission.states] == [False, True]
 
 
 # --- key layout -------------------------------------------------------------------------------

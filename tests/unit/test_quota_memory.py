@@ -226,6 +226,22 @@ def test_refunds_spill_into_the_previous_bucket() -> None:
     asyncio.run(scenario())
 
 
+def test_a_clock_stepping_back_forgets_no_usage() -> None:
+    async def scenario() -> None:
+        store, clock = make()
+        clock.now += 8.0  # just after a boundary
+        full = demand(limit=5, algorithm="fixed")
+        for _ in range(5):
+            assert (await store.admit([full])).admitted
+        clock.now -= 0.001  # NTP steps the clock back across the boundary ...
+        assert not (await store.admit([full])).admitted
+        clock.now += 0.002  # ... and forward again
+        assert not (await store.admit([full])).admitted
+        assert await store.usage("c", "tenant", 8.0, "fixed") == 5
+
+    asyncio.run(scenario())
+
+
 def test_counters_are_bounded_expired_first_then_least_recently_used() -> None:
     async def scenario() -> None:
         clock = FakeClock()

@@ -68,10 +68,15 @@ def test_what_is_not_charged() -> None:
     assert usage_charges(charged_entry(usage={}).common_properties) == []
     # No counters: the decision charged nothing to this request.
     assert usage_charges(charged_entry(counters={}).common_properties) == []
-    # Zero, negative, NaN or non-numeric usage, and counters that are not a string.
-    for odd in (0, -5, float("nan"), "41", 0.4):
+    # Negative, NaN or non-numeric usage, and counters that are not a string.
+    for odd in (-5, float("nan"), "41", -0.4):
         assert usage_charges(charged_entry(usage={"total_tokens": odd}).common_properties) == []
     assert usage_charges(charged_entry(counters={"pe_total_tokens": 7}).common_properties) == []
+    # A reported 0 is charged: it returns the whole reservation (a filtered or empty answer).
+    for zero in (0, 0.4):
+        assert usage_charges(charged_entry(usage={"total_tokens": zero}).common_properties) == [
+            (COUNTERS, 0, "total_tokens")
+        ]
     # Absurd usage is clamped, as on the rate-limit path.
     ((_, tokens, _),) = usage_charges(charged_entry(usage={"total_tokens": 1e30}).common_properties)
     assert tokens == 1 << 32
