@@ -278,6 +278,32 @@ def _http_service(config: GatewayConfig) -> dict[str, Any]:
     }
 
 
+def _denial_status_mappers() -> dict[str, Any]:
+    """Turns the HTTP transport's carrier statuses back into the 5xx denials they carry; the
+    denial's body and headers are kept (policy_engine.envoy.http_authz.DENIAL_CARRIERS)."""
+    from policy_engine.envoy.http_authz import DENIAL_CARRIERS
+
+    return {
+        "mappers": [
+            {
+                "filter": {
+                    "status_code_filter": {
+                        "comparison": {
+                            "op": "EQ",
+                            "value": {
+                                "default_value": carrier,
+                                "runtime_key": f"pe.denial_carrier_{carrier}",
+                            },
+                        }
+                    }
+                },
+                "status_code": status,
+            }
+            for status, carrier in sorted(DENIAL_CARRIERS.items())
+        ]
+    }
+
+
 def ext_authz_filter(config: GatewayConfig, cluster: str = POLICY_CLUSTER) -> dict[str, Any]:
     """The Check call: request body included, routes recomputed from the headers the service adds."""
     service: dict[str, Any]
@@ -447,6 +473,8 @@ def bootstrap(config: GatewayConfig) -> dict[str, Any]:
         "http_filters": http_filters,
         "access_log": [grpc_access_log(config)],
     }
+    if config.authz_transport == "http":
+        manager["local_reply_config"] = _denial_status_mappers()
     if config.otlp_endpoint is not None:
         manager["tracing"] = _tracing(config)
     listener = {

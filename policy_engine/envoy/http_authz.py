@@ -27,6 +27,7 @@ from policy_engine.decide.attributes import Peer, RequestAttributes
 from policy_engine.decide.decision import Decision
 from policy_engine.envoy.authz import AuthorizationService
 from policy_engine.envoy.check import MAX_HEADERS, PARTIAL_BODY_HEADER
+from policy_engine.policy.schema import RESERVED_STATUSES
 
 log = logging.getLogger("policy_engine.http_authz")
 
@@ -39,6 +40,23 @@ _ENVOY_HEADERS = frozenset(
     {SOURCE_ADDRESS, SOURCE_PRINCIPAL, DESTINATION_ADDRESS, CONTENT_LENGTH}
     | {"x-envoy-internal", "x-envoy-expected-rq-timeout-ms"}
 )
+# Envoy's HTTP ext_authz client takes any 5xx answer for a failure of the authorization
+# service, not for a denial: the client would get a bare `status_on_error` (or, with
+# failure_mode_allow, the request would pass). A 5xx denial (shedding, no backend, a store that
+# fails closed) is therefore answered with a carrier status, which the bootstrap's
+# local_reply_config turns back into the real one, body and headers kept. The carriers are
+# reserved: policies cannot deny with them (policy_engine.policy.schema).
+DENIAL_CARRIERS = dict(zip(range(500, 512), RESERVED_STATUSES, strict=True))  # 500-511 -> 480-491
+_UNLISTED_5XX_CARRIER = DENIAL_CARRIERS[503]  # a 5xx beyond 511 reaches the client as 503
+
+
+def wire_status(status: int) -> int:
+    """The status a denial is answered with over HTTP (see DENIAL_CARRIERS)."""
+    if 500 <= status <= 599:
+        return DENIAL_CARRIERS.get(status, _UNLISTED_5XX_CARRIER)
+    return status
+
+
 MAX_HEAD_BYTES = 65536  # request line and headers; more is refused
 MAX_BODY_BYTES = 64 << 20  # Envoy sends at most its max_request_bytes
 
@@ -51,7 +69,9 @@ def request_attributes(
     client = {k: v for k, v in headers.items() if k not in _ENVOY_HEADERS}
     client.update({":authority": client.get("host", ""), ":method": method, ":path": target})
     declared = headers.get(CONTENT_LENGTH, "")
-    if declared.isdigit():
+    if not (declared.isascii() and declared.isdigit()):  # "²" is a digit to str.isdigit
+        declared = ""
+    if declared:
         client["content-length"] = declared
     truncated = client.get(PARTIAL_BODY_HEADER) == "true" or len(body) > max_body
     return RequestAttributes(
@@ -64,16 +84,20 @@ def request_attributes(
         headers=client,
         body=body[:max_body],
         body_truncated=truncated,
-        size=int(declared) if declared.isdigit() else -1,
+        size=int(declared) if declared else -1,
         time=datetime.now(UTC),
         source=Peer(principal=headers.get(SOURCE_PRINCIPAL, ""), address=headers.get(SOURCE_ADDRESS, "")),
         destination=Peer(address=headers.get(DESTINATION_ADDRESS, "")),
     )
 
 
+# Control characters become spaces in header values: a line break would split the answer, and
+# Envoy's parser refuses NUL and the others (the call would fail instead of answering).
+_CONTROL = {code: " " for code in (*range(32), 127) if code != 9}
+
+
 def _header_lines(headers: Mapping[str, str]) -> list[str]:
-    # Header values never carry a line break: one in a value would split the response.
-    return [f"{k}: {v.replace(chr(13), ' ').replace(chr(10), ' ')}" for k, v in headers.items()]
+    return [f"{k}: {v.translate(_CONTROL)}" for k, v in headers.items()]
 
 
 def http_response(decision: Decision, head_only: bool = False) -> bytes:
@@ -89,21 +113,24 @@ def http_response(decision: Decision, head_only: bool = False) -> bytes:
     else:
         headers = {"content-type": "application/json", "x-pe-reason": decision.reason}
         headers.update(decision.response_headers)
-        status, body = decision.status, (decision.body or "").encode()
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "Status"
+        status, body = wire_status(decision.status), (decision.body or "").encode()
     if head_only:
         body = b""
-    lines = [f"HTTP/1.1 {status} {phrase}", *_header_lines(headers), f"content-length: {len(body)}"]
+    lines = [f"HTTP/1.1 {status} {_phrase(status)}", *_header_lines(headers), f"content-length: {len(body)}"]
     # UTF-8 header values as the gRPC answer carries them (Envoy passes the bytes on).
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "replace") + body
 
 
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:  # a carrier (DENIAL_CARRIERS) or a policy's own status
+        return "Status"
+
+
 def _plain_error(status: int, message: str) -> bytes:
     body = message.encode()
-    head = f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: text/plain\r\n"
+    head = f"HTTP/1.1 {status} {_phrase(status)}\r\ncontent-type: text/plain\r\n"
     return (head + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
 
 
@@ -131,6 +158,14 @@ class HttpAuthorization(asyncio.Protocol):
             self._next()
 
     def _next(self) -> None:
+        try:
+            self._read_request()
+        except Exception:  # a defined answer rather than a connection left hanging
+            log.exception("a malformed HTTP authorization request")
+            self._busy = False
+            self._fail(400, "malformed request")
+
+    def _read_request(self) -> None:
         end = self._buffer.find(b"\r\n\r\n")
         if end < 0:
             if len(self._buffer) > MAX_HEAD_BYTES:
@@ -143,16 +178,22 @@ class HttpAuthorization(asyncio.Protocol):
             return
         headers: dict[str, str] = {}
         lengths = []
+        transfer_encoding = False
         for line in head[1:]:
             name, _, value = line.partition(":")
             name = name.strip().lower()
             if name == "content-length":
                 lengths.append(value.strip())
-            elif len(headers) < MAX_HEADERS:
-                # Header bytes are UTF-8 on the wire as Envoy forwards them.
+            elif name == "transfer-encoding":
+                transfer_encoding = True
+            elif len(headers) < MAX_HEADERS or name in _ENVOY_HEADERS or name == PARTIAL_BODY_HEADER:
+                # Header bytes are UTF-8 on the wire as Envoy forwards them. The cap is on the
+                # client's headers: Envoy's own (the peer, the body's real length) come last.
                 headers[name] = value.strip().encode("latin-1").decode("utf-8", "replace")
-        if "chunked" in headers.get("transfer-encoding", ""):
-            self._fail(501, "chunked request bodies are not supported")
+        if transfer_encoding:
+            # Envoy frames what it sends here with content-length. Any transfer coding, in any
+            # spelling, could frame the body differently here and in a proxy in front.
+            self._fail(501, "transfer-encoding is not supported: send a content-length")
             return
         # One plain decimal length or none: anything else could frame requests differently
         # here and in a proxy in front.
@@ -179,9 +220,14 @@ class HttpAuthorization(asyncio.Protocol):
             return
         try:
             response = http_response(done.result(), head_only=attrs.method == "HEAD")
+        except asyncio.CancelledError:  # shutting down: the service is unavailable, not denying
+            self._fail(503, "the decision service is shutting down")
+            return
         except Exception:  # a defined answer rather than a dropped connection
             log.exception("request %s: the HTTP answer failed", attrs.id)
-            response = _plain_error(500, "the policy decision failed")
+            # A denial with status 500, as the gRPC Check answers (carried, see DENIAL_CARRIERS).
+            self._fail(wire_status(500), "the policy decision failed")
+            return
         self._transport.write(response)
         if self._buffer:
             self._next()

@@ -63,7 +63,8 @@ canary, 503 for routing); `allow` treats the failing rule as not fired. A backen
 route but absent from telemetry is treated as unhealthy and stale.
 
 Denials have an OpenAI-style JSON body:
-`{"error": {"message": ..., "type": ..., "param": null, "code": <reason>}}`.
+`{"error": {"message": ..., "type": ..., "param": null, "code": <reason>}}`. An HTTP status is
+400-599 except 480-491, which carry 5xx denials over Envoy's HTTP ext_authz protocol.
 """
 
 CEL_INTRO = """## CEL environment

@@ -10,7 +10,15 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 
 API_VERSION = "policy-engine/v1"
 
@@ -45,7 +53,32 @@ CelExpr = Annotated[
 ]
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]
 HeaderName = Annotated[str, Field(pattern=HEADER_PATTERN)]
-Status = Annotated[int, Field(ge=400, le=599)]
+# Reserved: Envoy's HTTP ext_authz protocol takes any 5xx answer for a failure of the service,
+# so policy-engine answers a 5xx denial over it with one of these and Envoy maps it back
+# (policy_engine.envoy.http_authz.DENIAL_CARRIERS); a policy denying with one would be remapped.
+RESERVED_STATUSES = range(480, 492)
+
+
+def _not_reserved(status: int) -> int:
+    if status in RESERVED_STATUSES:
+        raise ValueError(
+            f"statuses {RESERVED_STATUSES.start}-{RESERVED_STATUSES.stop - 1} are reserved "
+            "(they carry 5xx denials over Envoy's HTTP ext_authz protocol)"
+        )
+    return status
+
+
+Status = Annotated[
+    int,
+    Field(
+        ge=400,
+        le=599,
+        json_schema_extra={
+            "not": {"minimum": RESERVED_STATUSES.start, "maximum": RESERVED_STATUSES.stop - 1}
+        },
+    ),
+    AfterValidator(_not_reserved),
+]
 
 
 class Strict(BaseModel):

@@ -55,6 +55,20 @@ def test_allowed_request_reaches_the_backend_the_policy_picked(example_gateway: 
     assert embedding.status_code == 200 and embedding.headers["x-backend"] == "embed-a"
 
 
+def test_a_5xx_denial_reaches_the_client_whole(example_gateway: Gateway) -> None:
+    """No backend of the premium route runs here: 503 with its body and retry-after, over both
+    transports (Envoy's HTTP ext_authz would take a 5xx answer for a failure of the service)."""
+    response = httpx.post(
+        f"{example_gateway.url}/v1/chat/completions",
+        json={**CHAT, "model": "llama-3-70b"},
+        headers={"authorization": "Bearer sk-acme-premium-key-0001"},
+    )
+    assert response.status_code == 503, response.text
+    assert response.headers["x-pe-reason"] == "no_backend_available"
+    assert int(response.headers["retry-after"]) >= 1
+    assert response.json()["error"]["code"] == "no_backend_available"
+
+
 def test_moderation_blocks_before_any_backend(example_gateway: Gateway) -> None:
     before = {name: b.requests for name, b in example_gateway.backends.items()}
     blocked = {**CHAT, "messages": [{"role": "user", "content": "my card is 4111 1111 1111 1111"}]}

@@ -54,6 +54,15 @@ def test_misspelt_field_is_reported_at_the_key(policy_copy: Path) -> None:
     assert error.startswith(f"{path}:{line}:{column}: tier-quotas/premium-tokens: unknown field 'algoritm'")
 
 
+def test_a_reserved_status_is_refused_at_its_value(policy_copy: Path) -> None:
+    path = policy_copy / "moderation.yaml"
+    replace_in(path, "      status: 413", "      status: 485")
+    line, column = line_col(path, "485")
+    (error,) = errors_of(policy_copy)
+    assert error.startswith(f"{path}:{line}:{column}: ")
+    assert "statuses 480-491 are reserved" in error
+
+
 def test_unknown_variable_points_into_the_expression(policy_copy: Path) -> None:
     path = policy_copy / "access.yaml"
     replace_in(path, "when: tenant.authenticated", "when: tenent.authenticated")

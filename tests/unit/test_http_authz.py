@@ -17,14 +17,17 @@ from policy_engine.audit.metrics import Metrics
 from policy_engine.decide.decision import Decision
 from policy_engine.decide.pipeline import Pipeline
 from policy_engine.envoy.authz import AuthorizationService
+from policy_engine.envoy.check import MAX_HEADERS
 from policy_engine.envoy.http_authz import (
     CONTENT_LENGTH,
+    DENIAL_CARRIERS,
     SOURCE_ADDRESS,
     http_response,
     request_attributes,
     serve_http,
 )
 from policy_engine.policy.compiler import load_bundle
+from policy_engine.policy.schema import RESERVED_STATUSES
 from policy_engine.quota.memory import MemoryStore
 from policy_engine.quota.service import QuotaService
 from policy_engine.quota.store import Admission, Demand
@@ -47,7 +50,7 @@ def _service(store: MemoryStore | None = None) -> AuthorizationService:
     pipeline = Pipeline(bundle)
     metrics = Metrics(CollectorRegistry())
     snapshot = TelemetrySnapshot({name: BackendStats(name) for name in ("llama-8b-a", "llama-8b-b")})
-    quota = QuotaService(store or MemoryStore(), lambda: bundle, metrics)
+    quota = QuotaService(store if store is not None else MemoryStore(), lambda: bundle, metrics)
     return AuthorizationService(lambda: pipeline, lambda: snapshot, quota, metrics, 1 << 20)
 
 
@@ -216,3 +219,60 @@ def test_attributes_match_the_grpc_ones() -> None:
     assert attrs.headers[":authority"] == "ai.example.com" and attrs.headers[":path"].endswith("?x=1")
     assert attrs.headers["content-length"] == "5000"
     assert not any(name.startswith(("x-pe-authz-", "x-envoy-")) for name in attrs.headers)
+
+
+def test_5xx_denials_are_carried_and_4xx_ones_are_not() -> None:
+    # Envoy takes a 5xx answer for a failure of the service; the bootstrap maps the carriers back.
+    def answered(status: int) -> int:
+        decision = Decision(allowed=False, status=status, reason="r")
+        return int(http_response(decision).split(b" ")[1])
+
+    assert [answered(status) for status in (500, 503, 504, 511)] == [480, 483, 484, 491]
+    assert answered(599) == DENIAL_CARRIERS[503]  # beyond the standard codes: 503
+    assert [answered(status) for status in (400, 401, 429, 499)] == [400, 401, 429, 499]
+    assert set(DENIAL_CARRIERS.values()) == set(RESERVED_STATUSES)
+
+
+def test_any_transfer_encoding_is_refused_and_never_read_as_a_second_request() -> None:
+    chunk = b"5\r\nhello\r\n0\r\n\r\n"
+    for encoding in (b"Chunked", b"chunked\r\ntransfer-encoding: identity", b"gzip"):
+        payload = (
+            b"POST / HTTP/1.1\r\ntransfer-encoding: " + encoding + b"\r\ncontent-length: 19\r\n\r\n" + chunk
+        )
+        answers = asyncio.run(_exchange(payload, 2))
+        assert [a[0] for a in answers] == [501], encoding
+
+
+def test_a_length_envoy_did_not_write_still_gets_an_answer() -> None:
+    # "²" passes str.isdigit(); a request after it on the same connection must not hang either.
+    odd = _request({"authorization": "Bearer sk-hobby-free-key-0003", CONTENT_LENGTH: "²"})
+    good = _request({"authorization": "Bearer sk-hobby-free-key-0003"})
+    assert [a[0] for a in asyncio.run(_exchange(odd + good, 2))] == [200, 200]
+
+
+def test_a_cancelled_decision_is_answered_and_the_connection_closed() -> None:
+    class Cancelled(MemoryStore):
+        async def admit(self, demands: Sequence[Demand]) -> Admission:
+            raise asyncio.CancelledError  # as at shutdown
+
+    headers = {"authorization": "Bearer sk-hobby-free-key-0003"}
+    answers = asyncio.run(_exchange(_request(headers) * 2, 2, store=Cancelled()))
+    assert [a[0] for a in answers] == [503] and answers[0][1]["connection"] == "close"
+
+
+def test_envoys_own_headers_survive_the_header_cap() -> None:
+    many = {f"x-client-{index}": "v" for index in range(MAX_HEADERS + 10)}
+    key = {"authorization": "Bearer sk-acme-premium-key-0001"}
+    # Envoy appends the peer address after the client's headers.
+    payload = _request({**key, **many, SOURCE_ADDRESS: "192.0.2.1"}, body=b"", path="/admin/config")
+    [(status, answer, _)] = asyncio.run(_exchange(payload, 1))
+    assert (status, answer["x-pe-reason"]) == (403, "admin_forbidden")
+
+
+def test_control_characters_never_reach_a_header_line() -> None:
+    decision = Decision(
+        allowed=True, status=200, upstream_headers={"x-pe-u": "a\r\nx-injected: 1\x00b\x7f\tc"}
+    )
+    answer = http_response(decision)
+    assert b"x-pe-u: a  x-injected: 1 b \tc\r\n" in answer
+    assert b"\r\nx-injected" not in answer
