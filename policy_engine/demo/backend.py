@@ -1,8 +1,9 @@
 """A simulated OpenAI-compatible model backend for the demo and the end-to-end tests.
 
 Answers chat and completion requests (JSON or an SSE stream with a final `usage` chunk when
-`stream_options.include_usage` is set), embeddings, image generations and audio transcriptions,
-the text ones reporting token usage the way vLLM and hosted APIs do. Every answer names the
+`stream_options.include_usage` is set; `/v1/messages` in the shape of Anthropic's Messages
+API), embeddings, image generations and audio transcriptions, the text ones reporting token
+usage the way vLLM and hosted APIs do. Every answer names the
 backend in `x-backend`, so a test can see where Envoy sent a request. Behaviour can be changed
 at run time with POST /admin/config.
 
@@ -245,6 +246,20 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def _anthropic_message(model: str, backend: str, prompt: int, completion: int) -> dict[str, Any]:
+    """An answer of Anthropic's Messages API (`/v1/messages`): its usage has no total."""
+    return {
+        "id": "msg-1",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "backend": backend,
+        "content": [{"type": "text", "text": " ".join(["token"] * completion)}],
+        "stop_reason": "end_turn",
+        "usage": {"input_tokens": prompt, "output_tokens": completion},
+    }
+
+
 def _handler(backend: BackendServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -365,6 +380,13 @@ def _handler(backend: BackendServer) -> type[BaseHTTPRequestHandler]:
             prompt = estimate_tokens(text)
             completion = behaviour.completion_tokens
             backend.metrics.ttft.observe(time.monotonic() - arrived)
+            if self.path.endswith("/messages"):
+                if body.get("stream") is True:
+                    self._anthropic_stream(model, prompt, completion, behaviour.chunk_delay_ms)
+                else:
+                    self._send_json(200, _anthropic_message(model, backend.name, prompt, completion))
+                self._finished(arrived, prompt, completion)
+                return
             if body.get("stream") is True:
                 options = body.get("stream_options")
                 include_usage = isinstance(options, dict) and options.get("include_usage") is True
@@ -400,6 +422,56 @@ def _handler(backend: BackendServer) -> type[BaseHTTPRequestHandler]:
 
         def _chunk(self, data: bytes) -> None:
             self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+
+        def _anthropic_stream(self, model: str, prompt: int, completion: int, delay_ms: float) -> None:
+            # As Anthropic's Messages API streams: the input tokens in message_start, the output
+            # so far in each message_delta (the last one is final).
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("transfer-encoding", "chunked")
+            self.send_header("x-backend", backend.name)
+            self.end_headers()
+            start = _anthropic_message(model, backend.name, prompt, 1)
+            start["content"] = []
+            events: list[tuple[str, dict[str, Any]]] = [
+                ("message_start", {"type": "message_start", "message": start})
+            ]
+            events.append(
+                (
+                    "content_block_start",
+                    {
+                        "type": "content_block_start",
+                        "index": 0,
+                        "content_block": {"type": "text", "text": ""},
+                    },
+                )
+            )
+            for _ in range(completion):
+                delta = {"type": "text_delta", "text": "token "}
+                events.append(
+                    ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
+                )
+            events.append(("content_block_stop", {"type": "content_block_stop", "index": 0}))
+            events.append(
+                (
+                    "message_delta",
+                    {
+                        "type": "message_delta",
+                        "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                        "usage": {"output_tokens": completion},
+                    },
+                )
+            )
+            events.append(("message_stop", {"type": "message_stop"}))
+            for name, event in events:
+                self._chunk(f"event: {name}\ndata: {json.dumps(event)}\n\n".encode())
+                if delay_ms and name == "content_block_delta":
+                    time.sleep(delay_ms / 1000)
+                if not backend.hold():
+                    self.close_connection = True
+                    return
+            self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
 
         def _stream(

@@ -56,23 +56,29 @@ USAGE_LUA = r"""
 -- Bytes kept across chunk boundaries, so a usage object split between two chunks is found.
 local TAIL = 4096
 
-local function extract(buffer)
-  -- The last "usage": {...} object wins: streamed chunks carry "usage": null until the final one.
+local function count(usage, name)
+  return tonumber(usage:match('"' .. name .. '"%s*:%s*(%d+)'))
+end
+
+local function extract(buffer, prompt, completion, total)
+  -- Every "usage": {...} object in order, field by field, a later value replacing an earlier
+  -- one: OpenAI streams say "usage": null until the final chunk; Anthropic's stream reports the
+  -- input in message_start and the output (cumulative) in each message_delta. Anthropic's
+  -- Messages and OpenAI's Responses APIs name them input_tokens and output_tokens.
   -- A forward scan: a pattern starting with ".*" is retried from every position of a chunk,
   -- quadratic in its size (seconds for a 1 MB answer).
-  local usage
   local from = 1
   while true do
     local _, stop = buffer:find('"usage"%s*:%s*', from)
     if not stop then break end
-    usage = buffer:match('^%b{}', stop + 1) or usage
+    local usage = buffer:match('^%b{}', stop + 1)
+    if usage then
+      prompt = count(usage, "prompt_tokens") or count(usage, "input_tokens") or prompt
+      completion = count(usage, "completion_tokens") or count(usage, "output_tokens") or completion
+      total = count(usage, "total_tokens") or total
+    end
     from = stop + 1
   end
-  if not usage then return nil end
-  local prompt = tonumber(usage:match('"prompt_tokens"%s*:%s*(%d+)'))
-  local completion = tonumber(usage:match('"completion_tokens"%s*:%s*(%d+)'))
-  local total = tonumber(usage:match('"total_tokens"%s*:%s*(%d+)'))
-  if not (prompt or completion or total) then return nil end
   return prompt, completion, total
 end
 
@@ -83,9 +89,10 @@ function envoy_on_response(handle)
   for chunk in handle:bodyChunks() do
     local size = chunk:length()
     if size > 0 then
+      -- The tail is scanned again with the next chunk: a usage object read twice gives the
+      -- same values, in the same order.
       local buffer = tail .. chunk:getBytes(0, size)
-      local p, c, t = extract(buffer)
-      if p or c or t then prompt, completion, total = p, c, t end
+      prompt, completion, total = extract(buffer, prompt, completion, total)
       if #buffer > TAIL then tail = buffer:sub(-TAIL) else tail = buffer end
     end
   end
@@ -366,25 +373,53 @@ def _lua_filter(source: str) -> dict[str, Any]:
 _JSON_PARSER_TYPE = "type.googleapis.com/envoy.extensions.content_parsers.json.v3.JsonContentParser"
 
 
-def _usage_rule(field: str) -> dict[str, Any]:
-    """`usage.<field>` → policy_engine.usage:<field>, a number; absent or null: nothing."""
+def _usage_rule(path: tuple[str, ...], key: str) -> dict[str, Any]:
+    """The number at `path` → policy_engine.usage:<key>; absent or null: nothing."""
     return {
-        "selectors": [{"key": "usage"}, {"key": field}],
-        "on_present": {"metadata_namespace": USAGE_NAMESPACE, "key": field, "type": "NUMBER"},
+        "selectors": [{"key": step} for step in path],
+        "on_present": {"metadata_namespace": USAGE_NAMESPACE, "key": key, "type": "NUMBER"},
     }
+
+
+# Where the native readers find each usage field: OpenAI's chat and completions
+# (`usage.prompt_tokens`), Anthropic's Messages and OpenAI's Responses APIs
+# (`usage.input_tokens`), Anthropic's stream (the input in message_start's `message.usage`, the
+# output in message_delta's `usage`) and the Responses stream (`response.usage` when completed).
+# A field absent from an answer writes nothing, so the names of one API never clear another's.
+_NATIVE_USAGE_PATHS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "prompt_tokens": (
+        ("usage", "prompt_tokens"),
+        ("usage", "input_tokens"),
+        ("message", "usage", "input_tokens"),
+        ("response", "usage", "input_tokens"),
+    ),
+    "completion_tokens": (
+        ("usage", "completion_tokens"),
+        ("usage", "output_tokens"),
+        ("response", "usage", "output_tokens"),
+    ),
+    "total_tokens": (("usage", "total_tokens"), ("response", "usage", "total_tokens")),
+}
+
+
+def _native_usage_rules() -> list[dict[str, Any]]:
+    return [
+        _usage_rule(path, key)
+        for key in sorted(set(USAGE_FIELDS.values()))
+        for path in _NATIVE_USAGE_PATHS[key]
+    ]
 
 
 def usage_filters(extraction: UsageExtraction = "lua") -> list[dict[str, Any]]:
     """The filters that store the backend's reported token usage as dynamic metadata."""
     if extraction == "lua":
         return [_lua_filter(USAGE_LUA)]
-    fields = sorted(set(USAGE_FIELDS.values()))
     json_filter = {
         "name": "envoy.filters.http.json_to_metadata",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
             "response_rules": {
-                "rules": [_usage_rule(f) for f in fields],
+                "rules": _native_usage_rules(),
                 "allow_content_types_regex": {"regex": USAGE_JSON_TYPE},
             },
         },
@@ -400,7 +435,7 @@ def usage_filters(extraction: UsageExtraction = "lua") -> list[dict[str, Any]]:
                     "name": "envoy.content_parsers.json",
                     "typed_config": {
                         "@type": _JSON_PARSER_TYPE,
-                        "rules": [{"rule": _usage_rule(f)} for f in fields],
+                        "rules": [{"rule": rule} for rule in _native_usage_rules()],
                     },
                 },
                 "max_event_size": USAGE_SSE_EVENT_LIMIT,

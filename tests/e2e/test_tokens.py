@@ -7,6 +7,7 @@ import re
 import time
 
 import httpx
+import pytest
 
 from tests.e2e.conftest import FREE, PRO, Gateway
 
@@ -89,3 +90,38 @@ def test_a_json_answer_larger_than_envoys_buffer_is_charged_or_refused(token_gat
     assert response.status_code == 200, response.text[:300]
     assert len(response.json()["choices"][0]["message"]["content"]) == completion * 6 - 1
     wait_charged(token_gateway, "total_tokens", completion + 1)
+
+
+def _messages(gateway: Gateway, headers: dict[str, str], stream: bool) -> int:
+    """One Anthropic-style /v1/messages call, read to its end; its status."""
+    body = {"model": "m", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    with httpx.stream("POST", f"{gateway.url}/v1/messages", json=body, headers=headers) as response:
+        text = "".join(response.iter_text())
+        if response.status_code == 200 and stream:
+            assert "event: message_delta" in text and '"output_tokens": 40' in text
+        elif response.status_code == 200:
+            assert json.loads(text)["usage"] == {"input_tokens": 1, "output_tokens": 40}
+        return response.status_code
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_anthropic_messages_usage_is_charged(token_gateway: Gateway, stream: bool) -> None:
+    """Anthropic's Messages API names its usage input_tokens and output_tokens, reports no total,
+    and streams the input in message_start and the output in message_delta."""
+    for backend in token_gateway.backends.values():
+        backend.behaviour.completion_tokens = 40
+    for n in (1, 2):  # output budget 70: 0, then 40 used before each request
+        assert _messages(token_gateway, PRO, stream) == 200
+        wait_charged(token_gateway, "output_tokens", 40 * n)
+    assert charged(token_gateway, "input_tokens") == 2  # 1 prompt token each
+    assert _messages(token_gateway, PRO, stream) == 429
+    # The total budget (free tier, 100): prompt + output when the backend reports no total.
+    if "envoy.filters.http.json_to_metadata" in json.dumps(token_gateway.envoy.config):
+        # Envoy's own readers add nothing up: each request keeps its reservation (1 + 50
+        # max_tokens), so two fill the budget (docs/operations.md says so).
+        assert [_messages(token_gateway, FREE, stream) for _ in range(3)] == [200, 200, 429]
+        return
+    for n in (1, 2, 3):  # 41 each: 0, 41, 82 used before each request
+        assert _messages(token_gateway, FREE, stream) == 200
+        wait_charged(token_gateway, "total_tokens", 41 * n)
+    assert _messages(token_gateway, FREE, stream) == 429
