@@ -46,8 +46,10 @@ Stages run in this order; the first enforced denial ends the run:
 4. **quota**: every applicable limit of every `QuotaPolicy` is checked against its counters. A
    request budget is exceeded when `used + 1 > limit`; a token budget when `used >= limit` (tokens
    are charged after the response; the estimate is reserved now). The 429 carries
-   `x-ratelimit-limit`, `x-ratelimit-remaining`, `x-ratelimit-reset` and `retry-after`; allowed
-   answers carry the first three for the tightest budget.
+   `x-ratelimit-limit`, `x-ratelimit-remaining`, `x-ratelimit-reset` and `retry-after`: the
+   seconds until the request would be admitted without other traffic, however far real token
+   usage overshot the budget (up to two windows with `sliding`); allowed answers carry the
+   first three for the tightest budget (reset: until one unit is freed).
 5. **canary**: each applicable `CanaryPolicy` assigns `canary` or `stable`, sticky by a hash of
    `sticky_key` and the current weight, sets its `header` to the chosen backend name and records the
    variant in the `canary` map that routing conditions can read.

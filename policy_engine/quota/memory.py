@@ -86,12 +86,47 @@ def reset_after(
     return min(max(seconds, min(MIN_RESET_S, window)), window)
 
 
+def admitted_after(
+    algorithm: Algorithm, window: float, position: WindowPosition, current: int, previous: int, most: int
+) -> float:
+    """Seconds until the usage is at most `most` (an estimate for sliding windows): when a
+    refused demand would be admitted, assuming no further charges.
+
+    Unlike reset_after this counts more than one unit: a token budget is routinely overshot
+    (the real usage exceeds the estimate), and freeing one unit then admits nothing. With
+    sliding windows the usage floor(current + previous * (1 - e/window)) is at most `most` once
+    the weighted part of the previous bucket falls below most + 1 - current; when the current
+    bucket alone is above that, not before it has become the previous bucket and decayed in
+    turn. Clamped to [MIN_RESET_S, 2 * window]; a budget that can never admit gets the maximum.
+    """
+    to_end = window - position.elapsed
+    below = most + 1 - current  # what the previous bucket's weighted part must fall under
+    if algorithm == "fixed":
+        seconds = to_end if most >= 0 else 2 * window
+    elif below > 0:
+        seconds = (1.0 - below / previous) * window - position.elapsed if previous > 0 else 0.0
+    elif most + 1 > 0:
+        seconds = to_end + (1.0 - (most + 1) / current) * window
+    else:
+        seconds = 2 * window
+    return min(max(seconds, min(MIN_RESET_S, window)), 2 * window)
+
+
 def counter_state(demand: Demand, now: float, current: int, previous: int) -> CounterState:
-    """The state of one demand's counter, from its two buckets before this request's charge."""
+    """The state of one demand's counter, from its two buckets before this request's charge.
+
+    reset_s: for a demand within budget, until one unit is freed; for an exceeded one, until it
+    would be admitted (the 429's retry-after)."""
     position = window_position(now, demand.window)
     used = weighted_usage(current, previous, previous_weight(demand.algorithm, position, demand.window))
-    reset_s = reset_after(demand.algorithm, demand.window, position, current, previous, used)
-    return CounterState(demand.counter, used, reset_s, is_exceeded(demand, used))
+    exceeded = is_exceeded(demand, used)
+    if exceeded:
+        # The admission rule (quota.store.exceeds) solved for the usage.
+        most = demand.limit - 1 if demand.refuse_at_limit else demand.limit - demand.cost
+        reset_s = admitted_after(demand.algorithm, demand.window, position, current, previous, most)
+    else:
+        reset_s = reset_after(demand.algorithm, demand.window, position, current, previous, used)
+    return CounterState(demand.counter, used, reset_s, exceeded)
 
 
 RefundSource = Literal["current", "previous", "both", "none"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import math
 
 import pytest
@@ -135,6 +136,43 @@ def test_sliding_reset_estimate_frees_one_unit(current: int, previous: int, elap
     else:
         # Nothing of the previous bucket is left to decay in this bucket.
         assert reset == pytest.approx(window - elapsed)
+
+
+@pytest.mark.parametrize("algorithm", ["sliding", "fixed"])
+@pytest.mark.parametrize("refuse_at_limit", [True, False])
+@pytest.mark.parametrize("current", [0, 3, 10, 15, 40])
+@pytest.mark.parametrize("previous", [0, 6, 10, 25, 1000])
+@pytest.mark.parametrize("elapsed", [0.0, 1.0, 4.0, 7.5])
+def test_a_refused_demand_is_admitted_when_its_retry_after_says(
+    algorithm: Algorithm, refuse_at_limit: bool, current: int, previous: int, elapsed: float
+) -> None:
+    """Even with the budget overshot (token usage beyond its estimate): retrying when the 429
+    says succeeds, assuming no other traffic, and retrying much earlier does not."""
+    window, limit, cost = 8.0, 10, 3
+
+    async def scenario() -> None:
+        store, clock = make()
+        if previous:
+            await store.charge("c", "tenant", window, algorithm, previous)
+        clock.now += window
+        if current:
+            await store.charge("c", "tenant", window, algorithm, current)
+        clock.now += elapsed
+        asked = demand(limit=limit, cost=cost, refuse_at_limit=refuse_at_limit, algorithm=algorithm)
+        admission = await store.admit([asked])
+        if admission.admitted:
+            return
+        (state,) = admission.states
+        assert MIN_RESET_S <= state.reset_s <= 2 * window
+        later = MemoryStore(clock=lambda: clock.now + state.reset_s + 1e-3)
+        earlier = MemoryStore(clock=lambda: clock.now + state.reset_s * 0.9 - 1e-3)
+        for replay in (later, earlier):
+            replay._counters = copy.deepcopy(store._counters)  # the same buckets, at another time
+        assert (await later.admit([asked])).admitted
+        if state.reset_s * 0.9 - 1e-3 > 0:
+            assert not (await earlier.admit([asked])).admitted
+
+    asyncio.run(scenario())
 
 
 def test_reset_s_is_positive_and_within_the_window_at_boundaries() -> None:
