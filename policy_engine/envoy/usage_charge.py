@@ -11,8 +11,9 @@ Only entries tagged `pe_charge: access_log` are charged: an Envoy that charges t
 rate-limit service (the mesh's EnvoyFilter) streams untagged entries, which must not be charged
 a second time. As on the rate-limit path, a response without usage (an aborted stream, a stream
 without `include_usage`) charges nothing and keeps its reservation. A reported 0 is charged (it
-returns the reservation), which the rate-limit path cannot do: there a `hits_addend` of 0 means
-"check only".
+returns the reservation), and so is a request that never reached a backend (no healthy one, a
+refused connection: no tokens can have been spent), which the rate-limit path cannot do: there
+a `hits_addend` of 0 means "check only".
 """
 
 from __future__ import annotations
@@ -40,23 +41,55 @@ def usage_charges(common: Any) -> list[tuple[str, int, str]]:
     if common.intermediate_log_entry or common.access_log_type not in _FINAL_TYPES:
         return []
     namespaces = common.metadata.filter_metadata
-    if AUTHZ_NAMESPACE not in namespaces or USAGE_NAMESPACE not in namespaces:
+    if AUTHZ_NAMESPACE not in namespaces:
         return []
     counters = namespaces[AUTHZ_NAMESPACE].fields
+    if USAGE_NAMESPACE not in namespaces:
+        if not never_reached(common):
+            return []
+        # Nothing reported and nothing can have been spent: every reservation comes back.
+        return [
+            (counters[key].string_value, 0, kind)
+            for kind, key in METADATA_KEYS.items()
+            if key in counters and counters[key].WhichOneof("kind") == "string_value"
+        ]
     usage = namespaces[USAGE_NAMESPACE].fields
     charges = []
     for kind, key in METADATA_KEYS.items():
         field = USAGE_FIELDS[kind]
         if key not in counters or field not in usage:
             continue
-        entries, reported = counters[key], usage[field]
-        if entries.WhichOneof("kind") != "string_value" or reported.WhichOneof("kind") != "number_value":
+        entries = counters[key]
+        if entries.WhichOneof("kind") != "string_value":
+            continue
+        reported = usage[field]
+        if reported.WhichOneof("kind") != "number_value":
             continue
         tokens = reported.number_value
         # A reported 0 is usage too (a filtered or empty answer): it returns the reservation.
         if tokens >= 0:  # NaN fails this too
             charges.append((entries.string_value, int(min(tokens, MAX_HITS)), kind))
     return charges
+
+
+# Envoy's flags for a request it could not hand to any backend.
+_NOT_FORWARDED = (
+    "no_healthy_upstream",
+    "upstream_connection_failure",
+    "upstream_overflow",
+    "no_route_found",
+    "no_cluster_found",
+    "dns_resolution_failure",
+)
+
+
+def never_reached(common: Any) -> bool:
+    """Whether the request never reached a backend: Envoy flagged it as not forwarded and sent
+    no byte upstream (a retry that failed after an attempt that went out does not count)."""
+    flags = common.response_flags
+    return any(getattr(flags, name) for name in _NOT_FORWARDED) and not common.HasField(
+        "time_to_first_upstream_tx_byte"
+    )
 
 
 class UsageCharger:

@@ -125,3 +125,33 @@ def test_anthropic_messages_usage_is_charged(token_gateway: Gateway, stream: boo
         assert _messages(token_gateway, FREE, stream) == 200
         wait_charged(token_gateway, "total_tokens", 41 * n)
     assert _messages(token_gateway, FREE, stream) == 429
+
+
+def _store_charges(gateway: Gateway) -> float:
+    match = re.search(
+        r'^pe_quota_store_seconds_count{operation="charge"} ([0-9.e+]+)$', gateway.service.metrics(), re.M
+    )
+    return float(match.group(1)) if match else 0.0
+
+
+def test_a_request_no_backend_received_returns_its_reservation(token_gateway: Gateway) -> None:
+    """With every backend down Envoy answers 503 itself: no tokens can have been spent, so the
+    estimate reserved for the request comes back (over the access log; the rate-limit path has
+    no call for it). Without that, two failed requests would fill the free budget (2 x 51 of 100)."""
+    for backend in token_gateway.backends.values():
+        backend.stop()
+    body = {**CHAT, "max_tokens": 50}
+    url = f"{token_gateway.url}/v1/chat/completions"
+    if "envoy.filters.http.ratelimit" in json.dumps(token_gateway.envoy.config):
+        # Charged by rate-limit calls, where a hits_addend of 0 only checks: the reservations
+        # stay, as docs/operations.md says.
+        statuses = [httpx.post(url, json=body, headers=FREE).status_code for _ in range(3)]
+        assert statuses == [503, 503, 429]
+        return
+    for n in (1, 2):
+        assert httpx.post(url, json=body, headers=FREE).status_code == 503
+        deadline = time.monotonic() + 10
+        while _store_charges(token_gateway) < n:
+            assert time.monotonic() < deadline, "the reservation was never returned"
+            time.sleep(0.05)
+    assert httpx.post(url, json=body, headers=FREE).status_code == 503  # not 429
