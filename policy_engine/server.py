@@ -238,9 +238,9 @@ async def serve(settings: Settings, worker: int = 0) -> None:
     log.info("worker %d draining (grace %.1fs)", worker, settings.grace_s)
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    if http_server is not None:
-        http_server.close()  # stop accepting; answers in flight finish within the grace below
-    await server.stop(settings.grace_s)
+    # Both transports drain side by side, each within the grace period.
+    http_drained = http_server.drain(settings.grace_s) if http_server is not None else asyncio.sleep(0)
+    await asyncio.gather(server.stop(settings.grace_s), http_drained)
     await access_log.drain()  # the charges of the last log entries
     await scraper.stop()
     await canary.close()

@@ -100,9 +100,9 @@ def _header_lines(headers: Mapping[str, str]) -> list[str]:
     return [f"{k}: {v.translate(_CONTROL)}" for k, v in headers.items()]
 
 
-def http_response(decision: Decision, head_only: bool = False) -> bytes:
+def http_response(decision: Decision, head_only: bool = False, last: bool = False) -> bytes:
     """The answer to Envoy: 200 with the headers to pass on, or the denial itself; `head_only`
-    for a HEAD request, whose answer has no body."""
+    for a HEAD request, whose answer has no body; `last` when the connection closes after it."""
     if decision.allowed:
         # Envoy sorts them by name (the bootstrap's patterns): x-pe-* go upstream, x-ratelimit-*
         # to the client, pe_* into the metadata. Client x-pe-* headers the decision does not
@@ -117,6 +117,8 @@ def http_response(decision: Decision, head_only: bool = False) -> bytes:
     if head_only:
         body = b""
     lines = [f"HTTP/1.1 {status} {_phrase(status)}", *_header_lines(headers), f"content-length: {len(body)}"]
+    if last:
+        lines.append("connection: close")
     # UTF-8 header values as the gRPC answer carries them (Envoy passes the bytes on).
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "replace") + body
 
@@ -138,19 +140,40 @@ class HttpAuthorization(asyncio.Protocol):
     """One connection from Envoy: HTTP/1.1 with keep-alive, bodies framed by Content-Length,
     one request at a time (Envoy's connection pool does not pipeline)."""
 
-    def __init__(self, service: AuthorizationService, max_body: int) -> None:
+    def __init__(
+        self, service: AuthorizationService, max_body: int, open_connections: set[HttpAuthorization]
+    ) -> None:
         self._service = service
         self._max_body = max_body
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None
         self._busy = False
+        self._draining = False
+        self._open = open_connections
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        self._open.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        self._open.discard(self)
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    def drain(self) -> None:
+        """Answer the request under way, if any, with `connection: close`, then close; close an
+        idle connection now."""
+        self._draining = True
+        if not self._busy and self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
 
     def data_received(self, data: bytes) -> None:
         self._buffer.extend(data)
@@ -219,7 +242,7 @@ class HttpAuthorization(asyncio.Protocol):
         if self._transport is None:
             return
         try:
-            response = http_response(done.result(), head_only=attrs.method == "HEAD")
+            response = http_response(done.result(), head_only=attrs.method == "HEAD", last=self._draining)
         except asyncio.CancelledError:  # shutting down: the service is unavailable, not denying
             self._fail(503, "the decision service is shutting down")
             return
@@ -229,7 +252,9 @@ class HttpAuthorization(asyncio.Protocol):
             self._fail(wire_status(500), "the policy decision failed")
             return
         self._transport.write(response)
-        if self._buffer:
+        if self._draining:
+            self._transport.close()  # after the buffered answer is written
+        elif self._buffer:
             self._next()
 
     def _fail(self, status: int, message: str) -> None:
@@ -239,11 +264,36 @@ class HttpAuthorization(asyncio.Protocol):
         self._buffer.clear()
 
 
+class HttpAuthorizationServer:
+    """The listening socket and its connections, for a graceful stop."""
+
+    def __init__(self, server: asyncio.Server, connections: set[HttpAuthorization]) -> None:
+        self.server = server
+        self.port = int(server.sockets[0].getsockname()[1])
+        self._connections = connections
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop accepting, let each connection answer the request it is deciding (Envoy's pool
+        sees `connection: close` and opens no more), close idle ones; after `grace_s`, drop the
+        rest. Envoy keeps pooled connections open, so closing the listener alone would leave
+        them taking requests until the process is gone."""
+        self.server.close()
+        for connection in list(self._connections):
+            connection.drain()
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while self._connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        for connection in list(self._connections):
+            connection.abort()
+
+
 async def serve_http(
     service: AuthorizationService, host: str, port: int, max_body: int, reuse_port: bool
-) -> asyncio.Server:
-    """Listen for Envoy's HTTP authorization requests; the caller closes the server."""
+) -> HttpAuthorizationServer:
+    """Listen for Envoy's HTTP authorization requests; the caller drains the server."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(
-        lambda: HttpAuthorization(service, max_body), host, port, reuse_port=reuse_port or None
+    connections: set[HttpAuthorization] = set()
+    server = await loop.create_server(
+        lambda: HttpAuthorization(service, max_body, connections), host, port, reuse_port=reuse_port or None
     )
+    return HttpAuthorizationServer(server, connections)

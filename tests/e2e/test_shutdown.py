@@ -9,27 +9,38 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from policy_engine.demo.backend import BackendServer
-from tests.e2e.conftest import FREE
-from tests.e2e.harness import start_envoy, start_service
+from policy_engine.envoy.bootstrap import Upstream
+from tests.e2e.conftest import FREE, TRANSPORTS
+from tests.e2e.harness import free_port, start_envoy, start_service
 from tests.redis_server import start_redis
 
 POLICIES = Path(__file__).resolve().parent / "redis_policies"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
 
-def test_in_flight_decision_finishes_after_sigterm() -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_in_flight_decision_finishes_after_sigterm(transport: str) -> None:
+    """Over HTTP too: Envoy keeps its pooled connections to the HTTP port open, so the service
+    must answer the request under way on them, not only stop accepting new ones."""
     redis = start_redis()
     backend = BackendServer("model-a").start()
+    extra: list[str] = ["--no-reload"]
+    envoy_options: dict[str, object] = {}
+    if transport == "http":
+        http_port = free_port()
+        extra += ["--http-port", str(http_port)]
+        envoy_options = {"authz_transport": "http", "policy_http": Upstream("127.0.0.1", http_port)}
     service = start_service(
         POLICIES,
         backends=["model-a"],
         redis_url=redis.url,
-        extra_args=["--no-reload"],
+        extra_args=extra,
         env={"PE_REDIS_TIMEOUT_S": "5", "PE_GRACE_S": "10"},
     )
-    envoy = start_envoy(service.port, {"model-a": backend.port}, authz_timeout_s=10.0)
+    envoy = start_envoy(service.port, {"model-a": backend.port}, authz_timeout_s=10.0, **envoy_options)
     try:
         assert httpx.post(f"{envoy.url}/v1/chat/completions", json=CHAT, headers=FREE).status_code == 200
         assert redis.pid is not None

@@ -65,7 +65,7 @@ async def _exchange(
 ) -> list[tuple[int, dict[str, str], bytes]]:
     """Send raw bytes on one connection; read `answers` responses (or until the server closes)."""
     server = await serve_http(_service(store), "127.0.0.1", 0, 1 << 20, reuse_port=False)
-    port = server.sockets[0].getsockname()[1]
+    port = server.port
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(payload)
     await writer.drain()
@@ -84,7 +84,7 @@ async def _exchange(
     except asyncio.IncompleteReadError:
         pass
     writer.close()
-    server.close()
+    server.server.close()
     return results
 
 
@@ -157,7 +157,7 @@ def test_malformed_input_gets_an_error_and_a_closed_connection() -> None:
 def test_a_body_split_across_packets_is_awaited() -> None:
     async def split() -> int:
         server = await serve_http(_service(), "127.0.0.1", 0, 1 << 20, reuse_port=False)
-        port = server.sockets[0].getsockname()[1]
+        port = server.port
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         payload = _request({"authorization": "Bearer sk-hobby-free-key-0003"})
         for start in range(0, len(payload), 7):
@@ -166,7 +166,7 @@ def test_a_body_split_across_packets_is_awaited() -> None:
             await asyncio.sleep(0)
         status = int((await reader.readuntil(b"\r\n")).split(b" ")[1])
         writer.close()
-        server.close()
+        server.server.close()
         return status
 
     assert asyncio.run(split()) == 200
@@ -178,14 +178,14 @@ def test_a_head_denial_has_no_body_and_the_connection_goes_on() -> None:
 
     async def run() -> tuple[bytes, int]:
         server = await serve_http(_service(), "127.0.0.1", 0, 1 << 20, reuse_port=False)
-        port = server.sockets[0].getsockname()[1]
+        port = server.port
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(head + good)
         first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         # No body after a HEAD answer: the next bytes are the next answer's status line.
         second = await asyncio.wait_for(reader.readuntil(b"\r\n"), 10)
         writer.close()
-        server.close()
+        server.server.close()
         return first, int(second.split(b" ")[1])
 
     first, second_status = asyncio.run(run())
@@ -276,3 +276,56 @@ def test_control_characters_never_reach_a_header_line() -> None:
     answer = http_response(decision)
     assert b"x-pe-u: a  x-injected: 1 b \tc\r\n" in answer
     assert b"\r\nx-injected" not in answer
+
+
+class _SlowStore(MemoryStore):
+    """Counters that take a while to answer: a decision stays in flight."""
+
+    async def admit(self, demands: Sequence[Demand]) -> Admission:
+        await asyncio.sleep(0.3)
+        return await super().admit(demands)
+
+
+def test_draining_answers_the_request_in_flight_then_closes_every_connection() -> None:
+    async def run() -> tuple[bytes, bytes, bytes, bool]:
+        server = await serve_http(_service(_SlowStore()), "127.0.0.1", 0, 1 << 20, reuse_port=False)
+        busy_reader, busy_writer = await asyncio.open_connection("127.0.0.1", server.port)
+        idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", server.port)
+        busy_writer.write(_request({"authorization": "Bearer sk-hobby-free-key-0003"}))
+        await busy_writer.drain()
+        await asyncio.sleep(0.1)  # the decision now waits on its counters
+        drained = asyncio.ensure_future(server.drain(10.0))
+        answer = await asyncio.wait_for(busy_reader.read(), 10)  # to the close
+        idle = await asyncio.wait_for(idle_reader.read(), 10)
+        await asyncio.wait_for(drained, 10)
+        refused = False
+        try:
+            await asyncio.open_connection("127.0.0.1", server.port)
+        except OSError:
+            refused = True
+        for writer in (busy_writer, idle_writer):
+            writer.close()
+        return answer.split(b"\r\n", 1)[0], answer, idle, refused
+
+    status_line, answer, idle, refused = asyncio.run(run())
+    assert status_line == b"HTTP/1.1 200 OK"
+    assert b"\r\nconnection: close\r\n" in answer  # Envoy's pool will not send another
+    assert idle == b"" and refused
+
+
+def test_draining_drops_what_outlives_the_grace_period() -> None:
+    async def run() -> bytes:
+        server = await serve_http(_service(_SlowStore()), "127.0.0.1", 0, 1 << 20, reuse_port=False)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(_request({"authorization": "Bearer sk-hobby-free-key-0003"}))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        await server.drain(0.05)
+        try:
+            return await asyncio.wait_for(reader.read(), 10)
+        except ConnectionError:
+            return b""
+        finally:
+            writer.close()
+
+    assert asyncio.run(run()) == b""
