@@ -88,6 +88,20 @@ def test_consecutive_failures_eject_until_a_success(clock: FakeClock) -> None:
     assert hub.snapshot(force=True).backends["a"].healthy
 
 
+def test_requests_nobody_got_an_answer_to_say_nothing_about_the_backend(clock: FakeClock) -> None:
+    hub = TelemetryHub(["a"], clock=clock, eject_after=100)
+    for _ in range(4):
+        hub.observe(fail())
+    before = hub.snapshot(force=True).backends["a"]
+    for _ in range(16):  # a hung backend: every client gives up after 30 s
+        clock.advance(0.1)
+        hub.observe(RequestObservation("a", 0, latency_ms=30_000.0))
+    after = hub.snapshot(force=True).backends["a"]
+    assert after.error_rate == pytest.approx(before.error_rate) and after.error_rate > 0.9
+    assert after.latency_p50_ms == before.latency_p50_ms
+    assert after.age_s > before.age_s  # nor does it look fresher
+
+
 def test_ejection_expires_half_open_and_doubles(clock: FakeClock) -> None:
     hub = TelemetryHub(["a"], clock=clock, eject_after=5, ejection_s=10.0, stale_after_s=1000.0)
     for _ in range(5):
