@@ -60,22 +60,42 @@ local function count(usage, name)
   return tonumber(usage:match('"' .. name .. '"%s*:%s*(%d+)'))
 end
 
-local function extract(buffer, prompt, completion, total)
-  -- Every "usage": {...} object in order, field by field, a later value replacing an earlier
-  -- one: OpenAI streams say "usage": null until the final chunk; Anthropic's stream reports the
-  -- input in message_start and the output (cumulative) in each message_delta. Anthropic's
-  -- Messages and OpenAI's Responses APIs name them input_tokens and output_tokens.
-  -- A forward scan: a pattern starting with ".*" is retried from every position of a chunk,
-  -- quadratic in its size (seconds for a 1 MB answer).
+local function read(usage)
+  -- OpenAI's names, or Anthropic's Messages and OpenAI's Responses APIs' input_tokens and
+  -- output_tokens. Anthropic's input_tokens leaves out the cached part of the prompt, which
+  -- OpenAI's prompt_tokens includes: add it, so both count every prompt token processed.
+  local prompt = count(usage, "prompt_tokens")
+  local input = count(usage, "input_tokens")
+  if not prompt and input then
+    prompt = input + (count(usage, "cache_creation_input_tokens") or 0)
+      + (count(usage, "cache_read_input_tokens") or 0)
+  end
+  local completion = count(usage, "completion_tokens") or count(usage, "output_tokens")
+  return prompt, completion, count(usage, "total_tokens")
+end
+
+local function extract(buffer, events, prompt, completion, total)
+  -- A forward scan over every "usage": {...} object: a pattern starting with ".*" is retried
+  -- from every position of a chunk, quadratic in its size (seconds for a 1 MB answer).
+  -- A JSON answer: its last usage object alone (earlier ones may be the model's own output, as
+  -- the raw JSON input of an Anthropic tool call). A stream (`events`): field by field, a
+  -- later value replacing an earlier one, since OpenAI streams say "usage": null until the
+  -- final chunk and Anthropic's reports the input in message_start and the output so far in
+  -- each message_delta; a total is never carried over from another event.
   local from = 1
   while true do
     local _, stop = buffer:find('"usage"%s*:%s*', from)
     if not stop then break end
     local usage = buffer:match('^%b{}', stop + 1)
     if usage then
-      prompt = count(usage, "prompt_tokens") or count(usage, "input_tokens") or prompt
-      completion = count(usage, "completion_tokens") or count(usage, "output_tokens") or completion
-      total = count(usage, "total_tokens") or total
+      local p, c, t = read(usage)
+      if p or c or t then
+        if events then
+          prompt, completion, total = p or prompt, c or completion, t
+        else
+          prompt, completion, total = p, c, t
+        end
+      end
     end
     from = stop + 1
   end
@@ -83,6 +103,8 @@ local function extract(buffer, prompt, completion, total)
 end
 
 function envoy_on_response(handle)
+  local content_type = (handle:headers():get("content-type") or ""):lower()
+  local events = content_type:find("text/event-stream", 1, true) ~= nil
   local tail = ""
   local prompt, completion, total
   -- bodyChunks() streams: each chunk goes on to the client as it arrives, nothing is buffered.
@@ -92,7 +114,7 @@ function envoy_on_response(handle)
       -- The tail is scanned again with the next chunk: a usage object read twice gives the
       -- same values, in the same order.
       local buffer = tail .. chunk:getBytes(0, size)
-      prompt, completion, total = extract(buffer, prompt, completion, total)
+      prompt, completion, total = extract(buffer, events, prompt, completion, total)
       if #buffer > TAIL then tail = buffer:sub(-TAIL) else tail = buffer end
     end
   end
