@@ -20,7 +20,7 @@ from policy_engine.cel.library import stable_bucket
 from policy_engine.decide.activation import MessageBuilder, RequestView, decision_time
 from policy_engine.decide.attributes import LlmRequest, RequestAttributes, llm_request, parse_body
 from policy_engine.decide.decision import Decision, FiredRule, QuotaCheck
-from policy_engine.decide.quota import outcome, rate_headers, tightest, token_metadata
+from policy_engine.decide.quota import longest_wait, outcome, rate_headers, tightest, token_metadata
 from policy_engine.decide.secrets import credentials, scrub
 from policy_engine.decide.tenants import Tenant
 from policy_engine.policy import bundle as b
@@ -285,7 +285,8 @@ class Pipeline:
                 if not policy.dry_run:
                     run.quota.extend(checks)
                 if exceeded:
-                    self._deny(run, policy, limit.name, limit.denial, rate_headers(exceeded[0], denied=True))
+                    headers = rate_headers(longest_wait(exceeded), denied=True)
+                    self._deny(run, policy, limit.name, limit.denial, headers)
         best = tightest(run.quota)
         if best is not None:
             run.response.update(rate_headers(best, denied=False))

@@ -50,6 +50,12 @@ def tightest(checks: Sequence[QuotaCheck]) -> QuotaCheck | None:
     return best
 
 
+def longest_wait(exceeded: Sequence[QuotaCheck]) -> QuotaCheck:
+    """The exceeded check a 429's headers describe: the one that frees last, so that retrying
+    when retry-after says finds every budget with room."""
+    return max(exceeded, key=lambda check: check.reset_s)
+
+
 def token_metadata(
     checks: Sequence[QuotaCheck], reserved_at: float | None = None, reserved: bool = True
 ) -> dict[str, str]:
@@ -104,7 +110,8 @@ def settle(
             )
         )
     headers = _without_rate_headers(decision.response_headers)
-    refused = next((c for c in checks if c.exceeded), None)
+    over = [c for c in checks if c.exceeded]
+    refused = over[0] if over else None
     if admitted or refused is None:
         best = tightest(checks)
         if best is not None:
@@ -115,7 +122,7 @@ def settle(
         return dataclasses.replace(
             decision, quota=tuple(checks), response_headers=headers, dynamic_metadata=metadata
         )
-    headers.update(rate_headers(refused, denied=True))
+    headers.update(rate_headers(longest_wait(over), denied=True))
     # As if the quota stage had refused: its rule fired `deny`, and nothing after it ran (later
     # quota limits, the canary and routing stages).
     fired: list[FiredRule] = []

@@ -186,6 +186,20 @@ def test_a_store_refusal_reads_like_a_quota_stage_refusal(tmp_path: Path) -> Non
     assert [(f.id, f.effect) for f in refused.fired] == [(f.id, f.effect) for f in direct.fired]
 
 
+def test_a_429_says_when_every_exceeded_budget_has_room(tmp_path: Path) -> None:
+    """Two budgets exceeded: the 429's headers describe the one that frees last (its status and
+    message stay the first's), so a client retrying when told finds room in both."""
+    routing = "kind: RoutingPolicy\nmetadata: {name: r}\nspec: {routes: [{name: all, candidates: [b1]}]}\n"
+    p = pipeline(tmp_path, access("a", ALLOW_ALL), QUOTA, routing)
+    allowed = p.decide(chat(), TelemetrySnapshot({"b1": BackendStats("b1")}))
+    waits = {"requests": 30.0, "input_tokens": 1170.0, "output_tokens": 5.0}
+    states = [CounterState(check.counter, 10**6, waits[check.kind], True) for check in allowed.quota]
+    refused = settle(allowed, states, admitted=False)
+    assert (refused.status, refused.reason) == (429, "rate_limit_exceeded")
+    assert refused.response_headers["retry-after"] == "1170"
+    assert refused.response_headers["x-ratelimit-limit"] == "100"  # the input budget's
+
+
 def test_output_token_budget_spent(tmp_path: Path) -> None:
     p = pipeline(tmp_path, access("a", ALLOW_ALL), QUOTA)
     decision = p.decide(chat(), quota=StaticUsage({"q/toks": {"output_tokens": 50}}))
