@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 
@@ -107,5 +106,10 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+# A reservation's time is the store's clock, seconds since the epoch: anything outside this
+# range is forged or corrupt (and a huge value would overflow the window arithmetic).
+_LATEST_TIME = 1e11
+
+
 def _is_time(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < _LATEST_TIME

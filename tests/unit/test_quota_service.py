@@ -166,6 +166,9 @@ def test_malformed_reservation_entries_charge_nothing(tmp_path: Path) -> None:
         [[COUNTER, 5, "yesterday"]],
         [[COUNTER, 5, float("inf")]],
         [[COUNTER, 5, T0, "extra"]],
+        [[COUNTER, 5, 10**400]],  # would overflow a float
+        [[COUNTER, 5, 1.7e308]],  # would overflow the window arithmetic
+        [[COUNTER, 5, -1.0]],
     ):
         assert asyncio.run(quota.charge_usage(json.dumps(entries), 7, "total_tokens")) == 0
     assert used(store) == 0
