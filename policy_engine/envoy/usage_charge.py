@@ -72,23 +72,12 @@ def usage_charges(common: Any) -> list[tuple[str, int, str]]:
     return charges
 
 
-# Envoy's flags for a request it could not hand to any backend.
-_NOT_FORWARDED = (
-    "no_healthy_upstream",
-    "upstream_connection_failure",
-    "upstream_overflow",
-    "no_route_found",
-    "no_cluster_found",
-    "dns_resolution_failure",
-)
-
-
 def never_reached(common: Any) -> bool:
-    """Whether the request never reached a backend: Envoy flagged it as not forwarded and sent
-    no byte upstream (a retry that failed after an attempt that went out does not count)."""
-    flags = common.response_flags
-    return any(getattr(flags, name) for name in _NOT_FORWARDED) and not common.HasField(
-        "time_to_first_upstream_tx_byte"
+    """Whether the request never reached a backend: no byte of it went upstream (no backend
+    healthy or reachable, no route, the client gone during the decision, a local answer). After
+    several attempts the last one's timing may be all there is, so retries never count."""
+    return (
+        not common.HasField("time_to_first_upstream_tx_byte") and common.upstream_request_attempt_count <= 1
     )
 
 

@@ -83,20 +83,28 @@ def test_what_is_not_charged() -> None:
 
 
 def test_a_request_that_never_reached_a_backend_returns_its_reservation() -> None:
-    def unanswered(flags: tuple[str, ...], sent_ms: float | None = None) -> Any:
+    def unanswered(flags: tuple[str, ...], sent_ms: float | None = None, attempts: int = 1) -> Any:
         log = entry(status=503, sent_ms=sent_ms, first_rx_ms=None, last_rx_ms=None, flags=flags)
         common = log.common_properties
+        common.upstream_request_attempt_count = attempts
         common.custom_tags[CHARGE_TAG] = CHARGE_TAG_VALUE
         common.metadata.filter_metadata[AUTHZ_NAMESPACE].update({"pe_total_tokens": COUNTERS})
         return log.common_properties
 
-    for flag in ("no_healthy_upstream", "upstream_connection_failure", "upstream_overflow"):
-        assert usage_charges(unanswered((flag,))) == [(COUNTERS, 0, "total_tokens")], flag
-    # A retry refused after an attempt went out: the backend may have worked on it.
+    returned = [(COUNTERS, 0, "total_tokens")]
+    for flags in (
+        ("no_healthy_upstream",),
+        ("upstream_connection_failure",),
+        ("downstream_connection_termination",),
+        (),
+    ):
+        assert usage_charges(unanswered(flags)) == returned, flags
+    assert usage_charges(unanswered((), attempts=0)) == returned  # no attempt at all
+    # A byte went upstream: the backend may have worked on it, whatever happened next.
     assert usage_charges(unanswered(("upstream_connection_failure",), sent_ms=2.0)) == []
-    # No usage and no sign the backend was never reached (a client abort): the reservation stays.
-    assert usage_charges(unanswered(("downstream_connection_termination",))) == []
-    assert usage_charges(unanswered(())) == []
+    assert usage_charges(unanswered(("downstream_connection_termination",), sent_ms=2.0)) == []
+    # Retried: the timing may be the last attempt's only.
+    assert usage_charges(unanswered(("upstream_connection_failure",), attempts=2)) == []
 
 
 def test_the_stream_charges_tagged_entries_and_survives_a_failing_charge() -> None:
