@@ -20,6 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
 
@@ -140,35 +141,31 @@ class HttpAuthorization(asyncio.Protocol):
     """One connection from Envoy: HTTP/1.1 with keep-alive, bodies framed by Content-Length,
     one request at a time (Envoy's connection pool does not pipeline)."""
 
-    def __init__(
-        self, service: AuthorizationService, max_body: int, open_connections: set[HttpAuthorization]
-    ) -> None:
+    def __init__(self, service: AuthorizationService, max_body: int, connections: _Connections) -> None:
         self._service = service
         self._max_body = max_body
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None
         self._busy = False
         self._draining = False
-        self._open = open_connections
+        self._connections = connections
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        self._open.add(self)
+        self._connections.open.add(self)
+        if self._connections.draining:  # accepted just before the drain began
+            self.drain()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
-        self._open.discard(self)
-
-    @property
-    def busy(self) -> bool:
-        return self._busy
+        self._connections.open.discard(self)
 
     def drain(self) -> None:
-        """Answer the request under way, if any, with `connection: close`, then close; close an
-        idle connection now."""
+        """Answer the request under way (being decided, or still arriving), if any, with
+        `connection: close`, then close; close an idle connection now."""
         self._draining = True
-        if not self._busy and self._transport is not None:
+        if not self._busy and not self._buffer and self._transport is not None:
             self._transport.close()
 
     def abort(self) -> None:
@@ -264,10 +261,16 @@ class HttpAuthorization(asyncio.Protocol):
         self._buffer.clear()
 
 
+@dataclass
+class _Connections:
+    open: set[HttpAuthorization] = field(default_factory=set)
+    draining: bool = False
+
+
 class HttpAuthorizationServer:
     """The listening socket and its connections, for a graceful stop."""
 
-    def __init__(self, server: asyncio.Server, connections: set[HttpAuthorization]) -> None:
+    def __init__(self, server: asyncio.Server, connections: _Connections) -> None:
         self.server = server
         self.port = int(server.sockets[0].getsockname()[1])
         self._connections = connections
@@ -278,12 +281,16 @@ class HttpAuthorizationServer:
         rest. Envoy keeps pooled connections open, so closing the listener alone would leave
         them taking requests until the process is gone."""
         self.server.close()
-        for connection in list(self._connections):
+        self._connections.draining = True
+        for connection in list(self._connections.open):
             connection.drain()
-        deadline = asyncio.get_running_loop().time() + grace_s
-        while self._connections and asyncio.get_running_loop().time() < deadline:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        # At least one turn: a connection accepted just before close() is set up on a later one.
+        await asyncio.sleep(0.01)
+        while self._connections.open and loop.time() < deadline:
             await asyncio.sleep(0.01)
-        for connection in list(self._connections):
+        for connection in list(self._connections.open):
             connection.abort()
 
 
@@ -292,7 +299,7 @@ async def serve_http(
 ) -> HttpAuthorizationServer:
     """Listen for Envoy's HTTP authorization requests; the caller drains the server."""
     loop = asyncio.get_running_loop()
-    connections: set[HttpAuthorization] = set()
+    connections = _Connections()
     server = await loop.create_server(
         lambda: HttpAuthorization(service, max_body, connections), host, port, reuse_port=reuse_port or None
     )

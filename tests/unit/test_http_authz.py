@@ -329,3 +329,49 @@ def test_draining_drops_what_outlives_the_grace_period() -> None:
             writer.close()
 
     assert asyncio.run(run()) == b""
+
+
+def test_draining_waits_for_a_request_still_arriving() -> None:
+    async def run() -> bytes:
+        server = await serve_http(_service(), "127.0.0.1", 0, 1 << 20, reuse_port=False)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        payload = _request({"authorization": "Bearer sk-hobby-free-key-0003"})
+        writer.write(payload[:40])
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        drained = asyncio.ensure_future(server.drain(10.0))
+        await asyncio.sleep(0.05)
+        writer.write(payload[40:])
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+        await asyncio.wait_for(drained, 10)
+        writer.close()
+        return answer
+
+    answer = asyncio.run(run())
+    assert answer.startswith(b"HTTP/1.1 200 OK") and b"\r\nconnection: close\r\n" in answer
+
+
+def test_a_connection_set_up_after_the_drain_began_is_drained_too() -> None:
+    """asyncio calls connection_made a loop turn or two after accepting: a connection accepted
+    just before the listener closed joins after drain() looked at the open ones."""
+
+    class Transport(asyncio.Transport):
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    async def run() -> bool:
+        server = await serve_http(_service(), "127.0.0.1", 0, 1 << 20, reuse_port=False)
+        drained = asyncio.ensure_future(server.drain(0.5))
+        await asyncio.sleep(0)  # the drain has begun, with no connection open
+        late = server.server._protocol_factory()  # type: ignore[attr-defined]
+        transport = Transport()
+        late.connection_made(transport)
+        closed = transport.closed
+        late.connection_lost(None)
+        await drained
+        return closed
+
+    assert asyncio.run(run())
