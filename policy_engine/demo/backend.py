@@ -101,6 +101,11 @@ class _Metrics:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default listen backlog is 5: a burst of new connections from Envoy overflows
+    # it while the accepting thread waits for a core, and a dropped SYN is retried after 1 s,
+    # Envoy's connect timeout (a 503 "connection timeout" seen in a loaded CI run). Model
+    # servers listen with far larger backlogs (uvicorn: 2048).
+    request_queue_size = 1024
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that gave up on a slow or paused backend is expected here, not an error.
