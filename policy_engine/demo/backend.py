@@ -119,6 +119,7 @@ class BackendServer:
         self.name = name
         self.behaviour = behaviour or BackendBehaviour()
         self.requests = 0
+        self.last_headers: dict[str, str] = {}  # of the last model request, names lower-cased
         self._lock = threading.Lock()
         self._slots = threading.Condition()
         self._running = 0
@@ -163,9 +164,11 @@ class BackendServer:
             self._server.shutdown()
         self._server.server_close()
 
-    def count(self) -> None:
+    def count(self, headers: Any = None) -> None:
         with self._lock:
             self.requests += 1
+            if headers is not None:
+                self.last_headers = {name.lower(): value for name, value in headers.items()}
 
     def changed(self) -> None:
         """Wake blocked requests now instead of at their next poll (capacity, pause)."""
@@ -317,7 +320,7 @@ def _handler(backend: BackendServer) -> type[BaseHTTPRequestHandler]:
                     return
                 self._send_json(200, asdict(backend.behaviour))
                 return
-            backend.count()
+            backend.count(self.headers)
             if not backend.hold() or not backend.admit():
                 self._hung_up()
                 return

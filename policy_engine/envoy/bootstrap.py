@@ -504,6 +504,8 @@ def bootstrap(config: GatewayConfig) -> dict[str, Any]:
                 "cluster": f"{BACKEND_CLUSTER_PREFIX}{name}",
                 "timeout": f"{config.upstream_timeout_s}s",
             },
+            # A compressed answer would hide its usage from the usage reader: never charged.
+            "request_headers_to_remove": ["accept-encoding"],
         }
         for name in sorted(config.backends)
     ]

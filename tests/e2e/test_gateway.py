@@ -69,6 +69,19 @@ def test_a_5xx_denial_reaches_the_client_whole(example_gateway: Gateway) -> None
     assert response.json()["error"]["code"] == "no_backend_available"
 
 
+def test_backends_are_never_asked_for_a_compressed_answer(example_gateway: Gateway) -> None:
+    """Envoy reads the usage out of the answer to charge it: a gzip answer would hide it."""
+    response = httpx.post(
+        f"{example_gateway.url}/v1/chat/completions",
+        json=CHAT,
+        headers={**PRO, "accept-encoding": "gzip, br"},
+    )
+    assert response.status_code == 200, response.text
+    backend = example_gateway.backends[response.headers["x-backend"]]
+    assert "accept-encoding" not in backend.last_headers
+    assert backend.last_headers["content-type"] == "application/json"
+
+
 def test_moderation_blocks_before_any_backend(example_gateway: Gateway) -> None:
     before = {name: b.requests for name, b in example_gateway.backends.items()}
     blocked = {**CHAT, "messages": [{"role": "user", "content": "my card is 4111 1111 1111 1111"}]}
