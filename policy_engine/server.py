@@ -37,7 +37,7 @@ from policy_engine.canary.service import start_canary
 from policy_engine.config import Settings
 from policy_engine.decide.tenants import TenantRegistry
 from policy_engine.envoy.authz import AuthorizationService
-from policy_engine.envoy.http_authz import serve_http
+from policy_engine.envoy.http_authz import serve_http, unforwarded_headers
 from policy_engine.envoy.ratelimit import RateLimitService
 from policy_engine.envoy.usage_charge import UsageCharger
 from policy_engine.policy.compiler import load_bundle
@@ -159,10 +159,23 @@ async def serve(settings: Settings, worker: int = 0) -> None:
     registry = CollectorRegistry(auto_describe=True)
     metrics = Metrics(registry)
 
+    def warn_unforwarded() -> None:
+        if settings.http_port is not None and worker == 0:
+            dropped = unforwarded_headers(holder.pipeline.bundle)
+            if dropped:
+                log.warning(
+                    "the HTTP ext_authz transport forwards only x-pe-* headers upstream; "
+                    "these headers the policies set will not reach the backends that way: %s",
+                    ", ".join(dropped),
+                )
+
     def reloaded(result: ReloadResult) -> None:
         metrics.reloaded(result.ok, result.version, time.time())
+        if result.ok:
+            warn_unforwarded()
 
     holder = BundleHolder(settings.policies, on_reload=reloaded)
+    warn_unforwarded()
     metrics.set_bundle(holder.version)
     metrics.reload_ok.set(1)
     metrics.reload_time.set(time.time())

@@ -27,7 +27,9 @@ from http import HTTPStatus
 from policy_engine.decide.attributes import Peer, RequestAttributes
 from policy_engine.decide.decision import Decision
 from policy_engine.envoy.authz import AuthorizationService
+from policy_engine.envoy.bootstrap import SERVICE_HEADER_PREFIX
 from policy_engine.envoy.check import MAX_HEADERS, PARTIAL_BODY_HEADER
+from policy_engine.policy.bundle import Bundle
 from policy_engine.policy.schema import RESERVED_STATUSES
 
 log = logging.getLogger("policy_engine.http_authz")
@@ -56,6 +58,14 @@ def wire_status(status: int) -> int:
     if 500 <= status <= 599:
         return DENIAL_CARRIERS.get(status, _UNLISTED_5XX_CARRIER)
     return status
+
+
+def unforwarded_headers(bundle: Bundle) -> list[str]:
+    """Upstream headers the policies set that Envoy's HTTP transport drops: it forwards only
+    the answer's x-pe-* headers (the bootstrap's allowed_upstream_headers)."""
+    names = [policy.header for policy in bundle.canary]
+    names += [name for policy in bundle.routing for route in policy.routes for name, _ in route.headers]
+    return sorted({name for name in names if not name.lower().startswith(SERVICE_HEADER_PREFIX)})
 
 
 MAX_HEAD_BYTES = 65536  # request line and headers; more is refused

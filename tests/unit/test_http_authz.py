@@ -25,6 +25,7 @@ from policy_engine.envoy.http_authz import (
     http_response,
     request_attributes,
     serve_http,
+    unforwarded_headers,
 )
 from policy_engine.policy.compiler import load_bundle
 from policy_engine.policy.schema import RESERVED_STATUSES
@@ -375,3 +376,20 @@ def test_a_connection_set_up_after_the_drain_began_is_drained_too() -> None:
         return closed
 
     assert asyncio.run(run())
+
+
+def test_headers_the_http_transport_would_drop_are_named(tmp_path: Path) -> None:
+    import shutil
+
+    policies = tmp_path / "policies"
+    shutil.copytree(EXAMPLES, policies)
+    assert unforwarded_headers(load_bundle(policies)) == []  # the examples use x-pe-* only
+    canary = policies / "canary.yaml"
+    canary.write_text(canary.read_text().replace("header: x-pe-canary", "header: x-canary"))
+    routing = policies / "routing.yaml"
+    routing.write_text(
+        routing.read_text().replace(
+            "      headers:\n", "      headers:\n        x-model-version: '\"v1\"'\n", 1
+        )
+    )
+    assert unforwarded_headers(load_bundle(policies)) == ["x-canary", "x-model-version"]
