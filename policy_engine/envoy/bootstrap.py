@@ -77,8 +77,8 @@ end
 local function extract(buffer, events, prompt, completion, total)
   -- A forward scan over every "usage": {...} object: a pattern starting with ".*" is retried
   -- from every position of a chunk, quadratic in its size (seconds for a 1 MB answer).
-  -- A JSON answer: its last usage object alone (earlier ones may be the model's own output, as
-  -- the raw JSON input of an Anthropic tool call). A stream (`events`): field by field, a
+  -- A JSON answer: its last "usage" alone (earlier ones may be the model's own output, as the
+  -- raw JSON input of an Anthropic tool call). A stream (`events`): field by field, a
   -- later value replacing an earlier one, since OpenAI streams say "usage": null until the
   -- final chunk and Anthropic's reports the input in message_start and the output so far in
   -- each message_delta; a total is never carried over from another event.
@@ -87,15 +87,14 @@ local function extract(buffer, events, prompt, completion, total)
     local _, stop = buffer:find('"usage"%s*:%s*', from)
     if not stop then break end
     local usage = buffer:match('^%b{}', stop + 1)
-    if usage then
-      local p, c, t = read(usage)
-      if p or c or t then
-        if events then
-          prompt, completion, total = p or prompt, c or completion, t
-        else
-          prompt, completion, total = p, c, t
-        end
-      end
+    local p, c, t
+    if usage then p, c, t = read(usage) end
+    if not events then
+      -- Whatever the last "usage" says, even null (or an object cut by the buffer's end, which
+      -- the next buffer, starting with the tail, reads whole).
+      prompt, completion, total = p, c, t
+    elseif p or c or t then
+      prompt, completion, total = p or prompt, c or completion, t
     end
     from = stop + 1
   end
@@ -105,6 +104,7 @@ end
 function envoy_on_response(handle)
   local content_type = (handle:headers():get("content-type") or ""):lower()
   local events = content_type:find("text/event-stream", 1, true) ~= nil
+  local first = true
   local tail = ""
   local prompt, completion, total
   -- bodyChunks() streams: each chunk goes on to the client as it arrives, nothing is buffered.
@@ -114,6 +114,11 @@ function envoy_on_response(handle)
       -- The tail is scanned again with the next chunk: a usage object read twice gives the
       -- same values, in the same order.
       local buffer = tail .. chunk:getBytes(0, size)
+      if first then
+        -- A stream served with another content type (or none) still reads as one.
+        events = events or buffer:find('^%s*data:') ~= nil or buffer:find('^%s*event:') ~= nil
+        first = false
+      end
       prompt, completion, total = extract(buffer, events, prompt, completion, total)
       if #buffer > TAIL then tail = buffer:sub(-TAIL) else tail = buffer end
     end

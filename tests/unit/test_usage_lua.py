@@ -147,6 +147,30 @@ def test_the_models_own_output_never_sets_the_usage(read: Any) -> None:
         assert read("Application/JSON; charset=utf-8", chunks) == (3000, 900, 3900)
 
 
+def test_a_stream_without_its_content_type_still_reads_as_one(read: Any) -> None:
+    stream = sse(
+        {"type": "message_start", "message": {"usage": {"input_tokens": 1010, "output_tokens": 1}}},
+        {"type": "message_delta", "delta": {}, "usage": {"output_tokens": 20}},
+        named=True,
+    )
+    for content_type in ("", "text/plain", JSON):
+        assert read(content_type, [stream]) == (1010, 20, 1030), content_type
+    assert read("", [sse({"usage": {"prompt_tokens": 1}}), sse({"usage": {"completion_tokens": 2}})]) == (
+        1,
+        2,
+        3,
+    )
+
+
+def test_a_json_answers_last_usage_counts_even_when_null(read: Any) -> None:
+    # The backend reported nothing: the model's tool input must not stand in for it.
+    tool = {
+        "content": [{"type": "tool_use", "input": {"usage": {"input_tokens": 0, "output_tokens": 0}}}],
+        "usage": None,
+    }
+    assert read(JSON, [json.dumps(tool)]) == (None, None, None)
+
+
 def test_no_usage_sets_nothing(read: Any) -> None:
     assert read(JSON, ['{"data": []}']) == (None, None, None)
     assert read(SSE, [sse({"choices": [], "usage": None})]) == (None, None, None)
