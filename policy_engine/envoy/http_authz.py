@@ -69,6 +69,7 @@ def unforwarded_headers(bundle: Bundle) -> list[str]:
 
 
 MAX_HEAD_BYTES = 65536  # request line and headers; more is refused
+LATE_REQUEST_WAIT_S = 0.1  # how long a connection opened as the drain began waits for its request
 MAX_BODY_BYTES = 64 << 20  # Envoy sends at most its max_request_bytes
 
 
@@ -164,8 +165,11 @@ class HttpAuthorization(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         self._connections.open.add(self)
-        if self._connections.draining:  # accepted just before the drain began
-            self.drain()
+        if self._connections.draining:
+            # Accepted just before the drain began: Envoy opened it to send a request, which is
+            # answered (with connection: close) if it comes soon; else the connection closes.
+            self._draining = True
+            asyncio.get_running_loop().call_later(LATE_REQUEST_WAIT_S, self._close_if_idle)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
@@ -175,6 +179,9 @@ class HttpAuthorization(asyncio.Protocol):
         """Answer the request under way (being decided, or still arriving), if any, with
         `connection: close`, then close; close an idle connection now."""
         self._draining = True
+        self._close_if_idle()
+
+    def _close_if_idle(self) -> None:
         if not self._busy and not self._buffer and self._transport is not None:
             self._transport.close()
 

@@ -353,29 +353,42 @@ def test_draining_waits_for_a_request_still_arriving() -> None:
     assert answer.startswith(b"HTTP/1.1 200 OK") and b"\r\nconnection: close\r\n" in answer
 
 
-def test_a_connection_set_up_after_the_drain_began_is_drained_too() -> None:
+def test_a_connection_set_up_after_the_drain_began_answers_its_request_then_closes() -> None:
     """asyncio calls connection_made a loop turn or two after accepting: a connection accepted
-    just before the listener closed joins after drain() looked at the open ones."""
+    just before the listener closed joins after drain() looked at the open ones. Envoy opened
+    it to send a request: that one is answered; a connection that sends nothing is closed."""
 
     class Transport(asyncio.Transport):
-        closed = False
+        def __init__(self) -> None:
+            super().__init__()
+            self.closed = False
+            self.sent = b""
+
+        def write(self, data: bytes | bytearray | memoryview) -> None:
+            self.sent += bytes(data)
 
         def close(self) -> None:
             self.closed = True
 
-    async def run() -> bool:
+    async def run() -> tuple[bytes, bool, bool]:
         server = await serve_http(_service(), "127.0.0.1", 0, 1 << 20, reuse_port=False)
-        drained = asyncio.ensure_future(server.drain(0.5))
+        drained = asyncio.ensure_future(server.drain(2.0))
         await asyncio.sleep(0)  # the drain has begun, with no connection open
-        late = server.server._protocol_factory()  # type: ignore[attr-defined]
-        transport = Transport()
-        late.connection_made(transport)
-        closed = transport.closed
-        late.connection_lost(None)
+        factory = server.server._protocol_factory  # type: ignore[attr-defined]
+        busy, idle = factory(), factory()
+        busy_transport, idle_transport = Transport(), Transport()
+        busy.connection_made(busy_transport)
+        idle.connection_made(idle_transport)
+        busy.data_received(_request({"authorization": "Bearer sk-hobby-free-key-0003"}))
+        await asyncio.sleep(0.3)
+        busy.connection_lost(None)
+        idle.connection_lost(None)
         await drained
-        return closed
+        return busy_transport.sent, busy_transport.closed, idle_transport.closed
 
-    assert asyncio.run(run())
+    sent, busy_closed, idle_closed = asyncio.run(run())
+    assert sent.startswith(b"HTTP/1.1 200 OK") and b"\r\nconnection: close\r\n" in sent
+    assert busy_closed and idle_closed
 
 
 def test_headers_the_http_transport_would_drop_are_named(tmp_path: Path) -> None:
