@@ -220,21 +220,22 @@ class TelemetryHub:
             if state is None:
                 self.unknown_observations += 1
                 return False
-            if observation.status == 0 and not observation.connect_failure:
+            answered = observation.status != 0 or observation.connect_failure
+            if answered:
                 # Only an answer (or a refused connection) says something about the backend now:
-                # a request the client gave up on must neither keep a hung backend looking fresh
-                # nor count as a success that dilutes its error rate (its latency is only the
-                # client's patience).
-                return True
-            state.last_request_at = now
-            state.requests_total += 1
-            state.errors_total += observation.failed
+                # a request the client gave up on must not keep a hung backend looking fresh.
+                state.last_request_at = now
+                state.requests_total += 1
+                state.errors_total += observation.failed
+            # Unanswered, it still counts in the request rate and its latency (the client's
+            # patience: the backend took at least that long), but not in the error rate.
             state.stats.record(
                 now,
                 latency_ms=observation.latency_ms,
                 ttft_ms=observation.ttft_ms,
                 error=observation.failed,
                 tokens=observation.tokens,
+                answered=answered,
             )
             if observation.failed:
                 self._failure(state, observation.connect_failure, now)

@@ -140,6 +140,7 @@ class RollingStats:
         self.ttft = DecayingHistogram()  # from access logs: time to first upstream byte
         self.ttft_scraped = DecayingHistogram()  # from the backend's own TTFT histogram
         self._requests = 0.0
+        self._answered = 0.0  # the requests the error rate is over (see record)
         self._errors = 0.0
         self._tokens = 0.0
         self._latency_sum = 0.0
@@ -157,6 +158,7 @@ class RollingStats:
         for histogram in (self.latency, self.ttft, self.ttft_scraped):
             histogram.scale(factor)
         self._requests *= factor
+        self._answered *= factor
         self._errors *= factor
         self._tokens *= factor
         self._latency_sum *= factor
@@ -175,12 +177,19 @@ class RollingStats:
         ttft_ms: float | None = None,
         error: bool = False,
         tokens: float = 0.0,
+        answered: bool = True,
     ) -> None:
-        """One finished request. Latency and TTFT are optional: a connect failure has neither."""
+        """One finished request. Latency and TTFT are optional: a connect failure has neither.
+
+        `answered=False`: the client gave up before any answer. It counts in the request rate
+        (and so in Little's law) and its latency is a lower bound worth keeping (a hung backend
+        looks slow), but it is neither a success nor an error: the error rate is over answers."""
         if self._window_start is None or self._requests * self._decay(now) < _EMPTY_WEIGHT:
             self._window_start = now
         weight = self._weight(now)
         self._requests += weight
+        if answered:
+            self._answered += weight
         if error:
             self._errors += weight
         if tokens > 0:
@@ -216,7 +225,7 @@ class RollingStats:
             latency_p99_ms=latency[1] if latency else None,
             ttft_p99_ms=ttft[0] if ttft else None,
             latency_mean_ms=self._latency_sum / self._latency_weight if self._latency_weight > 0 else None,
-            error_rate=self._errors / self._requests if self._requests > 0 else 0.0,
+            error_rate=self._errors / self._answered if self._answered > 0 else 0.0,
             rps=self._rate(self._requests, now),
             tokens_per_s=self._rate(self._tokens, now),
             requests=self._requests * self._decay(now),
