@@ -75,7 +75,11 @@ def usage_charges(common: Any) -> list[tuple[str, int, str]]:
 def never_reached(common: Any) -> bool:
     """Whether the request never reached a backend: no byte of it went upstream (no backend
     healthy or reachable, no route, the client gone during the decision, a local answer). After
-    several attempts the last one's timing may be all there is, so retries never count."""
+    several attempts the last one's timing may be all there is, so retries never count.
+
+    Relies on Envoy recording the first upstream byte as the request headers go out, into the
+    downstream entry's timing; it does in the Envoy this project pins (1.40; since about 1.22,
+    earlier versions copied upstream timing only when the upstream finished)."""
     return (
         not common.HasField("time_to_first_upstream_tx_byte") and common.upstream_request_attempt_count <= 1
     )
