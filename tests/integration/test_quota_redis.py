@@ -258,20 +258,25 @@ def test_redis_and_memory_stores_agree(server: RedisProcess, prefix: str, name: 
         assert got == want, f"step {index}: {steps[index]}"
 
 
-def test_a_scenario_has_the_expected_outcomes(server: RedisProcess, prefix: str) -> None:
-    """Parity alone would pass if both stores were wrong the same way: pin one scenario down."""
+def played_on_redis(server: RedisProcess, prefix: str, name: str, start: float = T0) -> list[Outcome]:
+    """One scenario of SCENARIOS against the Redis store alone, from `start` on its clock."""
 
     async def scenario() -> list[Outcome]:
-        clock = FakeClock(T0 + 13.7)
+        clock = FakeClock(start)
         store = RedisStore(server.url, prefix=prefix, timeout_s=2.0, clock=clock)
         try:
-            return await play(
-                store, clock, SCENARIOS["one exceeded demand refuses the request, across hash tags too"]
-            )
+            return await play(store, clock, SCENARIOS[name])
         finally:
             await store.close()
 
-    outcomes = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_a_scenario_has_the_expected_outcomes(server: RedisProcess, prefix: str) -> None:
+    """Parity alone would pass if both stores were wrong the same way: pin one scenario down."""
+    outcomes = played_on_redis(
+        server, prefix, "one exceeded demand refuses the request, across hash tags too", T0 + 13.7
+    )
     refused = outcomes[1]
     assert isinstance(refused, Admission) and not refused.admitted
     assert [s.exceeded for s in refused.states] == [False, False, True, False]
@@ -282,17 +287,9 @@ def test_a_scenario_has_the_expected_outcomes(server: RedisProcess, prefix: str)
 
 
 def test_a_returned_reservation_has_the_expected_outcomes(server: RedisProcess, prefix: str) -> None:
-    async def scenario() -> list[Outcome]:
-        clock = FakeClock()
-        store = RedisStore(server.url, prefix=prefix, timeout_s=2.0, clock=clock)
-        try:
-            return await play(
-                store, clock, SCENARIOS["a returned reservation comes out of its own bucket while it counts"]
-            )
-        finally:
-            await store.close()
-
-    outcomes = asyncio.run(scenario())
+    outcomes = played_on_redis(
+        server, prefix, "a returned reservation comes out of its own bucket while it counts"
+    )
     # Usage at T0 + 31 weighs bucket 0 by 29/30; B's 7 stays in bucket 1 when A returns 8.
     assert outcomes[4:8] == [7 + math.floor(1 * 29 / 30), 7, 0, 5]
     assert outcomes[9:] == [4, 4, 3]
