@@ -44,31 +44,24 @@ def usage_charges(common: Any) -> list[tuple[str, int, str]]:
     if AUTHZ_NAMESPACE not in namespaces:
         return []
     counters = namespaces[AUTHZ_NAMESPACE].fields
+    reserved = {
+        kind: counters[key].string_value
+        for kind, key in METADATA_KEYS.items()
+        if key in counters and counters[key].WhichOneof("kind") == "string_value"
+    }
     if USAGE_NAMESPACE not in namespaces:
-        if not never_reached(common):
-            return []
-        # Nothing reported and nothing can have been spent: every reservation comes back.
-        return [
-            (counters[key].string_value, 0, kind)
-            for kind, key in METADATA_KEYS.items()
-            if key in counters and counters[key].WhichOneof("kind") == "string_value"
-        ]
+        # Nothing reported: if nothing can have been spent either, every reservation comes back.
+        return [(entries, 0, kind) for kind, entries in reserved.items()] if never_reached(common) else []
     usage = namespaces[USAGE_NAMESPACE].fields
     charges = []
-    for kind, key in METADATA_KEYS.items():
+    for kind, entries in reserved.items():
         field = USAGE_FIELDS[kind]
-        if key not in counters or field not in usage:
+        if field not in usage or usage[field].WhichOneof("kind") != "number_value":
             continue
-        entries = counters[key]
-        if entries.WhichOneof("kind") != "string_value":
-            continue
-        reported = usage[field]
-        if reported.WhichOneof("kind") != "number_value":
-            continue
-        tokens = reported.number_value
+        tokens = usage[field].number_value
         # A reported 0 is usage too (a filtered or empty answer): it returns the reservation.
         if tokens >= 0:  # NaN fails this too
-            charges.append((entries.string_value, int(min(tokens, MAX_HITS)), kind))
+            charges.append((entries, int(min(tokens, MAX_HITS)), kind))
     return charges
 
 
