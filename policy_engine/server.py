@@ -159,8 +159,12 @@ async def serve(settings: Settings, worker: int = 0) -> None:
     registry = CollectorRegistry(auto_describe=True)
     metrics = Metrics(registry)
 
+    warned: set[str] = set()  # bundle versions already checked
+
     def warn_unforwarded() -> None:
-        if settings.http_port is not None and worker == 0:
+        version = holder.pipeline.bundle.version
+        if settings.http_port is not None and worker == 0 and version not in warned:
+            warned.add(version)
             dropped = unforwarded_headers(holder.pipeline.bundle)
             if dropped:
                 log.warning(
