@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from json.encoder import encode_basestring_ascii as _json_string
 
 from policy_engine.decide.decision import Decision, FiredRule, QuotaCheck
@@ -57,18 +58,21 @@ def longest_wait(exceeded: Sequence[QuotaCheck]) -> QuotaCheck:
 
 
 def token_metadata(
-    checks: Sequence[QuotaCheck], reserved_at: float | None = None, reserved: bool = True
+    checks: Sequence[QuotaCheck], reserved_at: float | None = None, reserved: AbstractSet[str] | None = None
 ) -> dict[str, str]:
     """Per token kind, a JSON list of [counter, reserved] for the after-response charge, or
     [counter, reserved, reserved_at] once a store has charged the reservation at that time (its
-    `Admission.at`), so that what is returned comes out of the bucket it went into. With
-    `reserved=False` nothing was reserved (a store that failed open): the charge is the usage."""
+    `Admission.at`), so that what is returned comes out of the bucket it went into. `reserved`
+    names the counters whose estimate the store holds (None: all of them); the others reserved
+    nothing (a store that failed open), so their charge is the whole usage."""
     at = "" if reserved_at is None else f",{reserved_at!r}"
     metadata = {}
     for kind in TOKEN_KINDS:
         # json.dumps(entries, separators=(",", ":")) spelled out: a third of the time.
         entries = [
-            f"[{_json_string(c.counter)},{c.cost if reserved else 0}{at}]" for c in checks if c.kind == kind
+            f"[{_json_string(c.counter)},{c.cost if reserved is None or c.counter in reserved else 0}{at}]"
+            for c in checks
+            if c.kind == kind
         ]
         if entries:
             metadata[METADATA_KEYS[kind]] = "[" + ",".join(entries) + "]"
@@ -148,19 +152,23 @@ def settle(
     )
 
 
-def store_failed(decision: Decision, error: str) -> Decision:
-    """The counter store is down: policies with on_error allow admit, the others refuse."""
+def store_failed(
+    decision: Decision, error: str, kept: AbstractSet[str] = frozenset(), at: float | None = None
+) -> Decision:
+    """The counter store is down: policies with on_error allow admit, the others refuse.
+
+    `kept` and `at` are what the store left charged, and when (StoreUnavailable)."""
     errors = (*decision.errors, f"quota store: {error}")
     if all(check.fail_open for check in decision.quota):
-        # Nothing was reserved, so the charge after the response must be the whole usage, not
-        # usage minus an estimate (which would hand back other requests' reservations). And no
-        # x-ratelimit-* headers: the numbers behind them were never read.
+        # Nothing was reserved (but what the store kept), so the charge after the response must
+        # be the whole usage, not usage minus an estimate (which would hand back other requests'
+        # reservations). And no x-ratelimit-* headers: the numbers behind them were never read.
         return dataclasses.replace(
             decision,
             errors=errors,
             response_headers=_without_rate_headers(decision.response_headers),
             dynamic_metadata=_with_token_metadata(
-                decision.dynamic_metadata, token_metadata(decision.quota, reserved=False)
+                decision.dynamic_metadata, token_metadata(decision.quota, reserved_at=at, reserved=kept)
             ),
         )
     return dataclasses.replace(

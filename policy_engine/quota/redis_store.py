@@ -26,7 +26,9 @@ tag, in order of first appearance; once a tag refuses, the remaining tags are on
 tags already charged get their costs back (negative charges on the same buckets), so a refused
 request leaves nothing charged. Between those calls other requests may observe the interim
 charge, and if Redis fails part-way (or the call is cancelled) the refund is attempted at most
-once and may be lost: the charge then expires with its bucket.
+once and may be lost: the charge then expires with its bucket, and the failure names the
+counters it left charged (StoreUnavailable.kept), so that a request admitted anyway reserves
+exactly those.
 """
 
 from __future__ import annotations
@@ -204,11 +206,15 @@ class RedisStore:
                         charged.append(group)
                     else:
                         refused = True
-        except StoreUnavailable:
-            # Best effort only: the server that just failed is unlikely to take the refund.
+        except StoreUnavailable as error:
+            # Best effort only: the server that just failed is unlikely to take the refund. What
+            # it did not take stays charged, and the caller must know (StoreUnavailable.kept).
             with contextlib.suppress(StoreUnavailable):
                 await self._refund(charged, now)
-            raise
+            if not charged:
+                raise
+            kept = frozenset(d.counter for group in charged for d in group if d.cost > 0)
+            raise StoreUnavailable(str(error), kept=kept, at=now) from error
         if refused:
             try:
                 await self._refund(charged, now)
@@ -247,7 +253,10 @@ class RedisStore:
         await self._redis.aclose(close_connection_pool=True)
 
     async def _refund(self, groups: list[list[Demand]], now: float) -> None:
-        for group in groups:
+        """Return the costs of the charged groups; each group returned leaves the list, so on a
+        failure it holds what is still charged."""
+        while groups:
+            group = groups[0]
             keys: list[str] = []
             args: list[str] = []
             for demand in group:
@@ -259,6 +268,7 @@ class RedisStore:
                     args += [str(-demand.cost), str(bucket_ttl_ms(demand.window)), "current"]
             if keys:
                 await self._run("charge", keys, args)
+            groups.pop(0)
 
     def _admit_args(self, group: Sequence[Demand], now: float) -> tuple[list[str], list[str]]:
         keys: list[str] = []

@@ -50,7 +50,7 @@ class QuotaService:
         except StoreUnavailable as error:
             self._errors["admit"].inc()
             log.warning("quota store unavailable: %s", error)
-            return store_failed(decision, str(error))
+            return store_failed(decision, str(error), error.kept, error.at)
         finally:
             self._latency["admit"].observe(time.perf_counter() - start)
         return settle(decision, admission.states, admission.admitted, admission.at)

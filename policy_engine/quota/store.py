@@ -15,7 +15,17 @@ Algorithm = Literal["sliding", "fixed"]
 
 
 class StoreUnavailable(Exception):
-    """The store could not be reached or failed; the policy's on_error decides."""
+    """The store could not be reached or failed; the policy's on_error decides.
+
+    `kept` names the counters whose costs stay charged all the same (a store that failed part-way
+    through an admission and could not return them), charged at the store's clock `at`: a request
+    admitted by `on_error: allow` has reserved those, and only those.
+    """
+
+    def __init__(self, message: str, *, kept: frozenset[str] = frozenset(), at: float | None = None) -> None:
+        super().__init__(message)
+        self.kept = kept
+        self.at = at
 
 
 @dataclass(frozen=True)

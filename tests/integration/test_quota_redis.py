@@ -321,6 +321,36 @@ def test_a_refusal_stands_when_its_refund_fails(server: RedisProcess, prefix: st
     assert [state.exceeded for state in admission.states] == [False, True]
 
 
+def test_a_failure_between_tags_names_what_stays_charged(server: RedisProcess, prefix: str) -> None:
+    """Redis fails after the first tag was charged: the refund is tried, and what it could not
+    return is named in the error (a request admitted by `on_error: allow` reserved that)."""
+
+    async def scenario(refund_works: bool) -> tuple[StoreUnavailable, int]:
+        store = RedisStore(server.url, prefix=prefix, timeout_s=2.0, clock=FakeClock(T0 + 3.0))
+        run = store._run
+
+        async def second_tag_fails(
+            mode: str, keys: list[str], args: list[str]
+        ) -> tuple[bool, list[tuple[int, int]]]:
+            if "zeta" in keys[0] or (mode == "charge" and not refund_works):
+                raise StoreUnavailable("connection reset")
+            return await run(mode, keys, args)
+
+        store._run = second_tag_fails  # type: ignore[method-assign]
+        try:
+            with pytest.raises(StoreUnavailable) as failure:
+                await store.admit([demand("a", cost=3), demand("free", cost=0), demand("b", hash_tag="zeta")])
+            store._run = run  # type: ignore[method-assign]
+            return failure.value, await store.usage("a", "acme", 60.0, "sliding")
+        finally:
+            await store.close()
+
+    kept, still_charged = asyncio.run(scenario(refund_works=False))
+    assert (kept.kept, kept.at, still_charged) == (frozenset({"a"}), T0 + 3.0, 3)
+    returned, left = asyncio.run(scenario(refund_works=True))
+    assert (returned.kept, left) == (frozenset(), 3)  # only the first scenario's charge is left
+
+
 # --- key layout -------------------------------------------------------------------------------
 
 

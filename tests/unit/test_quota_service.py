@@ -41,14 +41,21 @@ class FakeClock:
 
 
 class FlakyStore(MemoryStore):
-    """A memory store whose admit can be made to fail as an unreachable Redis does."""
+    """A memory store whose admit can be made to fail as an unreachable Redis does: before it
+    charges anything (`down`), or after charging, unable to return it (`fails_after_charging`,
+    as a Redis store failing between two hash tags whose refund is lost)."""
 
     down = False
+    fails_after_charging = False
 
     async def admit(self, demands: Sequence[Demand]) -> Admission:
         if self.down:
             raise StoreUnavailable("connection refused")
-        return await super().admit(demands)
+        admission = await super().admit(demands)
+        if self.fails_after_charging:
+            kept = frozenset(d.counter for d in demands if d.cost > 0)
+            raise StoreUnavailable("connection reset", kept=kept, at=admission.at)
+        return admission
 
 
 def setup(
@@ -147,6 +154,22 @@ def test_failing_open_reserves_nothing_so_the_whole_usage_is_charged(tmp_path: P
     # Nothing reserved: the metadata says so, and no rate-limit numbers are made up.
     assert json.loads(decision.dynamic_metadata["pe_total_tokens"]) == [[COUNTER, 0]]
     assert not any(name.startswith("x-ratelimit-") for name in decision.response_headers)
+    charge(quota, decision, 50)
+    assert used(store) == 15050
+
+
+def test_failing_open_after_a_charge_that_stays_reserves_exactly_that(tmp_path: Path) -> None:
+    # The store charged the estimate and failed before it could take it back: the metadata must
+    # say it was reserved, or the after-response charge would add the usage on top of it.
+    pipeline, quota, store, clock = setup(tmp_path, on_error="allow")
+    asyncio.run(store.charge(COUNTER, "hobbyist", WINDOW, "sliding", 15000))
+    clock.now = T0 + 7.0
+    store.fails_after_charging = True
+    decision = reserve(pipeline, quota, 2000)
+    store.fails_after_charging = False
+    assert decision.allowed and any("connection reset" in error for error in decision.errors)
+    ((counter, reserved, at),) = json.loads(decision.dynamic_metadata["pe_total_tokens"])
+    assert (counter, at) == (COUNTER, T0 + 7.0) and used(store) == 15000 + reserved > 17000
     charge(quota, decision, 50)
     assert used(store) == 15050
 
