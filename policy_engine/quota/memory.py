@@ -137,13 +137,14 @@ def refund_source(current_index: int, window: float, reserved_at: float | None) 
 
     Without the reservation's time: the current bucket, then the previous one (a reservation
     made just before a boundary may come back just after it). With it: its own bucket while
-    that still counts, else nothing. A reservation from a later bucket than the current one (a
-    replica whose clock runs ahead) comes out of the current bucket.
+    that still counts, else nothing. A reservation in a later bucket than the current one (made
+    by a replica whose clock runs ahead) is in neither: the Redis store returns it to that
+    bucket's own key, and a memory store, which no other clock writes, has nothing there.
     """
     if reserved_at is None:
         return "both"
     index = window_position(reserved_at, window).index
-    if index >= current_index:
+    if index == current_index:
         return "current"
     return "previous" if index == current_index - 1 else "none"
 

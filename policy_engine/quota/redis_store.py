@@ -19,7 +19,9 @@ weight) against each limit.
 
 Time comes from the client's clock, not from Redis TIME: one round trip per request, and the
 bucket keys can be named before the script runs (Cluster routes by key). Replicas must keep their
-clocks in sync (NTP); a skew of d seconds shifts that replica's bucket boundaries by d.
+clocks in sync (NTP); a skew of d seconds shifts that replica's bucket boundaries by d. A
+reservation carries the admitting replica's clock, so its return comes out of the bucket it went
+into whichever replica charges the usage.
 
 Atomicity holds per hash tag. Demands with several tags are settled with one script call per
 tag, in order of first appearance; once a tag refuses, the remaining tags are only checked, and
@@ -236,6 +238,15 @@ class RedisStore:
         if window <= 0:
             raise ValueError(f"counter {counter!r}: window must be positive, got {window}")
         position = window_position(self._clock(), window)
+        if amount < 0 and reserved_at is not None:
+            reserved_index = window_position(reserved_at, window).index
+            if reserved_index > position.index:
+                # Reserved by a replica whose clock runs ahead, in a bucket this one has not
+                # reached: the refund goes back to that bucket's key (taking it from the current
+                # one would erase other requests' usage); the usage is then read here.
+                keys = self._keys(hash_tag, counter, reserved_index)
+                await self._run("charge", keys, [str(amount), str(bucket_ttl_ms(window)), "current"])
+                return await self.usage(counter, hash_tag, window, algorithm)
         keys = self._keys(hash_tag, counter, position.index)
         source = refund_source(position.index, window, reserved_at) if amount < 0 else "none"
         if source == "none":

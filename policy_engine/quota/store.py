@@ -83,8 +83,9 @@ class CounterStore(Protocol):
 
         A negative amount returns (part of) a reservation. With `reserved_at`, the `at` of the
         admission that reserved it, it comes out of the bucket the reservation went into, and
-        only while that bucket still counts (the current or the previous one): taking it from
-        a later bucket would erase other requests' usage. Without, it comes out of the current
+        only while that bucket still counts (the previous one, the current one, or one this
+        clock has not reached, if a replica whose clock runs ahead reserved it): taking it from
+        another bucket would erase other requests' usage. Without, it comes out of the current
         bucket, then the previous one. Never below zero.
         """
         ...

@@ -184,7 +184,7 @@ SCENARIOS: dict[str, list[Step]] = {
         Advance(60.0),  # bucket 3: bucket 1 no longer counts
         Charge("t", "acme", 30.0, "sliding", 4),
         Charge("t", "acme", 30.0, "sliding", -4, T0 + 31.0),  # nothing to return any more
-        Charge("t", "acme", 30.0, "sliding", -1, T0 + 200.0),  # a clock ahead: the current bucket
+        Charge("t", "acme", 30.0, "sliding", -1, T0 + 200.0),  # a clock ahead: its own (empty) bucket
     ],
     "zero-cost demands and empty requests": [
         Admit(()),
@@ -292,7 +292,7 @@ def test_a_returned_reservation_has_the_expected_outcomes(server: RedisProcess, 
     )
     # Usage at T0 + 31 weighs bucket 0 by 29/30; B's 7 stays in bucket 1 when A returns 8.
     assert outcomes[4:8] == [7 + math.floor(1 * 29 / 30), 7, 0, 5]
-    assert outcomes[9:] == [4, 4, 3]
+    assert outcomes[9:] == [4, 4, 4]
 
 
 def test_a_refusal_stands_when_its_refund_fails(server: RedisProcess, prefix: str) -> None:
@@ -349,6 +349,37 @@ def test_a_failure_between_tags_names_what_stays_charged(server: RedisProcess, p
     assert (kept.kept, kept.at, still_charged) == (frozenset({"a"}), T0 + 3.0, 3)
     returned, left = asyncio.run(scenario(refund_works=True))
     assert (returned.kept, left) == (frozenset(), 3)  # only the first scenario's charge is left
+
+
+def test_a_reservation_from_a_replica_running_ahead_returns_to_its_own_bucket(
+    server: RedisProcess, prefix: str
+) -> None:
+    """Replica A's clock runs 2 s ahead, across a bucket boundary: it reserves 10 in a bucket
+    replica B has not reached. B charges the usage (2) and must return the 8 to that bucket,
+    not take them from its current one, which holds another request's 5."""
+
+    async def scenario() -> tuple[int, dict[str, str]]:
+        ahead = RedisStore(server.url, prefix=prefix, timeout_s=2.0, clock=FakeClock(T0 + 61.0))
+        behind = RedisStore(server.url, prefix=prefix, timeout_s=2.0, clock=FakeClock(T0 + 59.0))
+        inspect = Redis.from_url(server.url, decode_responses=True)
+        try:
+            assert (await behind.admit([demand(cost=5, limit=100)])).admitted
+            reservation = await ahead.admit([demand(cost=10, limit=100)])
+            usage = await behind.charge("c", "acme", 60.0, "fixed", 2 - 10, reservation.at)
+            buckets = {
+                key.rpartition(":")[2]: await inspect.get(key)
+                async for key in inspect.scan_iter(match=f"{prefix}*")
+            }
+            return usage, buckets
+        finally:
+            await inspect.aclose()
+            await ahead.close()
+            await behind.close()
+
+    usage, buckets = asyncio.run(scenario())
+    bucket = int(T0 // 60)
+    assert buckets == {str(bucket): "5", str(bucket + 1): "2"}
+    assert usage == 5  # B's own window: its current bucket (fixed window)
 
 
 # --- key layout -------------------------------------------------------------------------------
