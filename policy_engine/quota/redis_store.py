@@ -27,10 +27,11 @@ Atomicity holds per hash tag. Demands with several tags are settled with one scr
 tag, in order of first appearance; once a tag refuses, the remaining tags are only checked, and
 tags already charged get their costs back (negative charges on the same buckets), so a refused
 request leaves nothing charged. Between those calls other requests may observe the interim
-charge, and if Redis fails part-way (or the call is cancelled) the refund is attempted at most
-once and may be lost: the charge then expires with its bucket, and the failure names the
-counters it left charged (StoreUnavailable.kept), so that a request admitted anyway reserves
-exactly those.
+charge. If Redis fails part-way the refund is attempted at most once and may be lost: the charge
+then expires with its bucket, and the failure names the counters that surely stayed charged
+(StoreUnavailable.kept), so that a request admitted anyway reserves those; a refund that may
+have run (a timeout) counts as returned. A refusal stands even if a later tag fails. (A
+cancelled call refunds nothing: its charges expire with their buckets.)
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from policy_engine.quota.memory import (
     bucket_ttl_ms,
@@ -195,6 +197,7 @@ class RedisStore:
         states: list[CounterState | None] = [None] * len(demands)
         charged: list[list[Demand]] = []
         refused = False
+        failure: StoreUnavailable | None = None
         try:
             for positions in by_tag.values():
                 group = [demands[p] for p in positions]
@@ -209,20 +212,24 @@ class RedisStore:
                     else:
                         refused = True
         except StoreUnavailable as error:
+            failure = error
+        if failure is not None and not refused:
             # Best effort only: the server that just failed is unlikely to take the refund. What
-            # it did not take stays charged, and the caller must know (StoreUnavailable.kept).
+            # it surely did not take stays charged, and the caller must know (StoreUnavailable.kept).
             with contextlib.suppress(StoreUnavailable):
                 await self._refund(charged, now)
             if not charged:
-                raise
+                raise failure
             kept = frozenset(d.counter for group in charged for d in group if d.cost > 0)
-            raise StoreUnavailable(str(error), kept=kept, at=now) from error
+            raise StoreUnavailable(str(failure), kept=kept, at=now) from failure
         if refused:
+            # The refusal stands, even if a later tag's check failed: the counters that answered
+            # said no, and a store outage would let `on_error: allow` admit the request.
             try:
                 await self._refund(charged, now)
             except StoreUnavailable as error:
-                # The refusal stands (the counters did answer): the tags charged before it
-                # keep a cost nobody uses until their buckets expire.
+                # The tags charged before the refusal keep a cost nobody uses until their
+                # buckets expire.
                 log.warning("refund of a refused request lost: %s", error)
         return Admission(not refused, tuple(state for state in states if state is not None), now)
 
@@ -243,10 +250,15 @@ class RedisStore:
             if reserved_index > position.index:
                 # Reserved by a replica whose clock runs ahead, in a bucket this one has not
                 # reached: the refund goes back to that bucket's key (taking it from the current
-                # one would erase other requests' usage); the usage is then read here.
-                keys = self._keys(hash_tag, counter, reserved_index)
-                await self._run("charge", keys, [str(amount), str(bucket_ttl_ms(window)), "current"])
-                return await self.usage(counter, hash_tag, window, algorithm)
+                # one would erase other requests' usage). The same script call reads this
+                # replica's buckets (a zero charge) for the usage it returns.
+                ttl = str(bucket_ttl_ms(window))
+                keys = self._keys(hash_tag, counter, reserved_index) + self._keys(
+                    hash_tag, counter, position.index
+                )
+                _, buckets = await self._run("charge", keys, [str(amount), ttl, "current", "0", ttl, "none"])
+                current, previous = buckets[1]
+                return weighted_usage(current, previous, previous_weight(algorithm, position, window))
         keys = self._keys(hash_tag, counter, position.index)
         source = refund_source(position.index, window, reserved_at) if amount < 0 else "none"
         if source == "none":
@@ -264,21 +276,27 @@ class RedisStore:
         await self._redis.aclose(close_connection_pool=True)
 
     async def _refund(self, groups: list[list[Demand]], now: float) -> None:
-        """Return the costs of the charged groups; each group returned leaves the list, so on a
-        failure it holds what is still charged."""
+        """Return the costs of the charged groups. Each group returned leaves the list, and so
+        does one whose refund may have run (a timeout, a connection lost after sending): on a
+        failure the list holds what surely stays charged. Erring that way can only leave a cost
+        counted twice, never erase other requests' usage."""
         while groups:
-            group = groups[0]
             keys: list[str] = []
             args: list[str] = []
-            for demand in group:
+            for demand in groups[0]:
                 if demand.cost > 0:
                     keys += self._keys(
                         demand.hash_tag, demand.counter, window_position(now, demand.window).index
                     )
                     # The same clock reading as the charge: exactly its bucket.
                     args += [str(-demand.cost), str(bucket_ttl_ms(demand.window)), "current"]
-            if keys:
-                await self._run("charge", keys, args)
+            try:
+                if keys:
+                    await self._run("charge", keys, args)
+            except StoreUnavailable as error:
+                if not _never_sent(error.__cause__):
+                    groups.pop(0)
+                raise
             groups.pop(0)
 
     def _admit_args(self, group: Sequence[Demand], now: float) -> tuple[list[str], list[str]]:
@@ -313,6 +331,16 @@ class RedisStore:
             raise StoreUnavailable(f"redis quota store: unexpected script reply {reply!r}")
         buckets = [(values[i], values[i + 1]) for i in range(1, len(values), 2)]
         return values[0] == 1, buckets
+
+
+def _never_sent(error: BaseException | None) -> bool:
+    """Whether a failed command surely never reached the server: the client could not connect,
+    or waited in vain for a pooled connection (redis-py's wording). Anything else, a timeout
+    above all, may have run the script."""
+    if not isinstance(error, RedisConnectionError | RedisTimeoutError):
+        return False
+    message = str(error)
+    return "connecting to" in message or message == "No connection available."
 
 
 def _key_tag(hash_tag: str) -> str:

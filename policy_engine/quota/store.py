@@ -17,9 +17,10 @@ Algorithm = Literal["sliding", "fixed"]
 class StoreUnavailable(Exception):
     """The store could not be reached or failed; the policy's on_error decides.
 
-    `kept` names the counters whose costs stay charged all the same (a store that failed part-way
+    `kept` names the counters whose costs surely stay charged (a store that failed part-way
     through an admission and could not return them), charged at the store's clock `at`: a request
-    admitted by `on_error: allow` has reserved those, and only those.
+    admitted by `on_error: allow` has reserved those. A cost whose return may have happened is
+    not named (counting it twice is the safe error).
     """
 
     def __init__(self, message: str, *, kept: frozenset[str] = frozenset(), at: float | None = None) -> None:

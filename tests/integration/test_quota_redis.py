@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from policy_engine.quota.memory import MemoryStore
 from policy_engine.quota.redis_store import RedisStore
@@ -321,34 +323,110 @@ def test_a_refusal_stands_when_its_refund_fails(server: RedisProcess, prefix: st
     assert [state.exceeded for state in admission.states] == [False, True]
 
 
-def test_a_failure_between_tags_names_what_stays_charged(server: RedisProcess, prefix: str) -> None:
-    """Redis fails after the first tag was charged: the refund is tried, and what it could not
-    return is named in the error (a request admitted by `on_error: allow` reserved that)."""
+def test_a_server_lost_between_tags_names_what_stays_charged(server: RedisProcess, prefix: str) -> None:
+    """The server dies after the first tag was charged: the refund cannot connect, so that
+    charge surely stays, and the error names it (a request admitted by `on_error: allow`
+    reserved it)."""
 
-    async def scenario(refund_works: bool) -> tuple[StoreUnavailable, int]:
+    async def scenario() -> StoreUnavailable:
+        store = RedisStore(server.url, prefix=prefix, timeout_s=0.5, clock=FakeClock(T0 + 3.0))
+        run = store._run
+
+        async def dies_after_the_first_tag(
+            mode: str, keys: list[str], args: list[str]
+        ) -> tuple[bool, list[tuple[int, int]]]:
+            if "zeta" in keys[0]:
+                server.stop()
+            return await run(mode, keys, args)
+
+        store._run = dies_after_the_first_tag  # type: ignore[method-assign]
+        try:
+            with pytest.raises(StoreUnavailable) as failure:
+                await asyncio.wait_for(
+                    store.admit([demand("a", cost=3), demand("free", cost=0), demand("b", hash_tag="zeta")]),
+                    FAILURE_BOUND_S,
+                )
+            return failure.value
+        finally:
+            server.restart()
+            await store.close()
+
+    error = asyncio.run(scenario())
+    assert (error.kept, error.at) == (frozenset({"a"}), T0 + 3.0)
+
+
+REFUSED = RedisConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+TIMED_OUT = RedisTimeoutError("Timeout reading from socket")
+
+
+@pytest.mark.parametrize(
+    ("refund_failures", "kept"),
+    [
+        ({}, frozenset()),  # every refund ran: nothing stays
+        ({"beta": REFUSED}, frozenset({"b"})),  # acme's came back, beta's surely did not
+        ({"acme": REFUSED}, frozenset({"a", "b"})),  # the first failure stops the rest
+        # A timeout may have run the refund: counted as returned, which can only overcharge.
+        ({"beta": TIMED_OUT}, frozenset()),
+        ({"acme": TIMED_OUT}, frozenset({"b"})),
+    ],
+)
+def test_what_a_failed_admission_keeps_charged(
+    server: RedisProcess, prefix: str, refund_failures: dict[str, Exception], kept: frozenset[str]
+) -> None:
+    """Tags acme and beta are charged, zeta fails; the refunds fail as given (by the client's
+    own errors, raised where its calls would raise them)."""
+
+    async def scenario() -> StoreUnavailable:
         store = RedisStore(server.url, prefix=prefix, timeout_s=2.0, clock=FakeClock(T0 + 3.0))
         run = store._run
 
-        async def second_tag_fails(
-            mode: str, keys: list[str], args: list[str]
-        ) -> tuple[bool, list[tuple[int, int]]]:
-            if "zeta" in keys[0] or (mode == "charge" and not refund_works):
-                raise StoreUnavailable("connection reset")
+        async def failing(mode: str, keys: list[str], args: list[str]) -> tuple[bool, list[tuple[int, int]]]:
+            tag = keys[0].split("{")[1].split("}")[0]
+            cause = refund_failures.get(tag) if mode == "charge" else None
+            if tag == "zeta":
+                cause = REFUSED
+            if cause is not None:
+                raise StoreUnavailable("redis quota store failed") from cause
             return await run(mode, keys, args)
 
-        store._run = second_tag_fails  # type: ignore[method-assign]
+        store._run = failing  # type: ignore[method-assign]
         try:
             with pytest.raises(StoreUnavailable) as failure:
-                await store.admit([demand("a", cost=3), demand("free", cost=0), demand("b", hash_tag="zeta")])
-            store._run = run  # type: ignore[method-assign]
-            return failure.value, await store.usage("a", "acme", 60.0, "sliding")
+                await store.admit(
+                    [demand("a", cost=3), demand("b", cost=2, hash_tag="beta"), demand("z", hash_tag="zeta")]
+                )
+            return failure.value
         finally:
             await store.close()
 
-    kept, still_charged = asyncio.run(scenario(refund_works=False))
-    assert (kept.kept, kept.at, still_charged) == (frozenset({"a"}), T0 + 3.0, 3)
-    returned, left = asyncio.run(scenario(refund_works=True))
-    assert (returned.kept, left) == (frozenset(), 3)  # only the first scenario's charge is left
+    error = asyncio.run(scenario())
+    assert error.kept == kept and error.at == (T0 + 3.0 if kept else None)
+
+
+def test_a_refusal_stands_when_a_later_tag_fails(server: RedisProcess, prefix: str) -> None:
+    """acme refuses; checking zeta then fails. The refusal is the answer, not a store outage
+    (which `on_error: allow` would admit)."""
+
+    async def scenario() -> Admission:
+        store = RedisStore(server.url, prefix=prefix, timeout_s=2.0, clock=FakeClock())
+        run = store._run
+
+        async def zeta_fails(
+            mode: str, keys: list[str], args: list[str]
+        ) -> tuple[bool, list[tuple[int, int]]]:
+            if "zeta" in keys[0]:
+                raise StoreUnavailable("connection reset") from REFUSED
+            return await run(mode, keys, args)
+
+        store._run = zeta_fails  # type: ignore[method-assign]
+        try:
+            return await store.admit([demand("a", limit=0), demand("b", hash_tag="zeta")])
+        finally:
+            await store.close()
+
+    admission = asyncio.run(scenario())
+    assert not admission.admitted
+    assert [(state.counter, state.exceeded) for state in admission.states] == [("a", True)]
 
 
 def test_a_reservation_from_a_replica_running_ahead_returns_to_its_own_bucket(

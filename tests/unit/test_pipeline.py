@@ -442,6 +442,23 @@ def test_token_metadata_is_the_json_of_counter_and_reservation_pairs() -> None:
         assert text == json.dumps(expected, separators=(",", ":"))
 
 
+def test_token_metadata_reserves_only_what_the_store_holds() -> None:
+    # A store that failed part-way kept one counter's estimate: only that one says so.
+    def check(counter: str, cost: int) -> QuotaCheck:
+        return QuotaCheck(
+            counter, "p", "l", "total_tokens", "k", 10, 60.0, "sliding", 0, cost, 10, 60.0, False
+        )
+
+    checks = [check("q/a/total_tokens/k", 5), check("q/b/total_tokens/k", 7)]
+    kept = token_metadata(checks, reserved_at=12.5, reserved=frozenset({"q/b/total_tokens/k"}))
+    assert json.loads(kept["pe_total_tokens"]) == [
+        ["q/a/total_tokens/k", 0, 12.5],
+        ["q/b/total_tokens/k", 7, 12.5],
+    ]
+    none = token_metadata(checks, reserved=frozenset())
+    assert json.loads(none["pe_total_tokens"]) == [["q/a/total_tokens/k", 0], ["q/b/total_tokens/k", 0]]
+
+
 def test_messages_reach_a_policy_that_reads_them(tmp_path: Path) -> None:
     # Without a policy that names llm.messages the pipeline skips building them; with one
     # they are all there, in order, multi-part contents joined.
