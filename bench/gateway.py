@@ -64,6 +64,7 @@ from tests.e2e.harness import (  # noqa: E402
     stop_process,
     wait_until,
 )
+from tests.redis_server import RedisProcess, start_redis  # noqa: E402
 
 BACKENDS = ["llama-70b-h100-a", "llama-70b-h100-b", "llama-70b-a100-a", "llama-70b-a100-b"]
 BODY = json.dumps(
@@ -322,6 +323,14 @@ def main() -> None:
         default=["access_log"],
         help="how the policy-engine rows charge usage after the response (envoy-config --charging)",
     )
+    parser.add_argument(
+        "--stores",
+        nargs="+",
+        choices=["memory", "redis"],
+        default=["memory"],
+        help="quota counters of the policy-engine rows: in memory, or in a Redis server this script "
+        "starts on a free loopback port (its CPU is printed after the table)",
+    )
     parser.add_argument("--envoy-threads", type=int, default=2, help="Envoy --concurrency, every setup")
     parser.add_argument(
         "--rounds", type=int, default=3, help="paced runs of each setup, taking turns between setups"
@@ -361,6 +370,7 @@ def main() -> None:
         f"load before={os.getloadavg()[0]:.2f}"
     )
     setups: list[Setup] = []
+    redis: RedisProcess | None = None
     processes: list[subprocess.Popen[bytes]] = []
     services: list[ServiceProcess] = []
 
@@ -452,22 +462,28 @@ def main() -> None:
             sys.exit("policies/quotas.yaml changed: update the premium budget this benchmark raises")
         quotas.write_text(raised)
         combinations = [
-            (transport, workers, usage, charging)
+            (transport, workers, usage, charging, store)
             for transport in args.transports
             for workers in args.workers
             for usage in args.usage
             for charging in args.charging
+            for store in args.stores
         ]
-        for transport, workers, usage, charging in combinations:
+        if "redis" in args.stores:
+            redis = start_redis()
+        for transport, workers, usage, charging, store in combinations:
             http_port = free_port() if transport == "http" else None
             extra = ["--no-reload", *(["--http-port", str(http_port)] if http_port else [])]
-            service = start_service(policies, backends=BACKENDS, workers=workers, extra_args=extra)
+            redis_url = redis.url if redis is not None and store == "redis" else None
+            service = start_service(
+                policies, backends=BACKENDS, workers=workers, extra_args=extra, redis_url=redis_url
+            )
             services.append(service)
             port = free_port()
             config = envoy_config(
                 port, service.port, model_port, http_port=http_port, usage=usage, charging=charging
             )
-            name = f"pe{workers}{transport}{usage}{charging}"
+            name = f"pe{workers}{transport}{usage}{charging}{store}"
             envoy = start_envoy(config, workdir, name, args.envoy_threads)
             processes.append(envoy)
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
@@ -488,8 +504,13 @@ def main() -> None:
                 sys.exit(f"the gateway does not answer 200: {answer.stdout[:500]}\n{logs}")
             plural = "s" if workers > 1 else ""
             charged_by = charging.replace("_", "-")
-            label = f"{transport} ({workers} worker{plural}, {usage} usage, charged by {charged_by})"
+            quotas_in = ", quotas in Redis" if store == "redis" else ""
+            label = (
+                f"{transport} ({workers} worker{plural}, {usage} usage, charged by {charged_by}{quotas_in})"
+            )
             pids = {"envoy": envoy.pid, "service": service.process.pid}
+            if redis is not None and store == "redis" and redis.pid is not None:
+                pids["redis"] = redis.pid
             setups.append(Setup(f"Envoy + policy-engine, {label}", url, pids, service))
         time.sleep(1)
 
@@ -520,6 +541,8 @@ def main() -> None:
             service.stop()
         for process in processes:
             stop_process(process)
+        if redis is not None:
+            redis.close()
 
     print(
         f"\nsaturation: wrk -t2 -c{args.connections} -d{args.duration}s; "
@@ -559,6 +582,9 @@ def main() -> None:
             f"| {min(added):.2f} to {max(added):.2f} "
             f"| {setup.warm.get('p50_ms', 0):.2f} | {setup.cold.get('p50_ms', 0):.2f} |"
         )
+    for setup in setups:
+        if "redis_cpu_us" in setup.saturation:
+            print(f"\nRedis server CPU µs/req, {setup.name}: {setup.saturation['redis_cpu_us']:.0f}")
     charges = [setup.charged for setup in setups if setup.service is not None]
     if charges:
         # A ratio near 1 shows the rows paid for token charging; a few probes are not counted.

