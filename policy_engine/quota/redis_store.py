@@ -52,7 +52,7 @@ from policy_engine.quota.memory import (
     weighted_usage,
     window_position,
 )
-from policy_engine.quota.resp import RedisLost, RedisReplyError, RedisUnreachable, RespConnection
+from policy_engine.quota.resp import RedisLost, RedisNotSent, RedisReplyError, RespConnection
 from policy_engine.quota.store import Admission, Algorithm, CounterState, Demand, StoreUnavailable
 
 log = logging.getLogger("policy_engine.quota")
@@ -311,7 +311,7 @@ class RedisStore:
                     raise
                 # The server lost its script cache (a restart, SCRIPT FLUSH): nothing ran.
                 reply = await self._redis.call("EVAL", _SCRIPT, len(keys), *keys, mode, *args)
-        except (RedisUnreachable, RedisLost, RedisReplyError) as exc:
+        except (RedisNotSent, RedisLost, RedisReplyError) as exc:
             raise StoreUnavailable(f"redis quota store: {type(exc).__name__}: {exc}") from exc
         if not isinstance(reply, list) or len(reply) != 1 + len(keys):
             raise StoreUnavailable(f"redis quota store: unexpected script reply {reply!r}")
@@ -324,8 +324,8 @@ class RedisStore:
 
 
 def _never_sent(error: BaseException | None) -> bool:
-    """Whether a failed command surely never reached the server (it could not connect)."""
-    return isinstance(error, RedisUnreachable)
+    """Whether a failed command surely never reached the server."""
+    return isinstance(error, RedisNotSent)
 
 
 def _key_tag(hash_tag: str) -> str:

@@ -9,12 +9,15 @@ carrying every caller's commands (pipelining) loses nothing to a pool.
 
 Failures say whether the command can have run, which decides whether a reservation it made can
 be counted on:
-- RedisUnreachable: no connection could be made (or its AUTH/SELECT failed), nothing was sent;
+- RedisNotSent: nothing was sent; RedisUnreachable, its kind for when no connection could be
+  made (or its AUTH/SELECT failed);
 - RedisLost: sent, but the reply did not come in time or the connection broke: it may have run;
 - RedisReplyError: the server answered with an error.
 
-A timeout aborts the connection (a server that is late for one command is late for the others
-queued behind it) and fails every command waiting on it; the next call connects again. URLs are
+A reply later than the timeout aborts the connection (a server that is late for one command is
+late for the others queued behind it) and fails every command waiting on it, whether or not its
+caller still waits; the next call connects again. Callers arriving while a connection is being
+made share that one attempt, and its failure. URLs are
 read as redis-py reads them (the canary store uses redis-py with the same URL): `redis://`,
 `rediss://` (TLS) and `unix://`, with user, password and database.
 """
@@ -33,8 +36,12 @@ from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, 
 Arg = str | bytes | int | float
 
 
-class RedisUnreachable(Exception):
-    """No connection: the command was never sent."""
+class RedisNotSent(Exception):
+    """The command was never sent (it could not be encoded, or there is no connection)."""
+
+
+class RedisUnreachable(RedisNotSent):
+    """No connection could be made: the command was never sent."""
 
 
 class RedisLost(Exception):
@@ -85,6 +92,10 @@ def endpoint(url: str) -> Endpoint:
         tls.verify_mode = _CERT_REQS[requirement]
         if options.get("ssl_certfile"):
             tls.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"))
+    if kind is UnixDomainSocketConnection and not options.get("path"):
+        raise ValueError(
+            f"a unix:// redis URL needs an absolute socket path (unix:///path/redis.sock): {url!r}"
+        )
     return Endpoint(
         host=options.get("host") or "localhost",
         port=int(options.get("port") or 6379),
@@ -104,6 +115,10 @@ class _Connection(asyncio.Protocol):
         self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
         self.transport: asyncio.Transport | None = None
         self.open = False
+        # Commands sent and replies received so far: a timer set for command n knows its reply
+        # came when more than n replies have, whether or not its caller is still waiting.
+        self.sent = 0
+        self.answered = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -121,7 +136,8 @@ class _Connection(asyncio.Protocol):
             if reply is False:
                 return
             waiter = self.waiting.popleft()
-            if waiter.done():  # its caller gave up (timeout, cancellation)
+            self.answered += 1
+            if waiter.done():  # its caller gave up (cancelled)
                 continue
             if isinstance(reply, hiredis.ReplyError):
                 waiter.set_exception(RedisReplyError(str(reply)))
@@ -129,30 +145,35 @@ class _Connection(asyncio.Protocol):
                 waiter.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.open = False
         reason = f"connection lost: {exc}" if exc else "connection closed by the server"
-        while self.waiting:
-            waiter = self.waiting.popleft()
-            if not waiter.done():
-                waiter.set_exception(RedisLost(reason))
+        self._fail(RedisLost(reason))
 
-    def send(self, args: tuple[Arg, ...]) -> asyncio.Future[Any]:
+    def send(self, args: tuple[Arg, ...]) -> tuple[asyncio.Future[Any], int]:
+        """The waiter of the command's reply, and the command's number on this connection."""
         assert self.transport is not None
+        try:
+            # hiredis's stub types the argument as a 1-tuple; any tuple of arguments is meant.
+            data = hiredis.pack_command(args)  # type: ignore[arg-type]
+        except (TypeError, ValueError) as error:  # before queueing a waiter: replies stay aligned
+            raise RedisNotSent(f"cannot encode the command: {type(error).__name__}: {error}") from error
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.waiting.append(waiter)
-        # hiredis's stub types the argument as a 1-tuple; any tuple of arguments is meant.
-        self.transport.write(hiredis.pack_command(args))  # type: ignore[arg-type]
-        return waiter
+        self.transport.write(data)
+        self.sent += 1
+        return waiter, self.sent - 1
 
     def abort(self, error: Exception) -> None:
         """Fail every waiting call with `error`, then drop the connection."""
+        self._fail(error)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _fail(self, error: Exception) -> None:
         self.open = False
         while self.waiting:
             waiter = self.waiting.popleft()
             if not waiter.done():
                 waiter.set_exception(error)
-        if self.transport is not None:
-            self.transport.abort()
 
 
 class RespConnection:
@@ -165,48 +186,63 @@ class RespConnection:
         self._endpoint = endpoint(url)
         self._timeout_s = timeout_s
         self._connection: _Connection | None = None
-        self._connecting: asyncio.Lock | None = None  # made in the loop that first calls
+        self._connecting: asyncio.Task[_Connection] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
     async def call(self, *args: Arg) -> Any:
         connection = self._connection
-        if connection is None or not connection.open:
+        if connection is None or not connection.open or self._loop is not asyncio.get_running_loop():
             connection = await self._connect()
-        return await self._await(connection, connection.send(args))
+        waiter, number = connection.send(args)
+        return await self._await(connection, waiter, number)
 
     async def close(self) -> None:
         self._closed = True
         connection, self._connection = self._connection, None
-        if connection is not None and connection.transport is not None:
-            connection.transport.close()
+        attempt, self._connecting = self._connecting, None
+        if attempt is not None and not attempt.done() and self._loop is asyncio.get_running_loop():
+            attempt.cancel()
+        if connection is not None and connection.transport is not None and connection.open:
             connection.open = False
+            connection.transport.close()
 
-    async def _await(self, connection: _Connection, waiter: asyncio.Future[Any]) -> Any:
-        timer = asyncio.get_running_loop().call_later(self._timeout_s, self._expire, connection, waiter)
+    async def _await(self, connection: _Connection, waiter: asyncio.Future[Any], number: int) -> Any:
+        timer = asyncio.get_running_loop().call_later(self._timeout_s, self._expire, connection, number)
         try:
             return await waiter
         finally:
-            timer.cancel()
+            # A cancelled caller leaves its timer set: the command still holds the connection's
+            # queue, and a server that never answers it must not go unnoticed.
+            if not waiter.cancelled():
+                timer.cancel()
 
-    def _expire(self, connection: _Connection, waiter: asyncio.Future[Any]) -> None:
-        if not waiter.done():
+    def _expire(self, connection: _Connection, number: int) -> None:
+        if connection.answered <= number and connection.open:
             connection.abort(RedisLost(f"no reply within {self._timeout_s:g} s"))
 
     async def _connect(self) -> _Connection:
         if self._closed:
             raise RedisUnreachable("the connection was closed")
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
-        async with self._connecting:  # one attempt for every caller waiting on it
-            current = self._connection
-            if current is not None and current.open:
-                return current
-            connection = await self._open()
-            if self._closed:
-                connection.abort(RedisUnreachable("the connection was closed"))
-                raise RedisUnreachable("the connection was closed")
-            self._connection = connection
-            return connection
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            # First use, or a new event loop (tests, embedding): what the old one made is unusable.
+            self._loop, self._connection, self._connecting = loop, None, None
+        attempt = self._connecting
+        if attempt is None or attempt.done():
+            attempt = self._connecting = loop.create_task(self._open())
+            attempt.add_done_callback(self._opened)
+        # Shielded: a caller that gives up does not end the attempt the others wait on.
+        return await asyncio.shield(attempt)
+
+    def _opened(self, attempt: asyncio.Task[_Connection]) -> None:
+        if attempt.cancelled() or attempt.exception() is not None:  # each waiter has the failure
+            return
+        connection = attempt.result()
+        if self._closed or attempt is not self._connecting:
+            connection.abort(RedisUnreachable("the connection was closed"))
+            return
+        self._connection = connection
 
     async def _open(self) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -223,21 +259,30 @@ class RespConnection:
                         ssl=target.tls,
                         server_hostname=target.host if target.tls else None,
                     )
-        except (OSError, TimeoutError, ssl.SSLError) as error:
+        except (OSError, TimeoutError, ssl.SSLError, ValueError) as error:
+            # ValueError: a host name the resolver refuses (an IDNA label over 63 characters).
             raise RedisUnreachable(
                 f"cannot connect to {target!r}: {type(error).__name__}: {error}"
             ) from error
         setup: list[tuple[str, ...]] = []
-        if target.password is not None:
-            setup.append(
-                ("AUTH", target.username, target.password) if target.username else ("AUTH", target.password)
-            )
+        if target.username is not None:
+            # As redis-py does: a user without a password authenticates with an empty one.
+            setup.append(("AUTH", target.username, target.password or ""))
+        elif target.password is not None:
+            setup.append(("AUTH", target.password))
         if target.db:
             setup.append(("SELECT", str(target.db)))
         try:
             for command in setup:
-                await self._await(connection, connection.send(command))
+                waiter, number = connection.send(command)
+                await self._await(connection, waiter, number)
         except (RedisLost, RedisReplyError) as error:
             connection.abort(RedisUnreachable(str(error)))
             raise RedisUnreachable(f"{command[0]} on {target!r} failed: {error}") from error
+        except BaseException:  # cancelled (the service closing): the socket must not leak
+            connection.abort(RedisUnreachable("connecting was cancelled"))
+            raise
+        if self._closed:
+            connection.abort(RedisUnreachable("the connection was closed"))
+            raise RedisUnreachable("the connection was closed")
         return connection

@@ -22,7 +22,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from policy_engine.quota.resp import RedisLost, RedisReplyError, RedisUnreachable, RespConnection, endpoint
+from policy_engine.quota.resp import (
+    RedisLost,
+    RedisNotSent,
+    RedisReplyError,
+    RedisUnreachable,
+    RespConnection,
+    endpoint,
+)
 from tests.redis_server import RedisProcess, free_port, start_redis
 
 BOUND_S = 5.0  # "reported rather than hung"; no speed assertion
@@ -68,6 +75,7 @@ def test_urls_are_read_as_redis_py_reads_them() -> None:
         ("redis://h/0?socket_keepalive=true", "socket_keepalive"),
         ("rediss://h/0?ssl_cert_reqs=maybe", "ssl_cert_reqs"),
         ("http://h/0", "redis://"),
+        ("unix://redis.sock", "absolute socket path"),
     ],
 )
 def test_urls_it_cannot_honour_are_refused_at_start(url: str, message: str) -> None:
@@ -127,6 +135,127 @@ def test_auth_and_select(server: RedisProcess) -> None:
             await admin.close()
 
     run(scenario())
+
+
+def test_a_user_without_a_password_is_that_user(server: RedisProcess) -> None:
+    async def scenario() -> object:
+        admin = RespConnection(server.url, timeout_s=2.0)
+        try:
+            await admin.call("ACL", "SETUSER", "reader", "on", "nopass", "~*", "+@all")
+            user = RespConnection(f"redis://reader@127.0.0.1:{server.port}/0", timeout_s=2.0)
+            try:
+                return await user.call("ACL", "WHOAMI")
+            finally:
+                await user.close()
+        finally:
+            await admin.call("ACL", "DELUSER", "reader")
+            await admin.close()
+
+    assert run(scenario()) == b"reader"
+
+
+def test_a_command_that_cannot_be_encoded_is_not_sent_and_shifts_no_reply(server: RedisProcess) -> None:
+    async def scenario() -> None:
+        client = RespConnection(server.url, timeout_s=2.0)
+        try:
+            await client.call("SET", "a", "A")
+            await client.call("SET", "b", "B")
+            for unencodable in ("\ud800", None, [1]):
+                with pytest.raises(RedisNotSent):
+                    await client.call("GET", unencodable)  # type: ignore[arg-type]
+            assert await client.call("GET", "a") == b"A"
+            assert await client.call("GET", "b") == b"B"
+        finally:
+            await client.close()
+
+    run(scenario())
+
+
+def connections_received(info: bytes) -> int:
+    for line in info.decode().splitlines():
+        if line.startswith("total_connections_received:"):
+            return int(line.split(":")[1])
+    raise AssertionError("no total_connections_received in INFO")
+
+
+def test_callers_arriving_together_share_one_connection_attempt(server: RedisProcess) -> None:
+    """Eight callers, a wrong password: one connection is made and refused, and all eight get
+    its failure (not eight attempts one after another)."""
+
+    async def scenario() -> tuple[list[object], int]:
+        admin = RespConnection(server.url, timeout_s=2.0)
+        client = RespConnection(f"redis://nobody:wrong@127.0.0.1:{server.port}/0", timeout_s=2.0)
+        try:
+            before = connections_received(await admin.call("INFO", "stats"))
+            failures = await asyncio.gather(*(client.call("PING") for _ in range(8)), return_exceptions=True)
+            after = connections_received(await admin.call("INFO", "stats"))
+            return failures, after - before
+        finally:
+            await client.close()
+            await admin.close()
+
+    failures, attempts = run(scenario())  # type: ignore[misc]
+    assert all(isinstance(f, RedisUnreachable) and "AUTH" in str(f) for f in failures)
+    assert attempts == 1
+
+
+def test_a_command_whose_caller_gave_up_still_times_the_connection_out(server: RedisProcess) -> None:
+    """The caller is cancelled before the timeout; the server never answers in time. The
+    connection must still be dropped (its queue is stuck), so the next call connects anew."""
+
+    async def scenario() -> int:
+        admin = RespConnection(server.url, timeout_s=2.0)
+        client = RespConnection(server.url, timeout_s=0.3)
+        try:
+            await client.call("PING")
+            before = connections_received(await admin.call("INFO", "stats"))
+            await admin.call("CLIENT", "PAUSE", "800", "ALL")
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(client.call("INCR", "given-up"), 0.05)
+            await asyncio.sleep(0.5)  # past the client's timeout, still paused
+            await admin.call("CLIENT", "UNPAUSE")
+            assert await client.call("PING") == b"PONG"
+            return connections_received(await admin.call("INFO", "stats")) - before
+        finally:
+            await client.close()
+            await admin.close()
+
+    assert run(scenario()) == 1
+
+
+def connected_clients(info: bytes) -> int:
+    for line in info.decode().splitlines():
+        if line.startswith("connected_clients:"):
+            return int(line.split(":")[1])
+    raise AssertionError("no connected_clients in INFO")
+
+
+def test_closing_while_connecting_leaves_no_connection_behind(server: RedisProcess) -> None:
+    """AUTH is held up by a paused server; the caller gives up and the client is closed: the
+    half-made connection is dropped, not left open on the server."""
+
+    async def scenario() -> tuple[int, int]:
+        admin = RespConnection(server.url, timeout_s=2.0)
+        client = RespConnection(f"redis://:anything@127.0.0.1:{server.port}/0", timeout_s=2.0)
+        try:
+            baseline = connected_clients(await admin.call("INFO", "clients"))
+            await admin.call("CLIENT", "PAUSE", "1000", "ALL")
+            caller = asyncio.ensure_future(client.call("PING"))
+            await asyncio.sleep(0.2)  # connected, AUTH waiting
+            caller.cancel()
+            await client.close()
+            await admin.call("CLIENT", "UNPAUSE")
+            for _ in range(50):  # the server notices the closed socket on its next loop
+                now = connected_clients(await admin.call("INFO", "clients"))
+                if now == baseline:
+                    break
+                await asyncio.sleep(0.02)
+            return baseline, now
+        finally:
+            await admin.close()
+
+    baseline, now = run(scenario())  # type: ignore[misc]
+    assert now == baseline
 
 
 def test_a_unix_socket(server: RedisProcess, socket_dir: Path) -> None:
