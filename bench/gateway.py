@@ -21,7 +21,10 @@ after each response, as in production, at the cost of a C++ upstream. Rows:
   access-log stream and token charging after each response: from the access log, or through the
   rate-limit filter with --charging rate_limit) with 1 and 2 workers, asked over gRPC and over
   HTTP (`serve --http-port`, `envoy-config --policy-http`), with token usage read by Lua and by
-  Envoy's native filters (`envoy-config --usage-extraction`).
+  Envoy's native filters (`envoy-config --usage-extraction`), with quotas in memory or, with
+  --stores redis, in a Redis server started here (its CPU per request is printed after the
+  table); with --baseline DIR, each policy-engine row also with the service of another checkout
+  (`git worktree add DIR COMMIT`), side by side.
 Three loads:
 - saturation: wrk with N connections as fast as possible → requests/s, and the CPU time each
   process used per request (from /proc), which gives what the service alone could do with
@@ -331,6 +334,12 @@ def main() -> None:
         help="quota counters of the policy-engine rows: in memory, or in a Redis server this script "
         "starts on a free loopback port (its CPU is printed after the table)",
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a checkout of another commit (git worktree add /tmp/base COMMIT): every policy-engine "
+        "row is run a second time with that checkout's service, side by side (same Envoy setup)",
+    )
     parser.add_argument("--envoy-threads", type=int, default=2, help="Envoy --concurrency, every setup")
     parser.add_argument(
         "--rounds", type=int, default=3, help="paced runs of each setup, taking turns between setups"
@@ -471,19 +480,34 @@ def main() -> None:
         ]
         if "redis" in args.stores:
             redis = start_redis()
-        for transport, workers, usage, charging, store in combinations:
+        code_versions: list[Path | None] = (
+            [None] if args.baseline is None else [args.baseline.resolve(), None]
+        )
+        baseline_commit = ""
+        if args.baseline is not None:
+            baseline_commit = subprocess.run(
+                ["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+        for (transport, workers, usage, charging, store), code in (
+            (combination, code) for combination in combinations for code in code_versions
+        ):
             http_port = free_port() if transport == "http" else None
             extra = ["--no-reload", *(["--http-port", str(http_port)] if http_port else [])]
             redis_url = redis.url if redis is not None and store == "redis" else None
+            # The baseline's package comes first on the path, ahead of this checkout's.
+            env = None if code is None else {"PYTHONPATH": str(code)}
             service = start_service(
-                policies, backends=BACKENDS, workers=workers, extra_args=extra, redis_url=redis_url
+                policies, backends=BACKENDS, workers=workers, extra_args=extra, redis_url=redis_url, env=env
             )
             services.append(service)
             port = free_port()
             config = envoy_config(
                 port, service.port, model_port, http_port=http_port, usage=usage, charging=charging
             )
-            name = f"pe{workers}{transport}{usage}{charging}{store}"
+            name = f"pe{workers}{transport}{usage}{charging}{store}{'' if code is None else 'base'}"
             envoy = start_envoy(config, workdir, name, args.envoy_threads)
             processes.append(envoy)
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
@@ -508,6 +532,8 @@ def main() -> None:
             label = (
                 f"{transport} ({workers} worker{plural}, {usage} usage, charged by {charged_by}{quotas_in})"
             )
+            if code is not None:
+                label += f", baseline {baseline_commit}"
             pids = {"envoy": envoy.pid, "service": service.process.pid}
             if redis is not None and store == "redis" and redis.pid is not None:
                 pids["redis"] = redis.pid

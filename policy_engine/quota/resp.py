@@ -14,10 +14,12 @@ be counted on:
 - RedisLost: sent, but the reply did not come in time or the connection broke: it may have run;
 - RedisReplyError: the server answered with an error.
 
-A reply later than the timeout aborts the connection (a server that is late for one command is
-late for the others queued behind it) and fails every command waiting on it, whether or not its
-caller still waits; the next call connects again. Callers arriving while a connection is being
-made share that one attempt, and its failure. URLs are
+A call whose reply is later than the timeout fails alone, as it would on a connection of its own:
+the replies behind it keep their order, and the late reply is dropped when it comes. A
+connection on which the oldest command has waited STALL_TIMEOUTS timeouts (at least
+MIN_STALL_S) is taken for dead (a half-open socket, a hung server) and dropped, failing every
+command on it, whether or not its caller still waits; the next call connects again. Callers
+arriving while a connection is being made share that one attempt, and its failure. URLs are
 read as redis-py reads them (the canary store uses redis-py with the same URL): `redis://`,
 `rediss://` (TLS) and `unix://`, with user, password and database.
 """
@@ -34,6 +36,9 @@ import hiredis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 
 Arg = str | bytes | int | float
+
+STALL_TIMEOUTS = 4
+MIN_STALL_S = 1.0
 
 
 class RedisNotSent(Exception):
@@ -112,7 +117,8 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.reader = hiredis.Reader()
-        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        # Each command's reply waiter and when the command went out, oldest first.
+        self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self.transport: asyncio.Transport | None = None
         self.open = False
         # Commands sent and replies received so far: a timer set for command n knows its reply
@@ -135,9 +141,9 @@ class _Connection(asyncio.Protocol):
                 return
             if reply is False:
                 return
-            waiter = self.waiting.popleft()
+            waiter, _ = self.waiting.popleft()
             self.answered += 1
-            if waiter.done():  # its caller gave up (cancelled)
+            if waiter.done():  # its caller gave up, or it timed out
                 continue
             if isinstance(reply, hiredis.ReplyError):
                 waiter.set_exception(RedisReplyError(str(reply)))
@@ -156,8 +162,9 @@ class _Connection(asyncio.Protocol):
             data = hiredis.pack_command(args)  # type: ignore[arg-type]
         except (TypeError, ValueError) as error:  # before queueing a waiter: replies stay aligned
             raise RedisNotSent(f"cannot encode the command: {type(error).__name__}: {error}") from error
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.waiting.append(waiter)
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Any] = loop.create_future()
+        self.waiting.append((waiter, loop.time()))
         self.transport.write(data)
         self.sent += 1
         return waiter, self.sent - 1
@@ -171,7 +178,7 @@ class _Connection(asyncio.Protocol):
     def _fail(self, error: Exception) -> None:
         self.open = False
         while self.waiting:
-            waiter = self.waiting.popleft()
+            waiter, _ = self.waiting.popleft()
             if not waiter.done():
                 waiter.set_exception(error)
 
@@ -185,6 +192,7 @@ class RespConnection:
             raise ValueError(f"timeout must be positive, got {timeout_s}")
         self._endpoint = endpoint(url)
         self._timeout_s = timeout_s
+        self._stall_s = max(MIN_STALL_S, STALL_TIMEOUTS * timeout_s)
         self._connection: _Connection | None = None
         self._connecting: asyncio.Task[_Connection] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -208,7 +216,9 @@ class RespConnection:
             connection.transport.close()
 
     async def _await(self, connection: _Connection, waiter: asyncio.Future[Any], number: int) -> Any:
-        timer = asyncio.get_running_loop().call_later(self._timeout_s, self._expire, connection, number)
+        timer = asyncio.get_running_loop().call_later(
+            self._timeout_s, self._expire, connection, waiter, number
+        )
         try:
             return await waiter
         finally:
@@ -217,9 +227,14 @@ class RespConnection:
             if not waiter.cancelled():
                 timer.cancel()
 
-    def _expire(self, connection: _Connection, number: int) -> None:
-        if connection.answered <= number and connection.open:
-            connection.abort(RedisLost(f"no reply within {self._timeout_s:g} s"))
+    def _expire(self, connection: _Connection, waiter: asyncio.Future[Any], number: int) -> None:
+        if connection.answered > number or not connection.open:
+            return  # answered (its caller had gone), or already failed with the connection
+        if not waiter.done():
+            waiter.set_exception(RedisLost(f"no reply within {self._timeout_s:g} s"))
+        _, oldest = connection.waiting[0]
+        if asyncio.get_running_loop().time() - oldest >= self._stall_s:
+            connection.abort(RedisLost(f"no reply for {self._stall_s:g} s: connection dropped"))
 
     async def _connect(self) -> _Connection:
         if self._closed:

@@ -199,28 +199,32 @@ def test_callers_arriving_together_share_one_connection_attempt(server: RedisPro
     assert attempts == 1
 
 
-def test_a_command_whose_caller_gave_up_still_times_the_connection_out(server: RedisProcess) -> None:
-    """The caller is cancelled before the timeout; the server never answers in time. The
-    connection must still be dropped (its queue is stuck), so the next call connects anew."""
+def test_a_connection_whose_oldest_command_waits_too_long_is_dropped(server: RedisProcess) -> None:
+    """A server that stops answering (paused here; a half-open socket alike): the first
+    command's caller even gave up. Once the oldest command has waited past the stall limit, the
+    next timeout drops the connection, and the call after the pause connects anew."""
 
-    async def scenario() -> int:
-        admin = RespConnection(server.url, timeout_s=2.0)
-        client = RespConnection(server.url, timeout_s=0.3)
+    async def scenario() -> tuple[int, str]:
+        admin = RespConnection(server.url, timeout_s=5.0)
+        client = RespConnection(server.url, timeout_s=0.1)  # stall limit: MIN_STALL_S, 1 s
         try:
             await client.call("PING")
             before = connections_received(await admin.call("INFO", "stats"))
-            await admin.call("CLIENT", "PAUSE", "800", "ALL")
+            await admin.call("CLIENT", "PAUSE", "2500", "ALL")
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(client.call("INCR", "given-up"), 0.05)
-            await asyncio.sleep(0.5)  # past the client's timeout, still paused
+            await asyncio.sleep(1.1)
+            with pytest.raises(RedisLost) as late:
+                await client.call("PING")
             await admin.call("CLIENT", "UNPAUSE")
             assert await client.call("PING") == b"PONG"
-            return connections_received(await admin.call("INFO", "stats")) - before
+            return connections_received(await admin.call("INFO", "stats")) - before, str(late.value)
         finally:
             await client.close()
             await admin.close()
 
-    assert run(scenario()) == 1
+    reconnections, message = run(scenario())  # type: ignore[misc]
+    assert reconnections == 1 and "no reply within" in message
 
 
 def connected_clients(info: bytes) -> int:
@@ -270,23 +274,30 @@ def test_a_unix_socket(server: RedisProcess, socket_dir: Path) -> None:
     assert run(scenario()) == b"unix"
 
 
-def test_a_timeout_fails_every_waiting_call_and_the_next_call_reconnects(server: RedisProcess) -> None:
-    async def scenario() -> None:
+def test_a_late_reply_fails_its_call_alone_and_the_connection_goes_on(server: RedisProcess) -> None:
+    """Five calls wait on a paused server past their timeout: each fails on its own, the
+    connection stays (a pool of connections would not have lost the others either), and the
+    late replies, when they come, are dropped without shifting the next ones. The commands did
+    run: a timed-out call may have, which is what RedisLost says."""
+
+    async def scenario() -> tuple[int, object]:
         client = RespConnection(server.url, timeout_s=0.3)
         admin = RespConnection(server.url, timeout_s=2.0)
         try:
-            await client.call("PING")
-            await admin.call("CLIENT", "PAUSE", "1000", "ALL")
+            await client.call("DEL", "paused")
+            before = connections_received(await admin.call("INFO", "stats"))
+            await admin.call("CLIENT", "PAUSE", "700", "ALL")
             calls = [asyncio.ensure_future(client.call("INCR", "paused")) for _ in range(5)]
             results = await asyncio.gather(*calls, return_exceptions=True)
             assert all(isinstance(r, RedisLost) and "no reply within" in str(r) for r in results)
             await admin.call("CLIENT", "UNPAUSE")
-            assert await client.call("PING") == b"PONG"
+            value = await client.call("GET", "paused")
+            return connections_received(await admin.call("INFO", "stats")) - before, value
         finally:
             await admin.close()
             await client.close()
 
-    run(scenario())
+    assert run(scenario()) == (0, b"5")
 
 
 def test_a_cancelled_call_does_not_shift_the_replies_of_the_others(server: RedisProcess) -> None:
