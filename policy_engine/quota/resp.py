@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ssl
 from dataclasses import dataclass
 from typing import Any
@@ -157,6 +158,8 @@ class _Connection(asyncio.Protocol):
     def send(self, args: tuple[Arg, ...]) -> tuple[asyncio.Future[Any], int]:
         """The waiter of the command's reply, and the command's number on this connection."""
         assert self.transport is not None
+        if not self.open:  # lost, aborted or closed: a write would go nowhere (or hang in a buffer)
+            raise RedisNotSent("the connection is closed")
         try:
             # hiredis's stub types the argument as a 1-tuple; any tuple of arguments is meant.
             data = hiredis.pack_command(args)  # type: ignore[arg-type]
@@ -211,9 +214,11 @@ class RespConnection:
         attempt, self._connecting = self._connecting, None
         if attempt is not None and not attempt.done() and self._loop is asyncio.get_running_loop():
             attempt.cancel()
-        if connection is not None and connection.transport is not None and connection.open:
-            connection.open = False
-            connection.transport.close()
+        if connection is not None and connection.open:
+            # Fails the calls still waiting now (they may have run) and drops any unsent buffer.
+            # RuntimeError: made on an event loop that is closed; nothing runs there any more.
+            with contextlib.suppress(RuntimeError):
+                connection.abort(RedisLost("the connection was closed"))
 
     async def _await(self, connection: _Connection, waiter: asyncio.Future[Any], number: int) -> Any:
         timer = asyncio.get_running_loop().call_later(
@@ -228,10 +233,12 @@ class RespConnection:
                 timer.cancel()
 
     def _expire(self, connection: _Connection, waiter: asyncio.Future[Any], number: int) -> None:
-        if connection.answered > number or not connection.open:
-            return  # answered (its caller had gone), or already failed with the connection
+        if connection.answered > number:
+            return  # answered (its caller had gone)
         if not waiter.done():
             waiter.set_exception(RedisLost(f"no reply within {self._timeout_s:g} s"))
+        if not connection.open or not connection.waiting:
+            return  # already failed with the connection
         _, oldest = connection.waiting[0]
         if asyncio.get_running_loop().time() - oldest >= self._stall_s:
             connection.abort(RedisLost(f"no reply for {self._stall_s:g} s: connection dropped"))
@@ -242,13 +249,25 @@ class RespConnection:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             # First use, or a new event loop (tests, embedding): what the old one made is unusable.
+            if self._connection is not None:
+                with contextlib.suppress(RuntimeError):  # that loop is closed: nothing runs there
+                    self._connection.abort(RedisUnreachable("made on another event loop"))
             self._loop, self._connection, self._connecting = loop, None, None
         attempt = self._connecting
-        if attempt is None or attempt.done():
+        if attempt is None or (attempt.done() and not _made(attempt)):
             attempt = self._connecting = loop.create_task(self._open())
             attempt.add_done_callback(self._opened)
         # Shielded: a caller that gives up does not end the attempt the others wait on.
-        return await asyncio.shield(attempt)
+        try:
+            connection = await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if attempt.cancelled() and task is not None and not task.cancelling():
+                raise RedisUnreachable("the connection was closed while connecting") from None
+            raise
+        if not connection.open:  # closed, or lost before this caller resumed: nothing sent
+            raise RedisUnreachable("the connection was closed")
+        return connection
 
     def _opened(self, attempt: asyncio.Task[_Connection]) -> None:
         if attempt.cancelled() or attempt.exception() is not None:  # each waiter has the failure
@@ -291,7 +310,7 @@ class RespConnection:
             for command in setup:
                 waiter, number = connection.send(command)
                 await self._await(connection, waiter, number)
-        except (RedisLost, RedisReplyError) as error:
+        except (RedisNotSent, RedisLost, RedisReplyError) as error:
             connection.abort(RedisUnreachable(str(error)))
             raise RedisUnreachable(f"{command[0]} on {target!r} failed: {error}") from error
         except BaseException:  # cancelled (the service closing): the socket must not leak
@@ -301,3 +320,8 @@ class RespConnection:
             connection.abort(RedisUnreachable("the connection was closed"))
             raise RedisUnreachable("the connection was closed")
         return connection
+
+
+def _made(attempt: asyncio.Task[_Connection]) -> bool:
+    """Whether a finished attempt made a connection that is still open."""
+    return not attempt.cancelled() and attempt.exception() is None and attempt.result().open

@@ -234,32 +234,82 @@ def connected_clients(info: bytes) -> int:
     raise AssertionError("no connected_clients in INFO")
 
 
-def test_closing_while_connecting_leaves_no_connection_behind(server: RedisProcess) -> None:
-    """AUTH is held up by a paused server; the caller gives up and the client is closed: the
-    half-made connection is dropped, not left open on the server."""
+def test_closing_while_connecting_fails_the_callers_and_leaves_no_connection_behind(
+    server: RedisProcess,
+) -> None:
+    """AUTH (valid: it would succeed) is held up by a paused server; one caller gives up, then
+    the client is closed. The caller still waiting gets RedisUnreachable (not a cancellation it
+    never asked for), and the half-made connection is dropped, not left open on the server."""
 
-    async def scenario() -> tuple[int, int]:
-        admin = RespConnection(server.url, timeout_s=2.0)
-        client = RespConnection(f"redis://:anything@127.0.0.1:{server.port}/0", timeout_s=2.0)
+    async def scenario() -> tuple[int, int, BaseException | None]:
+        admin = RespConnection(server.url, timeout_s=5.0)
+        client = RespConnection(f"redis://closer:s3cret@127.0.0.1:{server.port}/0", timeout_s=5.0)
         try:
+            await admin.call("ACL", "SETUSER", "closer", "on", ">s3cret", "~*", "+@all")
             baseline = connected_clients(await admin.call("INFO", "clients"))
             await admin.call("CLIENT", "PAUSE", "1000", "ALL")
-            caller = asyncio.ensure_future(client.call("PING"))
+            leaving = asyncio.ensure_future(client.call("PING"))
+            staying = asyncio.ensure_future(client.call("PING"))
             await asyncio.sleep(0.2)  # connected, AUTH waiting
-            caller.cancel()
+            leaving.cancel()
             await client.close()
+            outcome = (await asyncio.gather(staying, return_exceptions=True))[0]
             await admin.call("CLIENT", "UNPAUSE")
             for _ in range(50):  # the server notices the closed socket on its next loop
                 now = connected_clients(await admin.call("INFO", "clients"))
                 if now == baseline:
                     break
                 await asyncio.sleep(0.02)
-            return baseline, now
+            return baseline, now, outcome if isinstance(outcome, BaseException) else None
         finally:
+            await admin.call("ACL", "DELUSER", "closer")
             await admin.close()
 
-    baseline, now = run(scenario())  # type: ignore[misc]
+    baseline, now, outcome = run(scenario())  # type: ignore[misc]
+    assert isinstance(outcome, RedisUnreachable)
     assert now == baseline
+
+
+def test_closing_fails_the_calls_in_flight_at_once(server: RedisProcess) -> None:
+    async def scenario() -> BaseException:
+        admin = RespConnection(server.url, timeout_s=5.0)
+        client = RespConnection(server.url, timeout_s=5.0)
+        try:
+            await client.call("PING")
+            await admin.call("CLIENT", "PAUSE", "1500", "ALL")
+            waiting = asyncio.ensure_future(client.call("INCR", "closing"))
+            await asyncio.sleep(0.05)
+            await client.close()
+            # Well before the 5 s timeout: closing answers the waiting call itself.
+            failures = await asyncio.wait_for(asyncio.gather(waiting, return_exceptions=True), 1.0)
+            return failures[0]  # type: ignore[no-any-return]
+        finally:
+            await admin.call("CLIENT", "UNPAUSE")
+            await admin.close()
+
+    failure = run(scenario())
+    assert isinstance(failure, RedisLost) and "the connection was closed" in str(failure)
+
+
+def test_a_finished_attempt_whose_connection_is_open_is_used_not_remade(server: RedisProcess) -> None:
+    """Between a connection attempt's end and the callback that keeps its connection, a new
+    caller must use that connection: a second attempt would drop the first one under the
+    callers resuming with it (white box: the gap is made by hand)."""
+
+    async def scenario() -> int:
+        admin = RespConnection(server.url, timeout_s=2.0)
+        client = RespConnection(server.url, timeout_s=2.0)
+        try:
+            await client.call("PING")
+            before = connections_received(await admin.call("INFO", "stats"))
+            client._connection = None  # the attempt is done, its connection not yet kept
+            assert await client.call("PING") == b"PONG"
+            return connections_received(await admin.call("INFO", "stats")) - before
+        finally:
+            await client.close()
+            await admin.close()
+
+    assert run(scenario()) == 0
 
 
 def test_a_unix_socket(server: RedisProcess, socket_dir: Path) -> None:
