@@ -192,7 +192,7 @@ async def serve(settings: Settings, worker: int = 0) -> None:
     scraper = MetricsScraper(hub, interval_s=settings.scrape_interval_s)
     store = _store(settings)
     quota = QuotaService(store, lambda: holder.pipeline.bundle, metrics)
-    access_log = AccessLogService(hub, charge=UsageCharger(quota.charge_usage).charge)
+    access_log = AccessLogService(hub, charge=UsageCharger(quota.charge_reports).charge)
     canary = start_canary(settings, worker, lambda: holder.pipeline.bundle, hub, registry)
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])

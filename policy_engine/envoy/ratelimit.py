@@ -13,7 +13,7 @@ from __future__ import annotations
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from policy_engine.decide.quota import METADATA_KEYS
-from policy_engine.quota.service import QuotaService
+from policy_engine.quota.service import QuotaService, UsageReport
 
 DESCRIPTOR_KEYS = {key: kind for kind, key in METADATA_KEYS.items()}
 # Envoy sends one descriptor per configured action (a handful); more is not a real proxy.
@@ -29,6 +29,7 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         self, request: rls_pb2.RateLimitRequest, context: object
     ) -> rls_pb2.RateLimitResponse:
         statuses = []
+        reports: list[UsageReport] = []
         for index, descriptor in enumerate(request.descriptors):
             if index >= MAX_DESCRIPTORS:
                 # Answered OK without charging: the usage still counts in the descriptors before.
@@ -39,6 +40,8 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
             for entry in descriptor.entries:
                 kind = DESCRIPTOR_KEYS.get(entry.key)
                 if kind is not None and hits > 0:
-                    await self._quota.charge_usage(entry.value, int(hits), kind)
+                    reports.append((entry.value, int(hits), kind))
             statuses.append(rls_pb2.RateLimitResponse.DescriptorStatus(code=rls_pb2.RateLimitResponse.OK))
+        if reports:
+            await self._quota.charge_reports(reports)
         return rls_pb2.RateLimitResponse(overall_code=rls_pb2.RateLimitResponse.OK, statuses=statuses)

@@ -18,7 +18,7 @@ a `hits_addend` of 0 means "check only".
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from envoy.data.accesslog.v3 import accesslog_pb2
@@ -26,12 +26,13 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from policy_engine.decide.quota import METADATA_KEYS
 from policy_engine.envoy.bootstrap import AUTHZ_NAMESPACE, CHARGE_TAG, CHARGE_TAG_VALUE, USAGE_FIELDS
 from policy_engine.envoy.ratelimit import MAX_HITS
+from policy_engine.quota.service import UsageReport
 from policy_engine.telemetry.access_log import USAGE_NAMESPACE
 
 _FINAL_TYPES = frozenset({accesslog_pb2.AccessLogType.NotSet, accesslog_pb2.AccessLogType.DownstreamEnd})
 
 
-def usage_charges(common: Any) -> list[tuple[str, int, str]]:
+def usage_charges(common: Any) -> list[UsageReport]:
     """(counters JSON, tokens, kind) for each token kind an access-log entry's
     `AccessLogCommon` asks to charge; none unless the entry is tagged for charging."""
     if common.custom_tags.get(CHARGE_TAG) != CHARGE_TAG_VALUE:
@@ -79,14 +80,12 @@ def never_reached(common: Any) -> bool:
 
 
 class UsageCharger:
-    """Charges the usage an access-log entry reports; `charge` is what AccessLogService calls."""
+    """Charges the usage access-log entries report; `charge` is what AccessLogService calls."""
 
-    def __init__(self, charge_usage: Callable[[str, int, str], Awaitable[int]]) -> None:
-        self._charge_usage = charge_usage
+    def __init__(self, charge_reports: Callable[[Sequence[UsageReport]], Awaitable[int]]) -> None:
+        self._charge_reports = charge_reports
 
-    async def charge(self, common: Any) -> int:
-        """Counters charged for one entry's `AccessLogCommon`."""
-        charged = 0
-        for entries, tokens, kind in usage_charges(common):
-            charged += await self._charge_usage(entries, tokens, kind)
-        return charged
+    async def charge(self, commons: Sequence[Any]) -> int:
+        """Counters charged for some entries' `AccessLogCommon`s, in one call to the store."""
+        reports = [report for common in commons for report in usage_charges(common)]
+        return await self._charge_reports(reports) if reports else 0

@@ -25,7 +25,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from policy_engine.quota.store import Admission, Algorithm, CounterState, Demand, exceeds
+from policy_engine.quota.store import (
+    Admission,
+    Algorithm,
+    Charge,
+    CounterState,
+    Demand,
+    StoreUnavailable,
+    exceeds,
+)
 
 # reset_s is documented as > 0: a caller sleeping for it must make progress, and "0" would read as
 # "retry now" exactly when the usage sits on a bucket-weight boundary.
@@ -264,6 +272,11 @@ class MemoryStore:
             if source in ("previous", "both"):
                 entry.previous -= min(entry.previous, refund - taken)
         return weighted_usage(entry.current, entry.previous, previous_weight(algorithm, position, window))
+
+    async def charge_many(self, charges: Sequence[Charge]) -> list[StoreUnavailable | None]:
+        for c in charges:
+            await self.charge(c.counter, c.hash_tag, c.window, c.algorithm, c.amount, c.reserved_at)
+        return [None] * len(charges)
 
     async def usage(self, counter: str, hash_tag: str, window: float, algorithm: Algorithm) -> int:
         position = window_position(self._now(), window)

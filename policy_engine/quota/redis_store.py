@@ -53,7 +53,14 @@ from policy_engine.quota.memory import (
     window_position,
 )
 from policy_engine.quota.resp import RedisLost, RedisNotSent, RedisReplyError, RespConnection
-from policy_engine.quota.store import Admission, Algorithm, CounterState, Demand, StoreUnavailable
+from policy_engine.quota.store import (
+    Admission,
+    Algorithm,
+    Charge,
+    CounterState,
+    Demand,
+    StoreUnavailable,
+)
 
 log = logging.getLogger("policy_engine.quota")
 
@@ -224,31 +231,63 @@ class RedisStore:
         amount: int,
         reserved_at: float | None = None,
     ) -> int:
-        if window <= 0:
-            raise ValueError(f"counter {counter!r}: window must be positive, got {window}")
+        charge = Charge(counter, hash_tag, window, algorithm, amount, reserved_at)
         position = window_position(self._clock(), window)
-        if amount < 0 and reserved_at is not None:
-            reserved_index = window_position(reserved_at, window).index
-            if reserved_index > position.index:
+        keys, args = self._charge_args(charge, position.index)
+        current = self._keys(hash_tag, counter, position.index)
+        if keys != current:
+            # Returned to a bucket this clock has not reached: the same script call reads this
+            # replica's buckets too (a zero charge), for the usage it returns.
+            keys += current
+            args += ["0", str(bucket_ttl_ms(window)), "none"]
+        _, buckets = await self._run("charge", keys, args)
+        current_bucket, previous_bucket = buckets[-1]
+        return weighted_usage(current_bucket, previous_bucket, previous_weight(algorithm, position, window))
+
+    async def charge_many(self, charges: Sequence[Charge]) -> list[StoreUnavailable | None]:
+        now = self._clock()
+        by_tag: dict[str, list[int]] = {}
+        for position, charge in enumerate(charges):
+            by_tag.setdefault(charge.hash_tag, []).append(position)
+        failures: list[StoreUnavailable | None] = [None] * len(charges)
+        for positions in by_tag.values():
+            # One script call per tag: the script applies its counters in order, atomically.
+            keys: list[str] = []
+            args: list[str] = []
+            for p in positions:
+                charge = charges[p]
+                more_keys, more_args = self._charge_args(charge, window_position(now, charge.window).index)
+                keys += more_keys
+                args += more_args
+            try:
+                await self._run("charge", keys, args)
+            except StoreUnavailable as error:
+                for p in positions:
+                    failures[p] = error
+        return failures
+
+    def _charge_args(self, charge: Charge, current_index: int) -> tuple[list[str], list[str]]:
+        """The bucket pair one charge goes to, and its three script arguments."""
+        if charge.window <= 0:
+            raise ValueError(f"counter {charge.counter!r}: window must be positive, got {charge.window}")
+        amount, index = charge.amount, current_index
+        ttl = str(bucket_ttl_ms(charge.window))
+        if amount >= 0:
+            source: str = "none"
+        else:
+            reserved_index = None
+            if charge.reserved_at is not None:
+                reserved_index = window_position(charge.reserved_at, charge.window).index
+            if reserved_index is not None and reserved_index > current_index:
                 # Reserved by a replica whose clock runs ahead, in a bucket this one has not
                 # reached: the refund goes back to that bucket's key (taking it from the current
-                # one would erase other requests' usage). The same script call reads this
-                # replica's buckets (a zero charge) for the usage it returns.
-                ttl = str(bucket_ttl_ms(window))
-                keys = self._keys(hash_tag, counter, reserved_index) + self._keys(
-                    hash_tag, counter, position.index
-                )
-                _, buckets = await self._run("charge", keys, [str(amount), ttl, "current", "0", ttl, "none"])
-                current, previous = buckets[1]
-                return weighted_usage(current, previous, previous_weight(algorithm, position, window))
-        keys = self._keys(hash_tag, counter, position.index)
-        source = refund_source(position.index, window, reserved_at) if amount < 0 else "none"
-        if source == "none":
-            amount = max(amount, 0)  # the reservation's bucket no longer counts: nothing to return
-        args = [str(amount), str(bucket_ttl_ms(window)), source]
-        _, buckets = await self._run("charge", keys, args)
-        current, previous = buckets[0]
-        return weighted_usage(current, previous, previous_weight(algorithm, position, window))
+                # one would erase other requests' usage).
+                index, source = reserved_index, "current"
+            else:
+                source = refund_source(current_index, charge.window, charge.reserved_at)
+                if source == "none":
+                    amount = 0  # the reservation's bucket no longer counts: nothing to return
+        return self._keys(charge.hash_tag, charge.counter, index), [str(amount), ttl, source]
 
     async def usage(self, counter: str, hash_tag: str, window: float, algorithm: Algorithm) -> int:
         # A zero charge only reads: the same script keeps one code path and one round trip.

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from policy_engine.audit.metrics import Metrics
 from policy_engine.decide.decision import Decision
 from policy_engine.decide.quota import TOKEN_KINDS, settle, store_failed
 from policy_engine.policy.bundle import Bundle
-from policy_engine.quota.store import CounterStore, Demand, StoreUnavailable
+from policy_engine.quota.store import Charge, CounterStore, Demand, StoreUnavailable
 from policy_engine.quota.view import parse_counter
 
 log = logging.getLogger("policy_engine.quota")
@@ -60,46 +60,72 @@ class QuotaService:
 
         Returns how many counters were charged. Malformed metadata charges nothing.
         """
-        try:
-            entries = json.loads(entries_json)
-        except ValueError:
-            log.warning("ignoring malformed token metadata %r", entries_json[:200])
-            return 0
-        if not isinstance(entries, list):
-            return 0
+        return await self.charge_reports([(entries_json, actual, kind)])
+
+    async def charge_reports(self, reports: Sequence[UsageReport]) -> int:
+        """`charge_usage` for several responses at once: one call to the store for all their
+        counters (with Redis, one round trip per tenant's hash tag). Counters charged."""
         bundle = self._bundle()
-        charged = 0
-        for entry in entries:
-            # [counter, reserved] or [counter, reserved, reserved_at] (token_metadata)
-            if not (isinstance(entry, list) and len(entry) in (2, 3) and isinstance(entry[0], str)):
-                continue
-            counter, reserved = entry[0], entry[1]
-            reserved_at = entry[2] if len(entry) == 3 else None
-            if reserved_at is not None and not _is_time(reserved_at):
-                continue
-            parsed = parse_counter(counter)
-            budget = bundle.budget(parsed.policy, parsed.limit, parsed.kind) if parsed else None
-            if parsed is None or budget is None or parsed.kind != kind or not _is_count(reserved):
-                continue  # the policy changed since the request, or a forged entry
-            window, algorithm = budget
-            start = time.perf_counter()
-            try:
-                await self._store.charge(
-                    counter, parsed.key, window, algorithm, actual - reserved, reserved_at
-                )
-            except StoreUnavailable as error:
+        charges: list[Charge] = []
+        owners: list[int] = []
+        for index, (entries_json, actual, kind) in enumerate(reports):
+            for charge in _charges(bundle, entries_json, actual, kind):
+                charges.append(charge)
+                owners.append(index)
+        if not charges:
+            return 0
+        start = time.perf_counter()
+        try:
+            failures = await self._store.charge_many(charges)
+        finally:
+            self._latency["charge"].observe(time.perf_counter() - start)
+        charged = [0] * len(reports)
+        for charge, owner, failure in zip(charges, owners, failures, strict=True):
+            if failure is None:
+                charged[owner] += 1
+            else:
                 self._errors["charge"].inc()
-                log.warning("token charge of %s lost: %s", counter, error)
-                continue
-            finally:
-                self._latency["charge"].observe(time.perf_counter() - start)
-            charged += 1
-        if charged:
-            series = self._tokens.get(kind)
-            if series is None:  # not a token kind the bootstrap charges; counted all the same
-                series = self._metrics.tokens_charged.labels(kind)
-            series.inc(max(0, actual))
-        return charged
+                log.warning("token charge of %s lost: %s", charge.counter, failure)
+        for (_, actual, kind), count in zip(reports, charged, strict=True):
+            if count:
+                series = self._tokens.get(kind)
+                if series is None:  # not a token kind the bootstrap charges; counted all the same
+                    series = self._metrics.tokens_charged.labels(kind)
+                series.inc(max(0, actual))
+        return sum(charged)
+
+
+# What a response reported for one token kind: the decision's token metadata (a JSON list of
+# [counter, reserved(, reserved_at)]), the tokens used, and the kind.
+UsageReport = tuple[str, int, str]
+
+
+def _charges(bundle: Bundle, entries_json: str, actual: int, kind: str) -> list[Charge]:
+    """`actual - reserved` for each counter of the metadata that the bundle still budgets;
+    nothing for malformed or forged entries."""
+    try:
+        entries = json.loads(entries_json)
+    except ValueError:
+        log.warning("ignoring malformed token metadata %r", entries_json[:200])
+        return []
+    if not isinstance(entries, list):
+        return []
+    charges = []
+    for entry in entries:
+        # [counter, reserved] or [counter, reserved, reserved_at] (token_metadata)
+        if not (isinstance(entry, list) and len(entry) in (2, 3) and isinstance(entry[0], str)):
+            continue
+        counter, reserved = entry[0], entry[1]
+        reserved_at = entry[2] if len(entry) == 3 else None
+        if reserved_at is not None and not _is_time(reserved_at):
+            continue
+        parsed = parse_counter(counter)
+        budget = bundle.budget(parsed.policy, parsed.limit, parsed.kind) if parsed else None
+        if parsed is None or budget is None or parsed.kind != kind or not _is_count(reserved):
+            continue  # the policy changed since the request, or a forged entry
+        window, algorithm = budget
+        charges.append(Charge(counter, parsed.key, window, algorithm, actual - reserved, reserved_at))
+    return charges
 
 
 def _is_count(value: object) -> bool:

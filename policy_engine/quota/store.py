@@ -66,6 +66,18 @@ class Admission:
     at: float
 
 
+@dataclass(slots=True)  # not frozen: built per charge, and a frozen one costs twice as much
+class Charge:
+    """Usage charged to one counter after a response: CounterStore.charge's arguments."""
+
+    counter: str
+    hash_tag: str
+    window: float
+    algorithm: Algorithm
+    amount: int
+    reserved_at: float | None = None
+
+
 class CounterStore(Protocol):
     async def admit(self, demands: Sequence[Demand]) -> Admission:
         """Check every demand; charge all of them only if none is exceeded."""
@@ -89,6 +101,12 @@ class CounterStore(Protocol):
         another bucket would erase other requests' usage. Without, it comes out of the current
         bucket, then the previous one. Never below zero.
         """
+        ...
+
+    async def charge_many(self, charges: Sequence[Charge]) -> list[StoreUnavailable | None]:
+        """Apply each charge as `charge` does, in order, in as few round trips as the store
+        can (the charges sharing a hash tag together); per charge, why it failed (None: done).
+        Charges that fail together are never partly applied."""
         ...
 
     async def usage(self, counter: str, hash_tag: str, window: float, algorithm: Algorithm) -> int:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,9 +53,10 @@ METHOD = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
 # Message batches whose charges may be under way at once (Envoy sends one per flush interval per
 # worker thread, so this is minutes of backlog before anything is dropped).
 MAX_CHARGING_BATCHES = 1024
-# Entries read or charged between two turns of the event loop. A message holds a flush
-# interval's entries (~20 at Envoy's default 16 KiB buffer, ~50 µs each to read and charge);
-# handled in one go it would hold up every decision arriving meanwhile by a millisecond or more.
+# Entries read or charged between two turns of the event loop (and charged in one call to the
+# counter store: one Redis round trip per tenant). A message holds a flush interval's entries
+# (~20 at Envoy's default 16 KiB buffer, ~50 µs each to read and charge); handled in one go it
+# would hold up every decision arriving meanwhile by a millisecond or more.
 ENTRIES_PER_TURN = 4
 # Shared with the bootstrap that writes them (policy_engine.envoy.bootstrap): the usage readers'
 # metadata namespace, and the prefix of the clusters that are backends.
@@ -180,10 +181,11 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
         self,
         hub: TelemetryHub,
         backend_of: Callable[[str], str | None] | None = None,
-        charge: Callable[[Any], Awaitable[int]] | None = None,
+        charge: Callable[[Sequence[Any]], Awaitable[int]] | None = None,
     ) -> None:
-        """`charge`: called with each entry's `AccessLogCommon` after the telemetry took it
-        (token usage charged from the log, policy_engine.envoy.usage_charge)."""
+        """`charge`: called with the `AccessLogCommon`s of up to ENTRIES_PER_TURN entries at a
+        time, after the telemetry took them (token usage charged from the log,
+        policy_engine.envoy.usage_charge); a failure counts all of them as failed."""
         self._hub = hub
         self._backend_of = backend_of or strip_prefix()
         self._charge = charge
@@ -233,16 +235,17 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
 
     async def _charge_all(self, entries: list[Any]) -> None:
         assert self._charge is not None
-        for index, entry in enumerate(entries):
-            if index and index % ENTRIES_PER_TURN == 0:
+        for first in range(0, len(entries), ENTRIES_PER_TURN):
+            if first:
                 await asyncio.sleep(0)  # an in-memory store's charge never suspends
+            chunk = entries[first : first + ENTRIES_PER_TURN]
             try:
                 # Awaited first: `counters.charged += await ...` would read the count before the
                 # await and lose the charges of batches finishing meanwhile.
-                charged = await self._charge(entry.common_properties)
-            except Exception:  # one bad entry must not end the stream and its later charges
-                self.counters.charge_errors += 1
-                log.warning("charging an access-log entry failed", exc_info=True)
+                charged = await self._charge([entry.common_properties for entry in chunk])
+            except Exception:  # a failing slice must not end the stream and its later charges
+                self.counters.charge_errors += len(chunk)
+                log.warning("charging %d access-log entries failed", len(chunk), exc_info=True)
                 continue
             self.counters.charged += charged
 

@@ -86,7 +86,7 @@ class TelemetryCollector(Collector):
             yield entries
             charges = CounterMetricFamily(
                 "pe_access_log_charges",
-                "Token charges from access-log entries: counters charged, entries whose charge "
+                "Token charges from access-log entries: counters charged, entries of charge calls that "
                 "failed, entries dropped while the counter store was behind.",
                 labels=["outcome"],
             )

@@ -21,6 +21,7 @@ from policy_engine.quota.memory import MemoryStore
 from policy_engine.quota.redis_store import RedisStore
 from policy_engine.quota.resp import RedisLost, RedisUnreachable
 from policy_engine.quota.store import Admission, Algorithm, CounterStore, Demand, StoreUnavailable
+from policy_engine.quota.store import Charge as StoreCharge
 from tests.redis_server import RedisProcess, start_redis
 
 # Hour-aligned, so every window below starts a bucket here.
@@ -93,8 +94,13 @@ class Usage:
     algorithm: Algorithm
 
 
-Step = Advance | Admit | Charge | Usage
-Outcome = Admission | int | None
+@dataclass(frozen=True)
+class ChargeMany:
+    charges: tuple[Charge, ...]
+
+
+Step = Advance | Admit | Charge | ChargeMany | Usage
+Outcome = Admission | int | None | tuple[int, ...]
 
 
 async def play(store: CounterStore, clock: FakeClock, steps: Sequence[Step]) -> list[Outcome]:
@@ -110,6 +116,18 @@ async def play(store: CounterStore, clock: FakeClock, steps: Sequence[Step]) -> 
                 outcomes.append(await store.charge(counter, hash_tag, window, algorithm, amount, reserved_at))
             case Usage(counter, hash_tag, window, algorithm):
                 outcomes.append(await store.usage(counter, hash_tag, window, algorithm))
+            case ChargeMany(charges):
+                failures = await store.charge_many(
+                    [
+                        StoreCharge(c.counter, c.hash_tag, c.window, c.algorithm, c.amount, c.reserved_at)
+                        for c in charges
+                    ]
+                )
+                assert failures == [None] * len(charges)
+                # What each charged counter holds afterwards.
+                outcomes.append(
+                    tuple([await store.usage(c.counter, c.hash_tag, c.window, c.algorithm) for c in charges])
+                )
     return outcomes
 
 
@@ -187,6 +205,23 @@ SCENARIOS: dict[str, list[Step]] = {
         Charge("t", "acme", 30.0, "sliding", -4, T0 + 31.0),  # nothing to return any more
         Charge("t", "acme", 30.0, "sliding", -1, T0 + 200.0),  # a clock ahead: its own (empty) bucket
     ],
+    "a batch of charges is each charge in order": [
+        Advance(29.0),
+        Charge("t", "acme", 30.0, "sliding", 9),  # a reservation at T0 + 29 (bucket 0)
+        Advance(2.0),
+        ChargeMany(
+            (
+                Charge("t", "acme", 30.0, "sliding", 5),  # the current bucket
+                Charge("t", "acme", 30.0, "sliding", -3),  # the same counter again: after the 5
+                Charge("t", "acme", 30.0, "sliding", -4, T0 + 29.0),  # from the reservation's bucket
+                Charge("u", "globex", 60.0, "fixed", 7),  # another tag: another round trip
+                Charge("t", "acme", 30.0, "sliding", -1, T0 + 200.0),  # a clock ahead: its own bucket
+                Charge("v", "acme", 30.0, "fixed", -2),  # nothing to return
+            )
+        ),
+        ChargeMany(()),
+        Usage("t", "acme", 30.0, "fixed"),
+    ],
     "zero-cost demands and empty requests": [
         Admit(()),
         Admit((demand(cost=0, limit=0),)),
@@ -216,6 +251,12 @@ def random_scenario(seed: int, steps: int = 120) -> list[Step]:
             scenario.append(Charge(name, tag, window, algorithm, rng.randint(-8, 12)))
         elif roll < 0.4:
             scenario.append(Usage(name, tag, window, algorithm))
+        elif roll < 0.5:
+            batch = []
+            for n, t, w in rng.choices(counters, k=rng.randint(1, 5)):
+                reserved_at = rng.choice([None, T0 + rng.uniform(-60.0, 400.0)])
+                batch.append(Charge(n, t, w, rng.choice(algorithms), rng.randint(-8, 12), reserved_at))
+            scenario.append(ChargeMany(tuple(batch)))
         else:
             picked = rng.sample(counters, rng.randint(1, 3))
             scenario.append(
@@ -294,6 +335,56 @@ def test_a_returned_reservation_has_the_expected_outcomes(server: RedisProcess, 
     # Usage at T0 + 31 weighs bucket 0 by 29/30; B's 7 stays in bucket 1 when A returns 8.
     assert outcomes[4:8] == [7 + math.floor(1 * 29 / 30), 7, 0, 5]
     assert outcomes[9:] == [4, 4, 4]
+
+
+def test_a_batch_of_charges_has_the_expected_outcomes(server: RedisProcess, prefix: str) -> None:
+    outcomes = played_on_redis(server, prefix, "a batch of charges is each charge in order")
+    # Bucket 1 holds 5 - 3 = 2; bucket 0 holds 9 - 4 = 5, weighed 29/30 at T0 + 31; the refund
+    # reserved ahead finds its own bucket empty, and v has nothing to return.
+    sliding_t = math.floor(2 + 5 * 29 / 30)
+    assert outcomes[3:] == [(sliding_t, sliding_t, sliding_t, 7, sliding_t, 0), (), 2]
+
+
+def test_a_batch_fails_per_hash_tag(server: RedisProcess, prefix: str) -> None:
+    """One round trip per tag: the tag whose call fails reports each of its charges as lost,
+    and the other tags' charges are made."""
+
+    async def scenario() -> tuple[list[StoreUnavailable | None], int, int]:
+        store = RedisStore(server.url, prefix=prefix, timeout_s=2.0, clock=FakeClock())
+        run = store._run
+        calls: list[int] = []
+
+        async def zeta_fails(
+            mode: str, keys: list[str], args: list[str]
+        ) -> tuple[bool, list[tuple[int, int]]]:
+            calls.append(len(keys) // 2)
+            if "zeta" in keys[0]:
+                raise StoreUnavailable("connection reset") from TIMED_OUT
+            return await run(mode, keys, args)
+
+        store._run = zeta_fails  # type: ignore[method-assign]
+        try:
+            failures = await store.charge_many(
+                [
+                    StoreCharge("a", "acme", 60.0, "fixed", 3),
+                    StoreCharge("z", "zeta", 60.0, "fixed", 4),
+                    StoreCharge("a", "acme", 60.0, "fixed", 2),
+                    StoreCharge("y", "zeta", 60.0, "fixed", 1),
+                ]
+            )
+            store._run = run  # type: ignore[method-assign]
+            assert calls == [2, 2]  # acme's two charges in one call, zeta's in another
+            return (
+                failures,
+                await store.usage("a", "acme", 60.0, "fixed"),
+                await store.usage("z", "zeta", 60.0, "fixed"),
+            )
+        finally:
+            await store.close()
+
+    failures, acme, zeta = asyncio.run(scenario())
+    assert [failure is None for failure in failures] == [True, False, True, False]
+    assert (acme, zeta) == (5, 0)
 
 
 def test_a_refusal_stands_when_its_refund_fails(server: RedisProcess, prefix: str) -> None:

@@ -22,7 +22,7 @@ from policy_engine.decide.pipeline import Pipeline
 from policy_engine.policy.compiler import load_bundle
 from policy_engine.quota.memory import MemoryStore
 from policy_engine.quota.service import QuotaService
-from policy_engine.quota.store import Admission, Demand, StoreUnavailable
+from policy_engine.quota.store import Admission, Charge, Demand, StoreUnavailable
 from policy_engine.telemetry.snapshot import BackendStats, TelemetrySnapshot
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "policies"
@@ -38,6 +38,20 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+class LosingStore(MemoryStore):
+    """A memory store that loses the charges of one hash tag, as a Redis store whose call for
+    that tag failed."""
+
+    lost_tag = ""
+
+    async def charge_many(self, charges: Sequence[Charge]) -> list[StoreUnavailable | None]:
+        kept = [c for c in charges if c.hash_tag != self.lost_tag]
+        await super().charge_many(kept)
+        return [
+            StoreUnavailable("connection reset") if c.hash_tag == self.lost_tag else None for c in charges
+        ]
 
 
 class FlakyStore(MemoryStore):
@@ -195,3 +209,20 @@ def test_malformed_reservation_entries_charge_nothing(tmp_path: Path) -> None:
     ):
         assert asyncio.run(quota.charge_usage(json.dumps(entries), 7, "total_tokens")) == 0
     assert used(store) == 0
+
+
+def test_reports_are_charged_in_one_store_call_and_a_lost_tag_is_counted(tmp_path: Path) -> None:
+    pipeline, _, _, clock = setup(tmp_path)
+    store = LosingStore(clock=clock)
+    registry = CollectorRegistry()
+    quota = QuotaService(store, lambda: pipeline.bundle, Metrics(registry))
+    decision = asyncio.run(quota.settle(pipeline.decide(chat(100), BACKENDS)))
+    entries = decision.dynamic_metadata["pe_total_tokens"]
+    forged = json.dumps([["tier-quotas/free-tokens/total_tokens/other-tenant", 0]])
+    store.lost_tag = "other-tenant"
+    reports = [(entries, 30, "total_tokens"), (forged, 1000, "total_tokens"), ("not json", 5, "total_tokens")]
+    assert asyncio.run(quota.charge_reports(reports)) == 1
+    assert used(store) == 30
+    # The lost charge is counted as a store error; only the charged report's tokens are counted.
+    assert registry.get_sample_value("pe_quota_store_errors_total", {"operation": "charge"}) == 1
+    assert registry.get_sample_value("pe_tokens_charged_total", {"kind": "total_tokens"}) == 30

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -110,14 +110,14 @@ def test_a_request_that_never_reached_a_backend_returns_its_reservation() -> Non
 def test_the_stream_charges_tagged_entries_and_survives_a_failing_charge() -> None:
     calls: list[tuple[str, int, str]] = []
 
-    async def charge_usage(entries: str, tokens: int, kind: str) -> int:
-        calls.append((entries, tokens, kind))
-        if tokens == 13:
+    async def charge_reports(reports: Sequence[tuple[str, int, str]]) -> int:
+        calls.extend(reports)
+        if any(tokens == 13 for _, tokens, _ in reports):
             raise RuntimeError("the store is down")
-        return 1
+        return len(reports)
 
     hub = TelemetryHub(["a"], clock=FakeClock())
-    service = AccessLogService(hub, charge=UsageCharger(charge_usage).charge)
+    service = AccessLogService(hub, charge=UsageCharger(charge_reports).charge)
     messages = [
         message(charged_entry(usage={"total_tokens": 13}), charged_entry(tagged=False)),
         message(charged_entry(usage={"total_tokens": 41})),
@@ -125,7 +125,8 @@ def test_the_stream_charges_tagged_entries_and_survives_a_failing_charge() -> No
 
     asyncio.run(streamed(service, messages))
     assert calls == [(COUNTERS, 13, "total_tokens"), (COUNTERS, 41, "total_tokens")]
-    assert (service.counters.charged, service.counters.charge_errors) == (1, 1)
+    # A failed call counts the entries it was given (the first message's two) as failed.
+    assert (service.counters.charged, service.counters.charge_errors) == (1, 2)
     # The telemetry took every entry, charged or not.
     assert service.counters.observed == 3
 
@@ -147,10 +148,10 @@ def test_a_slow_store_holds_up_neither_the_stream_nor_the_telemetry(monkeypatch:
     release = asyncio.Event()
     charged: list[int] = []
 
-    async def stuck_store(entries: str, tokens: int, kind: str) -> int:
+    async def stuck_store(reports: Sequence[tuple[str, int, str]]) -> int:
         await release.wait()
-        charged.append(tokens)
-        return 1
+        charged.extend(tokens for _, tokens, _ in reports)
+        return len(reports)
 
     hub = TelemetryHub(["a"], clock=FakeClock())
     service = AccessLogService(hub, charge=UsageCharger(stuck_store).charge)
@@ -173,8 +174,8 @@ def test_a_slow_store_holds_up_neither_the_stream_nor_the_telemetry(monkeypatch:
 def _charging_without_waits() -> AccessLogService:
     """A stream service whose charges never suspend, like the in-memory store's."""
 
-    async def memory_store(entries: str, tokens: int, kind: str) -> int:
-        return 1
+    async def memory_store(reports: Sequence[tuple[str, int, str]]) -> int:
+        return len(reports)
 
     return AccessLogService(TelemetryHub(["a"], clock=FakeClock()), charge=UsageCharger(memory_store).charge)
 
