@@ -7,8 +7,9 @@ quota store's script with one request's arguments (a request budget and a token 
 hash tag) through:
 - redis-py's asyncio client (`register_script`, a connection pool: what the store used before);
 - `RespConnection` (policy_engine/quota/resp.py, one pipelined connection: what it uses now);
-and, for the store's whole cost, `RedisStore.admit` and `.charge` (a returned reservation), and
-the memory store's. Rounds take turns between the variants so that a noisy spell of this shared
+and, for the store's whole cost, `RedisStore.admit`, `.charge` (a returned reservation) and
+`.charge_many` (four of them in one call, as the access log's charging sends them), and the
+memory store's admission. Rounds take turns between the variants so that a noisy spell of this shared
 machine lands on all of them. CPU is this process's (user + system, from getrusage), so the
 server's own work is not in it; with --concurrency N, N callers share the client at once.
 """
@@ -34,7 +35,7 @@ from redis.asyncio import Redis  # noqa: E402
 from policy_engine.quota.memory import MemoryStore  # noqa: E402
 from policy_engine.quota.redis_store import _SCRIPT, _SCRIPT_SHA, RedisStore  # noqa: E402
 from policy_engine.quota.resp import RespConnection  # noqa: E402
-from policy_engine.quota.store import CounterStore, Demand  # noqa: E402
+from policy_engine.quota.store import Charge, CounterStore, Demand  # noqa: E402
 from tests.redis_server import start_redis  # noqa: E402
 
 DEMANDS = [
@@ -87,6 +88,11 @@ async def main(args: argparse.Namespace) -> None:
             "RedisStore.admit": lambda: store.admit(DEMANDS),
             "RedisStore.charge (a returned reservation)": lambda: store.charge(
                 DEMANDS[1].counter, "acme", 3600.0, "sliding", -1, reserved_at
+            ),
+            "RedisStore.charge_many, 4 returned reservations of one tenant (one call)": lambda: (
+                store.charge_many(
+                    [Charge(DEMANDS[1].counter, "acme", 3600.0, "sliding", -1, reserved_at)] * 4
+                )
             ),
             "MemoryStore.admit": lambda: memory.admit(DEMANDS),
         }
