@@ -40,7 +40,7 @@ class Metrics:
         )
         self.store_latency = Histogram(
             "pe_quota_store_seconds",
-            "Counter store call latency.",
+            "Counter store call latency: an admission, or a batch of token charges.",
             ["operation"],
             buckets=_LATENCY_BUCKETS,
             registry=registry,

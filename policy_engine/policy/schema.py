@@ -6,6 +6,7 @@ CEL strings are only syntax here; the compiler type-checks them.
 
 from __future__ import annotations
 
+import math
 import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -38,8 +39,8 @@ def parse_duration(value: Any) -> float:
         seconds = int(match.group(1)) * _UNITS[match.group(2)]
     else:
         raise ValueError(f"invalid duration {value!r}: use a number of seconds or e.g. '500ms', '30s', '1m'")
-    if seconds <= 0:
-        raise ValueError("a duration must be positive")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError("a duration must be a positive, finite number of seconds")
     return seconds
 
 

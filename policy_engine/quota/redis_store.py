@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -249,7 +250,9 @@ class RedisStore:
         by_tag: dict[str, list[int]] = {}
         for position, charge in enumerate(charges):
             by_tag.setdefault(charge.hash_tag, []).append(position)
-        failures: list[StoreUnavailable | None] = [None] * len(charges)
+        # Every call's arguments first: one that cannot be built (a bad window) must fail the
+        # batch before any of it is applied.
+        calls: list[tuple[list[int], list[str], list[str]]] = []
         for positions in by_tag.values():
             # One script call per tag: the script applies its counters in order, atomically.
             keys: list[str] = []
@@ -259,6 +262,9 @@ class RedisStore:
                 more_keys, more_args = self._charge_args(charge, window_position(now, charge.window).index)
                 keys += more_keys
                 args += more_args
+            calls.append((positions, keys, args))
+        failures: list[StoreUnavailable | None] = [None] * len(charges)
+        for positions, keys, args in calls:
             try:
                 await self._run("charge", keys, args)
             except StoreUnavailable as error:
@@ -268,7 +274,7 @@ class RedisStore:
 
     def _charge_args(self, charge: Charge, current_index: int) -> tuple[list[str], list[str]]:
         """The bucket pair one charge goes to, and its three script arguments."""
-        if charge.window <= 0:
+        if not math.isfinite(charge.window) or charge.window <= 0:
             raise ValueError(f"counter {charge.counter!r}: window must be positive, got {charge.window}")
         amount, index = charge.amount, current_index
         ttl = str(bucket_ttl_ms(charge.window))

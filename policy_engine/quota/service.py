@@ -69,7 +69,12 @@ class QuotaService:
         charges: list[Charge] = []
         owners: list[int] = []
         for index, (entries_json, actual, kind) in enumerate(reports):
-            for charge in _charges(bundle, entries_json, actual, kind):
+            try:
+                found = _charges(bundle, entries_json, actual, kind)
+            except Exception:  # one report that cannot be read must not lose the others
+                log.warning("ignoring unreadable token metadata %r", entries_json[:200], exc_info=True)
+                continue
+            for charge in found:
                 charges.append(charge)
                 owners.append(index)
         if not charges:

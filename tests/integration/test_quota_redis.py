@@ -349,7 +349,7 @@ def test_a_batch_fails_per_hash_tag(server: RedisProcess, prefix: str) -> None:
     """One round trip per tag: the tag whose call fails reports each of its charges as lost,
     and the other tags' charges are made."""
 
-    async def scenario() -> tuple[list[StoreUnavailable | None], int, int]:
+    async def scenario() -> tuple[list[StoreUnavailable | None], list[int]]:
         store = RedisStore(server.url, prefix=prefix, timeout_s=2.0, clock=FakeClock())
         run = store._run
         calls: list[int] = []
@@ -366,25 +366,23 @@ def test_a_batch_fails_per_hash_tag(server: RedisProcess, prefix: str) -> None:
         try:
             failures = await store.charge_many(
                 [
-                    StoreCharge("a", "acme", 60.0, "fixed", 3),
                     StoreCharge("z", "zeta", 60.0, "fixed", 4),
+                    StoreCharge("a", "acme", 60.0, "fixed", 3),
                     StoreCharge("a", "acme", 60.0, "fixed", 2),
                     StoreCharge("y", "zeta", 60.0, "fixed", 1),
+                    StoreCharge("g", "globex", 60.0, "fixed", 6),
                 ]
             )
             store._run = run  # type: ignore[method-assign]
-            assert calls == [2, 2]  # acme's two charges in one call, zeta's in another
-            return (
-                failures,
-                await store.usage("a", "acme", 60.0, "fixed"),
-                await store.usage("z", "zeta", 60.0, "fixed"),
-            )
+            assert calls == [2, 2, 1]  # zeta's two charges in one call, acme's, then globex's
+            tags = (("a", "acme"), ("z", "zeta"), ("g", "globex"))
+            return failures, [await store.usage(c, t, 60.0, "fixed") for c, t in tags]
         finally:
             await store.close()
 
-    failures, acme, zeta = asyncio.run(scenario())
-    assert [failure is None for failure in failures] == [True, False, True, False]
-    assert (acme, zeta) == (5, 0)
+    failures, usages = asyncio.run(scenario())
+    assert [failure is None for failure in failures] == [False, True, True, False, True]
+    assert usages == [5, 0, 6]  # the tags after the failed one were charged
 
 
 def test_a_refusal_stands_when_its_refund_fails(server: RedisProcess, prefix: str) -> None:

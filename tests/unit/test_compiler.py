@@ -169,6 +169,14 @@ def test_bad_duration(policy_copy: Path) -> None:
     assert "invalid duration '1 minute'" in error and "tier-quotas/free-requests" in error
 
 
+@pytest.mark.parametrize("window", [".nan", ".inf", "-.inf", "0"])
+def test_a_window_must_be_a_positive_finite_duration(policy_copy: Path, window: str) -> None:
+    # YAML's .nan and .inf are floats: a window of either would break the counters' arithmetic.
+    replace_in(policy_copy / "quotas.yaml", "window: 1m}", f"window: {window}}}")
+    (error,) = errors_of(policy_copy)
+    assert "a duration must be a positive, finite number of seconds" in error
+
+
 def test_bundle_version_is_a_content_hash(policy_copy: Path) -> None:
     first = load_bundle(policy_copy).version
     assert load_bundle(policy_copy).version == first

@@ -45,8 +45,10 @@ class LosingStore(MemoryStore):
     that tag failed."""
 
     lost_tag = ""
+    calls = 0
 
     async def charge_many(self, charges: Sequence[Charge]) -> list[StoreUnavailable | None]:
+        self.calls += 1
         kept = [c for c in charges if c.hash_tag != self.lost_tag]
         await super().charge_many(kept)
         return [
@@ -218,11 +220,14 @@ def test_reports_are_charged_in_one_store_call_and_a_lost_tag_is_counted(tmp_pat
     quota = QuotaService(store, lambda: pipeline.bundle, Metrics(registry))
     decision = asyncio.run(quota.settle(pipeline.decide(chat(100), BACKENDS)))
     entries = decision.dynamic_metadata["pe_total_tokens"]
-    forged = json.dumps([["tier-quotas/free-tokens/total_tokens/other-tenant", 0]])
+    other = "tier-quotas/free-tokens/total_tokens/other-tenant"
+    # Two counters in one report (this tenant's and another's, whose charge is lost).
+    both = json.dumps([*json.loads(entries), [other, 0]])
+    deep = "[" * 100_000 + "]" * 100_000  # unreadable: too deep for the JSON parser
     store.lost_tag = "other-tenant"
-    reports = [(entries, 30, "total_tokens"), (forged, 1000, "total_tokens"), ("not json", 5, "total_tokens")]
+    reports = [(both, 30, "total_tokens"), ("not json", 5, "total_tokens"), (deep, 7, "total_tokens")]
     assert asyncio.run(quota.charge_reports(reports)) == 1
-    assert used(store) == 30
-    # The lost charge is counted as a store error; only the charged report's tokens are counted.
+    assert store.calls == 1 and used(store) == 30
+    # The lost charge is counted as a store error; the report's tokens once, though two counters.
     assert registry.get_sample_value("pe_quota_store_errors_total", {"operation": "charge"}) == 1
     assert registry.get_sample_value("pe_tokens_charged_total", {"kind": "total_tokens"}) == 30
