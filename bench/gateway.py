@@ -255,11 +255,11 @@ def tree_cpu(pid: int) -> float:
 
 
 def measured(
-    url: str, duration: int, connections: int, script: Path, pids: dict[str, int]
+    url: str, duration: int, connections: int, script: Path, pids: dict[str, int], threads: int = 2
 ) -> dict[str, float]:
-    """A saturation run with the CPU each named process tree used per request."""
+    """A wrk run with the CPU each named process tree used per request."""
     before = {name: tree_cpu(pid) for name, pid in pids.items()}
-    result = wrk(url, duration, connections, script)
+    result = wrk(url, duration, connections, script, threads=threads)
     for name, pid in pids.items():
         result[f"{name}_cpu_us"] = (tree_cpu(pid) - before[name]) / max(result["requests"], 1) * 1e6
     return result
@@ -549,7 +549,7 @@ def main() -> None:
             # A different setup goes first each round: none always follows the same neighbour.
             shift = round_index % len(setups)
             for setup in setups[shift:] + setups[:shift]:
-                result = wrk(setup.url, args.duration, paced_connections, paced, threads=1)
+                result = measured(setup.url, args.duration, paced_connections, paced, setup.pids, threads=1)
                 setup.paced.append(result)
                 setup.sent += result["requests"]
         time.sleep(1)  # the last charges are made after their responses
@@ -576,15 +576,16 @@ def main() -> None:
         f"(≈{args.rate} req/s), {args.rounds} rounds taking turns between the setups, medians of the "
         "rounds (added p99: the median of each round's p99 minus Envoy alone's in that round, with "
         "the rounds' range); CPU: µs of CPU time per request during the saturation run (a service's "
-        f"row counts all its processes); one connection: wrk -t1 -c1 -d{lone_seconds}s back to back "
+        "row counts all its processes), and the service's during the paced runs (median of the "
+        f"rounds); one connection: wrk -t1 -c1 -d{lone_seconds}s back to back "
         "(warm) and with 10 ms between requests (cold), p50\n"
     )
     print(
         "| setup | saturation req/s | ratio | non-2xx | Envoy CPU µs/req | service CPU µs/req "
         "| service alone on 2 cores, req/s | paced req/s | p50 ms | p90 ms | p99 ms | added p99 ms "
-        "| added p99 range ms | one conn. warm p50 ms | one conn. cold p50 ms |"
+        "| added p99 range ms | one conn. warm p50 ms | one conn. cold p50 ms | paced service CPU µs/req |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     base = setups[0]
     for setup in setups:
         sat = setup.saturation
@@ -599,6 +600,8 @@ def main() -> None:
         def median(key: str, setup: Setup = setup) -> float:
             return statistics.median(r.get(key, 0.0) for r in setup.paced)
 
+        paced_cpu = f"{median('service_cpu_us'):.0f}" if service_cpu else "—"
+
         print(
             f"| {setup.name} | {sat['rps']:.0f} | {sat['rps'] / base.saturation['rps']:.2f} "
             f"| {sum(r['non_2xx'] for r in (sat, setup.warm, setup.cold, *setup.paced)):.0f} "
@@ -606,11 +609,16 @@ def main() -> None:
             f"| {median('rps'):.0f} | {median('p50_ms'):.2f} | {median('p90_ms'):.2f} "
             f"| {median('p99_ms'):.2f} | {statistics.median(added):.2f} "
             f"| {min(added):.2f} to {max(added):.2f} "
-            f"| {setup.warm.get('p50_ms', 0):.2f} | {setup.cold.get('p50_ms', 0):.2f} |"
+            f"| {setup.warm.get('p50_ms', 0):.2f} | {setup.cold.get('p50_ms', 0):.2f} "
+            f"| {paced_cpu} |"
         )
     for setup in setups:
         if "redis_cpu_us" in setup.saturation:
-            print(f"\nRedis server CPU µs/req, {setup.name}: {setup.saturation['redis_cpu_us']:.0f}")
+            paced_redis = statistics.median(r.get("redis_cpu_us", 0.0) for r in setup.paced)
+            print(
+                f"\nRedis server CPU µs/req, {setup.name}: {setup.saturation['redis_cpu_us']:.0f} "
+                f"at saturation, {paced_redis:.0f} paced"
+            )
     charges = [setup.charged for setup in setups if setup.service is not None]
     if charges:
         # A ratio near 1 shows the rows paid for token charging; a few probes are not counted.
