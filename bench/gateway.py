@@ -485,6 +485,16 @@ def main() -> None:
         )
         baseline_commit = ""
         if args.baseline is not None:
+            # `python -m policy_engine` in the baseline's directory must import the baseline.
+            imported = subprocess.run(
+                [sys.executable, "-c", "import policy_engine; print(policy_engine.__file__)"],
+                cwd=args.baseline,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            if not Path(imported).resolve().is_relative_to(args.baseline.resolve()):
+                sys.exit(f"the baseline's service would import {imported}, not {args.baseline}'s package")
             baseline_commit = subprocess.run(
                 ["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"],
                 capture_output=True,
@@ -497,10 +507,13 @@ def main() -> None:
             http_port = free_port() if transport == "http" else None
             extra = ["--no-reload", *(["--http-port", str(http_port)] if http_port else [])]
             redis_url = redis.url if redis is not None and store == "redis" else None
-            # The baseline's package comes first on the path, ahead of this checkout's.
-            env = None if code is None else {"PYTHONPATH": str(code)}
             service = start_service(
-                policies, backends=BACKENDS, workers=workers, extra_args=extra, redis_url=redis_url, env=env
+                policies,
+                backends=BACKENDS,
+                workers=workers,
+                extra_args=extra,
+                redis_url=redis_url,
+                code=code or ROOT,
             )
             services.append(service)
             port = free_port()

@@ -94,7 +94,10 @@ def start_service(
     workers: int = 1,
     port: int = 0,
     env: Mapping[str, str] | None = None,
+    code: Path = ROOT,
 ) -> ServiceProcess:
+    """`code`: the checkout whose package runs (`python -m` imports from its working directory
+    first, whatever PYTHONPATH says)."""
     workdir = Path(tempfile.mkdtemp(prefix="pe-service-"))
     port_file = workdir / "port"
     log = workdir / "service.log"
@@ -133,7 +136,7 @@ def start_service(
             stdout=sink,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            cwd=ROOT,
+            cwd=code,
             env={**os.environ, **(env or {})},
         )
     try:
