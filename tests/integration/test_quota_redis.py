@@ -20,8 +20,7 @@ from redis.asyncio import Redis
 from policy_engine.quota.memory import MemoryStore
 from policy_engine.quota.redis_store import RedisStore
 from policy_engine.quota.resp import RedisLost, RedisUnreachable
-from policy_engine.quota.store import Admission, Algorithm, CounterStore, Demand, StoreUnavailable
-from policy_engine.quota.store import Charge as StoreCharge
+from policy_engine.quota.store import Admission, Algorithm, Charge, CounterStore, Demand, StoreUnavailable
 from tests.redis_server import RedisProcess, start_redis
 
 # Hour-aligned, so every window below starts a bucket here.
@@ -77,16 +76,6 @@ class Admit:
 
 
 @dataclass(frozen=True)
-class Charge:
-    counter: str
-    hash_tag: str
-    window: float
-    algorithm: Algorithm
-    amount: int
-    reserved_at: float | None = None
-
-
-@dataclass(frozen=True)
 class Usage:
     counter: str
     hash_tag: str
@@ -117,12 +106,7 @@ async def play(store: CounterStore, clock: FakeClock, steps: Sequence[Step]) -> 
             case Usage(counter, hash_tag, window, algorithm):
                 outcomes.append(await store.usage(counter, hash_tag, window, algorithm))
             case ChargeMany(charges):
-                failures = await store.charge_many(
-                    [
-                        StoreCharge(c.counter, c.hash_tag, c.window, c.algorithm, c.amount, c.reserved_at)
-                        for c in charges
-                    ]
-                )
+                failures = await store.charge_many(charges)
                 assert failures == [None] * len(charges)
                 # What each charged counter holds afterwards.
                 outcomes.append(
@@ -366,11 +350,11 @@ def test_a_batch_fails_per_hash_tag(server: RedisProcess, prefix: str) -> None:
         try:
             failures = await store.charge_many(
                 [
-                    StoreCharge("z", "zeta", 60.0, "fixed", 4),
-                    StoreCharge("a", "acme", 60.0, "fixed", 3),
-                    StoreCharge("a", "acme", 60.0, "fixed", 2),
-                    StoreCharge("y", "zeta", 60.0, "fixed", 1),
-                    StoreCharge("g", "globex", 60.0, "fixed", 6),
+                    Charge("z", "zeta", 60.0, "fixed", 4),
+                    Charge("a", "acme", 60.0, "fixed", 3),
+                    Charge("a", "acme", 60.0, "fixed", 2),
+                    Charge("y", "zeta", 60.0, "fixed", 1),
+                    Charge("g", "globex", 60.0, "fixed", 6),
                 ]
             )
             store._run = run  # type: ignore[method-assign]

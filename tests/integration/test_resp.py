@@ -401,6 +401,25 @@ def test_nothing_listening_is_unreachable() -> None:
     run(scenario())
 
 
+def test_a_host_name_the_resolver_refuses_is_unreachable() -> None:
+    async def scenario() -> None:
+        client = RespConnection(f"redis://{'a' * 64}.invalid:6379/0", timeout_s=1.0)
+        with pytest.raises(RedisUnreachable, match="cannot connect"):
+            await client.call("PING")
+        await client.close()
+
+    run(scenario())
+
+
+def test_a_client_used_from_a_new_event_loop_connects_again(server: RedisProcess) -> None:
+    """Tests and embedders may run several loops one after another; the connection made in a
+    closed loop is of no use in the next one."""
+    client = RespConnection(server.url, timeout_s=2.0)
+    assert run(client.call("PING")) == b"PONG"
+    assert run(client.call("PING")) == b"PONG"
+    run(client.close())
+
+
 # --- stand-ins where a real server cannot show it -----------------------------------------------
 
 

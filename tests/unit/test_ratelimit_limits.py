@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2
@@ -11,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from policy_engine.audit.metrics import Metrics
 from policy_engine.envoy.ratelimit import MAX_DESCRIPTORS, MAX_HITS, RateLimitService
 from policy_engine.quota.memory import MemoryStore
-from policy_engine.quota.service import QuotaService
+from policy_engine.quota.service import QuotaService, UsageReport
 
 
 class RecordingQuota(QuotaService):
@@ -20,9 +21,11 @@ class RecordingQuota(QuotaService):
     def __init__(self) -> None:
         super().__init__(MemoryStore(), lambda: None, Metrics(CollectorRegistry()))  # type: ignore[arg-type, return-value]
         self.charged: list[tuple[str, int, str]] = []
+        self.calls = 0
 
-    async def charge_usage(self, entries_json: str, actual: int, kind: str) -> int:
-        self.charged.append((entries_json, actual, kind))
+    async def charge_reports(self, reports: Sequence[UsageReport]) -> int:
+        self.calls += 1
+        self.charged.extend(reports)
         return 0
 
 
@@ -42,6 +45,7 @@ def test_descriptors_past_the_limit_are_answered_but_not_charged() -> None:
     assert len(response.statuses) == MAX_DESCRIPTORS + 36
     assert response.overall_code == rls_pb2.RateLimitResponse.OK
     assert [entry for entry, _, _ in quota.charged] == [f"[{i}]" for i in range(MAX_DESCRIPTORS)]
+    assert quota.calls == 1  # one request's descriptors, charged together
 
 
 def test_usage_per_descriptor_is_clamped() -> None:
