@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from policy_engine.quota.memory import (
+    WindowPosition,
     bucket_ttl_ms,
     counter_state,
     previous_weight,
@@ -233,8 +234,7 @@ class RedisStore:
         reserved_at: float | None = None,
     ) -> int:
         charge = Charge(counter, hash_tag, window, algorithm, amount, reserved_at)
-        position = window_position(self._clock(), window)
-        keys, args = self._charge_args(charge, position.index)
+        keys, args, position = self._charge_args(charge, self._clock())
         current = self._keys(hash_tag, counter, position.index)
         if keys != current:
             # Returned to a bucket this clock has not reached: the same script call reads this
@@ -258,8 +258,7 @@ class RedisStore:
             keys: list[str] = []
             args: list[str] = []
             for p in positions:
-                charge = charges[p]
-                more_keys, more_args = self._charge_args(charge, window_position(now, charge.window).index)
+                more_keys, more_args, _ = self._charge_args(charges[p], now)
                 keys += more_keys
                 args += more_args
             calls.append((positions, keys, args))
@@ -272,11 +271,14 @@ class RedisStore:
                     failures[p] = error
         return failures
 
-    def _charge_args(self, charge: Charge, current_index: int) -> tuple[list[str], list[str]]:
-        """The bucket pair one charge goes to, and its three script arguments."""
+    def _charge_args(self, charge: Charge, now: float) -> tuple[list[str], list[str], WindowPosition]:
+        """The bucket pair one charge goes to at `now`, its three script arguments, and where
+        `now` falls in the charge's window."""
         if not math.isfinite(charge.window) or charge.window <= 0:
             raise ValueError(f"counter {charge.counter!r}: window must be positive, got {charge.window}")
-        amount, index = charge.amount, current_index
+        position = window_position(now, charge.window)
+        amount, current_index = charge.amount, position.index
+        index = current_index
         ttl = str(bucket_ttl_ms(charge.window))
         if amount >= 0:
             source: str = "none"
@@ -293,7 +295,7 @@ class RedisStore:
                 source = refund_source(current_index, charge.window, charge.reserved_at)
                 if source == "none":
                     amount = 0  # the reservation's bucket no longer counts: nothing to return
-        return self._keys(charge.hash_tag, charge.counter, index), [str(amount), ttl, source]
+        return self._keys(charge.hash_tag, charge.counter, index), [str(amount), ttl, source], position
 
     async def usage(self, counter: str, hash_tag: str, window: float, algorithm: Algorithm) -> int:
         # A zero charge only reads: the same script keeps one code path and one round trip.

@@ -55,16 +55,12 @@ class QuotaService:
             self._latency["admit"].observe(time.perf_counter() - start)
         return settle(decision, admission.states, admission.admitted, admission.at)
 
-    async def charge_usage(self, entries_json: str, actual: int, kind: str) -> int:
-        """After the response: charge `actual - reserved` on each counter named in the metadata.
+    async def charge_reports(self, reports: Sequence[UsageReport]) -> int:
+        """After the responses: charge `actual - reserved` on each counter named in each report's
+        metadata, in one call to the store (with Redis, one round trip per tenant's hash tag).
 
         Returns how many counters were charged. Malformed metadata charges nothing.
         """
-        return await self.charge_reports([(entries_json, actual, kind)])
-
-    async def charge_reports(self, reports: Sequence[UsageReport]) -> int:
-        """`charge_usage` for several responses at once: one call to the store for all their
-        counters (with Redis, one round trip per tenant's hash tag). Counters charged."""
         bundle = self._bundle()
         charges: list[Charge] = []
         owners: list[int] = []

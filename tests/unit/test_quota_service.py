@@ -112,7 +112,9 @@ def used(store: MemoryStore) -> int:
 
 def charge(quota: QuotaService, decision: Decision, actual: int) -> None:
     assert (
-        asyncio.run(quota.charge_usage(decision.dynamic_metadata["pe_total_tokens"], actual, "total_tokens"))
+        asyncio.run(
+            quota.charge_reports([(decision.dynamic_metadata["pe_total_tokens"], actual, "total_tokens")])
+        )
         == 1
     )
 
@@ -209,7 +211,7 @@ def test_malformed_reservation_entries_charge_nothing(tmp_path: Path) -> None:
         [[COUNTER, 5, 1.7e308]],  # would overflow the window arithmetic
         [[COUNTER, 5, -1.0]],
     ):
-        assert asyncio.run(quota.charge_usage(json.dumps(entries), 7, "total_tokens")) == 0
+        assert asyncio.run(quota.charge_reports([(json.dumps(entries), 7, "total_tokens")])) == 0
     assert used(store) == 0
 
 
