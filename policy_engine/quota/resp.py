@@ -2,8 +2,8 @@
 
 Every request runs one script on the server, so the client's cost per call is the quota store's
 cost per request. A general client pays for a connection pool, per-command hooks and a timer
-task per call (~185 µs of CPU per call with redis-py's asyncio client on the project's machine);
-this one writes the command to a single connection and waits for its reply in order (~65 µs;
+task per call (~150 µs of CPU per call with redis-py's asyncio client on the project's machine);
+this one writes the command to a single connection and waits for its reply in order (~70 µs;
 docs/BENCHMARKS.md). The server runs commands one at a time anyway, so one connection
 carrying every caller's commands (pipelining) loses nothing to a pool.
 
@@ -18,7 +18,8 @@ A call whose reply is later than the timeout fails alone, as it would on a conne
 the replies behind it keep their order, and the late reply is dropped when it comes. A
 connection on which the oldest command has waited STALL_TIMEOUTS timeouts (at least
 MIN_STALL_S) is taken for dead (a half-open socket, a hung server) and dropped, failing every
-command on it, whether or not its caller still waits; the next call connects again. Callers
+command on it, whether or not its caller still waits; the next call connects again. (Checked
+when a call times out: a dead connection with no later traffic is found by the next call.) Callers
 arriving while a connection is being made share that one attempt, and its failure. URLs are
 read as redis-py reads them (the canary store uses redis-py with the same URL): `redis://`,
 `rediss://` (TLS) and `unix://`, with user, password and database.
