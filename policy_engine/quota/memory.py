@@ -162,10 +162,15 @@ def bucket_ttl_ms(window: float) -> int:
     return max(1, math.ceil(2 * window * 1000))
 
 
+def check_window(counter: str, window: float) -> None:
+    """Both stores' one rule for a counter's window: positive and finite."""
+    if not math.isfinite(window) or window <= 0:
+        raise ValueError(f"counter {counter!r}: window must be positive, got {window}")
+
+
 def validate_demands(demands: Sequence[Demand]) -> None:
     for demand in demands:
-        if demand.window <= 0:
-            raise ValueError(f"counter {demand.counter!r}: window must be positive, got {demand.window}")
+        check_window(demand.counter, demand.window)
         if demand.cost < 0:
             # A refund is a charge() with a negative amount; a negative cost in admit would let a
             # request through while lowering the usage others are checked against.
@@ -253,8 +258,7 @@ class MemoryStore:
         amount: int,
         reserved_at: float | None = None,
     ) -> int:
-        if window <= 0:
-            raise ValueError(f"counter {counter!r}: window must be positive, got {window}")
+        check_window(counter, window)
         now = self._now()
         position = window_position(now, window)
         if amount > 0:

@@ -40,13 +40,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 
 from policy_engine.quota.memory import (
     WindowPosition,
     bucket_ttl_ms,
+    check_window,
     counter_state,
     previous_weight,
     refund_source,
@@ -274,8 +274,7 @@ class RedisStore:
     def _charge_args(self, charge: Charge, now: float) -> tuple[list[str], list[str], WindowPosition]:
         """The bucket pair one charge goes to at `now`, its three script arguments, and where
         `now` falls in the charge's window."""
-        if not math.isfinite(charge.window) or charge.window <= 0:
-            raise ValueError(f"counter {charge.counter!r}: window must be positive, got {charge.window}")
+        check_window(charge.counter, charge.window)
         position = window_position(now, charge.window)
         amount, current_index = charge.amount, position.index
         index = current_index
@@ -312,13 +311,13 @@ class RedisStore:
         while groups:
             keys: list[str] = []
             args: list[str] = []
-            for demand in groups[0]:
-                if demand.cost > 0:
-                    keys += self._keys(
-                        demand.hash_tag, demand.counter, window_position(now, demand.window).index
-                    )
-                    # The same clock reading as the charge: exactly its bucket.
-                    args += [str(-demand.cost), str(bucket_ttl_ms(demand.window)), "current"]
+            for d in groups[0]:
+                if d.cost > 0:
+                    # Reserved at the same clock reading as the charge: exactly its bucket.
+                    refund = Charge(d.counter, d.hash_tag, d.window, d.algorithm, -d.cost, reserved_at=now)
+                    more_keys, more_args, _ = self._charge_args(refund, now)
+                    keys += more_keys
+                    args += more_args
             try:
                 if keys:
                     await self._run("charge", keys, args)

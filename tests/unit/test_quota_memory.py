@@ -328,8 +328,11 @@ def test_invalid_demands_are_rejected() -> None:
     store, _ = make()
     with pytest.raises(ValueError, match="cost"):
         asyncio.run(store.admit([demand(cost=-1)]))
-    with pytest.raises(ValueError, match="window"):
-        asyncio.run(store.admit([demand(window=0.0)]))
+    for window in (0.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="window"):
+            asyncio.run(store.admit([demand(window=window)]))
+        with pytest.raises(ValueError, match="window"):
+            asyncio.run(store.charge("c", "tenant", window, "fixed", 1))
     with pytest.raises(ValueError, match="max_counters"):
         MemoryStore(max_counters=0)
 
