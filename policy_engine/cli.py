@@ -523,6 +523,14 @@ def envoy_config(
         usage_extraction="native" if usage_extraction is UsageReader.native else "lua",
         charging="rate_limit" if charging is Charging.rate_limit else "access_log",
     )
+    if config.usage_extraction == "native" and config.charging == "rate_limit":
+        # The rate-limit charge reads the metadata as Envoy wrote it, and Envoy's filters cannot
+        # add: only the service, charging from the access log, completes what they store.
+        err.print(
+            "warning: with --usage-extraction native, --charging rate-limit charges an "
+            "Anthropic-style prompt without its cached tokens, and no total where the backend "
+            "reports none (the reservation stays); --usage-extraction lua has neither gap"
+        )
     sys.stdout.write(yaml.safe_dump(bootstrap(config), sort_keys=False))
 
 

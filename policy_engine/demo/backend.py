@@ -55,6 +55,9 @@ class BackendBehaviour:
     capacity: int = 8  # requests served at once; more wait in the queue (0 or less: unlimited)
     error_rate: float = 0.0  # fraction of served requests answered 500
     paused: bool = False  # hang: accept connections, answer nothing but /admin/config
+    # Prompt tokens an Anthropic-style answer reports as read from its prompt cache
+    # (`cache_read_input_tokens`), on top of `input_tokens`, which leaves them out.
+    cached_prompt_tokens: int = 0
 
 
 class _Metrics:
@@ -254,8 +257,14 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _anthropic_message(model: str, backend: str, prompt: int, completion: int) -> dict[str, Any]:
-    """An answer of Anthropic's Messages API (`/v1/messages`): its usage has no total."""
+def _anthropic_message(
+    model: str, backend: str, prompt: int, completion: int, cached: int = 0
+) -> dict[str, Any]:
+    """An answer of Anthropic's Messages API (`/v1/messages`): its usage has no total, and the
+    prompt tokens read from the cache are apart from `input_tokens`."""
+    usage = {"input_tokens": prompt, "output_tokens": completion}
+    if cached:
+        usage["cache_read_input_tokens"] = cached
     return {
         "id": "msg-1",
         "type": "message",
@@ -264,7 +273,7 @@ def _anthropic_message(model: str, backend: str, prompt: int, completion: int) -
         "backend": backend,
         "content": [{"type": "text", "text": " ".join(["token"] * completion)}],
         "stop_reason": "end_turn",
-        "usage": {"input_tokens": prompt, "output_tokens": completion},
+        "usage": usage,
     }
 
 
@@ -390,9 +399,12 @@ def _handler(backend: BackendServer) -> type[BaseHTTPRequestHandler]:
             backend.metrics.ttft.observe(time.monotonic() - arrived)
             if self.path.endswith("/messages"):
                 if body.get("stream") is True:
-                    self._anthropic_stream(model, prompt, completion, behaviour.chunk_delay_ms)
+                    self._anthropic_stream(model, prompt, completion, behaviour)
                 else:
-                    self._send_json(200, _anthropic_message(model, backend.name, prompt, completion))
+                    message = _anthropic_message(
+                        model, backend.name, prompt, completion, behaviour.cached_prompt_tokens
+                    )
+                    self._send_json(200, message)
                 self._finished(arrived, prompt, completion)
                 return
             if body.get("stream") is True:
@@ -432,7 +444,9 @@ def _handler(backend: BackendServer) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
             self.wfile.flush()
 
-        def _anthropic_stream(self, model: str, prompt: int, completion: int, delay_ms: float) -> None:
+        def _anthropic_stream(
+            self, model: str, prompt: int, completion: int, behaviour: BackendBehaviour
+        ) -> None:
             # As Anthropic's Messages API streams: the input tokens in message_start, the output
             # so far in each message_delta (the last one is final).
             self.send_response(200)
@@ -440,7 +454,8 @@ def _handler(backend: BackendServer) -> type[BaseHTTPRequestHandler]:
             self.send_header("transfer-encoding", "chunked")
             self.send_header("x-backend", backend.name)
             self.end_headers()
-            start = _anthropic_message(model, backend.name, prompt, 1)
+            delay_ms = behaviour.chunk_delay_ms
+            start = _anthropic_message(model, backend.name, prompt, 1, behaviour.cached_prompt_tokens)
             start["content"] = []
             events: list[tuple[str, dict[str, Any]]] = [
                 ("message_start", {"type": "message_start", "message": start})

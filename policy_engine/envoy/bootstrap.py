@@ -45,7 +45,8 @@ USAGE_FIELDS = {
 #   Envoy 1.38 and later), less Envoy CPU per request (docs/BENCHMARKS.md). json_to_metadata
 #   holds every JSON answer until it is complete, so one larger than Envoy's buffer limit (1 MiB
 #   by default: long completions, image generations in b64_json, large embedding batches) fails
-#   with 500 instead of passing uncharged.
+#   with 500 instead of passing uncharged. They cannot add, so the service adds up what they
+#   store when it charges from the access log (`reported_usage`).
 UsageExtraction = Literal["native", "lua"]
 # Any spelling of the JSON media type, parameters included (the filter's plain list is exact).
 USAGE_JSON_TYPE = r"(?i)application/json\s*(;.*)?"
@@ -413,28 +414,28 @@ def _usage_rule(path: tuple[str, ...], key: str) -> dict[str, Any]:
 # (`usage.input_tokens`), Anthropic's stream (the input in message_start's `message.usage`, the
 # output in message_delta's `usage`) and the Responses stream (`response.usage` when completed).
 # A field absent from an answer writes nothing, so the names of one API never clear another's.
+# These filters cannot add: `prompt_tokens` gets `input_tokens` alone (what a rate-limit charge
+# reads), and the parts of an Anthropic-style prompt (PROMPT_PARTS) are stored apart too, for the
+# service to add up when it charges from the access log (`reported_usage`), as it adds a
+# missing total.
+_INPUT_PATHS = (("usage",), ("message", "usage"), ("response", "usage"))
+_ANTHROPIC_PATHS = _INPUT_PATHS[:2]  # Responses' input_tokens includes its cached tokens
 _NATIVE_USAGE_PATHS: dict[str, tuple[tuple[str, ...], ...]] = {
-    "prompt_tokens": (
-        ("usage", "prompt_tokens"),
-        ("usage", "input_tokens"),
-        ("message", "usage", "input_tokens"),
-        ("response", "usage", "input_tokens"),
-    ),
+    "prompt_tokens": (("usage", "prompt_tokens"), *((*path, "input_tokens") for path in _INPUT_PATHS)),
     "completion_tokens": (
         ("usage", "completion_tokens"),
         ("usage", "output_tokens"),
         ("response", "usage", "output_tokens"),
     ),
     "total_tokens": (("usage", "total_tokens"), ("response", "usage", "total_tokens")),
+    "input_tokens": tuple((*path, "input_tokens") for path in _INPUT_PATHS),
+    "cache_creation_input_tokens": tuple((*path, "cache_creation_input_tokens") for path in _ANTHROPIC_PATHS),
+    "cache_read_input_tokens": tuple((*path, "cache_read_input_tokens") for path in _ANTHROPIC_PATHS),
 }
 
 
 def _native_usage_rules() -> list[dict[str, Any]]:
-    return [
-        _usage_rule(path, key)
-        for key in sorted(set(USAGE_FIELDS.values()))
-        for path in _NATIVE_USAGE_PATHS[key]
-    ]
+    return [_usage_rule(path, key) for key, paths in _NATIVE_USAGE_PATHS.items() for path in paths]
 
 
 def usage_filters(extraction: UsageExtraction = "lua") -> list[dict[str, Any]]:

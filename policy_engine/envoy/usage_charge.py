@@ -27,7 +27,7 @@ from policy_engine.decide.quota import METADATA_KEYS
 from policy_engine.envoy.bootstrap import AUTHZ_NAMESPACE, CHARGE_TAG, CHARGE_TAG_VALUE, USAGE_FIELDS
 from policy_engine.envoy.ratelimit import MAX_HITS
 from policy_engine.quota.service import UsageReport
-from policy_engine.telemetry.access_log import USAGE_NAMESPACE
+from policy_engine.telemetry.access_log import USAGE_NAMESPACE, reported_usage
 
 _FINAL_TYPES = frozenset({accesslog_pb2.AccessLogType.NotSet, accesslog_pb2.AccessLogType.DownstreamEnd})
 
@@ -53,17 +53,13 @@ def usage_charges(common: Any) -> list[UsageReport]:
     if USAGE_NAMESPACE not in namespaces:
         # Nothing reported: if nothing can have been spent either, every reservation comes back.
         return [(entries, 0, kind) for kind, entries in reserved.items()] if never_reached(common) else []
-    usage = namespaces[USAGE_NAMESPACE].fields
-    charges = []
-    for kind, entries in reserved.items():
-        field = USAGE_FIELDS[kind]
-        if field not in usage or usage[field].WhichOneof("kind") != "number_value":
-            continue
-        tokens = usage[field].number_value
-        # A reported 0 is usage too (a filtered or empty answer): it returns the reservation.
-        if tokens >= 0:  # NaN fails this too
-            charges.append((entries, int(min(tokens, MAX_HITS)), kind))
-    return charges
+    usage = reported_usage(namespaces[USAGE_NAMESPACE].fields)
+    # A reported 0 is usage too (a filtered or empty answer): it returns the reservation.
+    return [
+        (entries, int(min(usage[USAGE_FIELDS[kind]], MAX_HITS)), kind)
+        for kind, entries in reserved.items()
+        if USAGE_FIELDS[kind] in usage
+    ]
 
 
 def never_reached(common: Any) -> bool:

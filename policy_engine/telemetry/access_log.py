@@ -18,8 +18,9 @@ Each `HTTPAccessLogEntry` of a request Envoy routed to a backend cluster becomes
 * connect failure: response flags `upstream_connection_failure`, `upstream_connection_termination`,
   `upstream_remote_reset`, `no_healthy_upstream`.
 * tokens: dynamic metadata `policy_engine.usage` (`prompt_tokens`, `completion_tokens`,
-  `total_tokens`), set by the bootstrap's Lua filter; Envoy's gRPC logger sends the request's
-  dynamic metadata in `metadata` by default.
+  `total_tokens`; with Envoy's native readers also the parts of an Anthropic-style prompt, see
+  `reported_usage`), set by the bootstrap's usage reader; Envoy's gRPC logger sends the
+  request's dynamic metadata in `metadata` by default.
 
 Entries that never reached a backend are ignored: Envoy's local replies (an ext_authz denial, a
 rate-limit 429, a shed request) may still name the route's cluster, and counting them would make a
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +64,11 @@ ENTRIES_PER_TURN = 4
 # metadata namespace, and the prefix of the clusters that are backends.
 USAGE_NAMESPACE = "policy_engine.usage"
 BACKEND_CLUSTER_PREFIX = "backend-"
+# The parts of an Anthropic-style prompt, which Envoy's native usage readers store apart since
+# they cannot add: `input_tokens` leaves out the tokens written to and read from the prompt
+# cache. The Lua reader stores the sum itself, as `prompt_tokens`, and never these keys.
+PROMPT_PARTS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
 _CONNECT_FLAGS = (
     "upstream_connection_failure",
     "upstream_connection_termination",
@@ -93,19 +100,40 @@ def _ms(message: Any, name: str) -> float | None:
     return float(duration.seconds) * 1000.0 + float(duration.nanos) / 1e6
 
 
+def reported_usage(fields: Any) -> dict[str, float]:
+    """`prompt_tokens`, `completion_tokens` and `total_tokens` as the usage metadata's `fields`
+    (a Struct's) report them, whichever reader wrote them: only those reported, each a finite
+    number of 0 or more.
+
+    What the Lua reader does in Envoy is done here for the native readers: an Anthropic-style
+    prompt is its parts added up, and a missing total is prompt plus completion."""
+
+    def number(key: str) -> float | None:
+        if key not in fields or fields[key].WhichOneof("kind") != "number_value":
+            return None
+        value: float = fields[key].number_value
+        return value if 0 <= value < math.inf else None  # NaN fails this too
+
+    usage = {key: value for key in USAGE_KEYS if (value := number(key)) is not None}
+    parts = [number(key) for key in PROMPT_PARTS]
+    if parts[0] is not None:
+        usage["prompt_tokens"] = sum(part for part in parts if part is not None)
+    if "total_tokens" not in usage and "prompt_tokens" in usage and "completion_tokens" in usage:
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    return usage
+
+
 def _tokens(common: Any) -> tuple[int, int, int]:
     namespaces = common.metadata.filter_metadata
     if USAGE_NAMESPACE not in namespaces:
         return 0, 0, 0
-    fields = namespaces[USAGE_NAMESPACE].fields
+    usage = reported_usage(namespaces[USAGE_NAMESPACE].fields)
 
-    def number(key: str) -> int:
-        if key not in fields or fields[key].WhichOneof("kind") != "number_value":
-            return 0
-        value = fields[key].number_value
-        return int(value) if 0 <= value < 2**53 else 0
+    def count(key: str) -> int:
+        value = usage.get(key, 0.0)
+        return int(value) if value < 2**53 else 0
 
-    return number("prompt_tokens"), number("completion_tokens"), number("total_tokens")
+    return count("prompt_tokens"), count("completion_tokens"), count("total_tokens")
 
 
 def parse_entry(

@@ -178,3 +178,13 @@ def test_serve_rejects_a_broken_policy_directory(policy_copy: Path) -> None:
     (policy_copy / "access.yaml").write_text("apiVersion: policy-engine/v1\nkind: AccessPolicy\n")
     result = run("serve", "--policies", str(policy_copy), "--port", "0", "--metrics-port", "0")
     assert result.returncode == 1 and "access.yaml" in result.stderr
+
+
+def test_envoy_config_warns_of_native_readers_with_rate_limit_charging() -> None:
+    warned = run("envoy-config", "--usage-extraction", "native", "--charging", "rate-limit")
+    assert warned.returncode == 0, warned.stderr
+    assert "warning: with --usage-extraction native, --charging rate-limit" in warned.stderr
+    assert "json_to_metadata" in warned.stdout
+    for arguments in (["--usage-extraction", "native"], ["--charging", "rate-limit"]):
+        quiet = run("envoy-config", *arguments)
+        assert quiet.returncode == 0 and "warning" not in quiet.stderr, arguments

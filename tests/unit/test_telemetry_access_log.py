@@ -152,6 +152,21 @@ def test_parse_tolerates_odd_metadata() -> None:
     assert observation is not None and observation.tokens == 0
 
 
+def test_observed_tokens_add_up_the_native_readers_parts() -> None:
+    observation = parse_entry(
+        entry(
+            usage={
+                "prompt_tokens": 20,
+                "input_tokens": 20,
+                "cache_read_input_tokens": 7,
+                "completion_tokens": 9,
+            }
+        )
+    )
+    assert observation is not None
+    assert (observation.prompt_tokens, observation.completion_tokens, observation.total_tokens) == (27, 9, 36)
+
+
 async def serve(service: AccessLogService, generated_helper: bool = False) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server()
     if generated_helper:

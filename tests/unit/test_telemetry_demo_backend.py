@@ -43,6 +43,7 @@ def test_admin_config_reads_and_changes_every_knob(backend: BackendServer) -> No
         "capacity": 8,
         "error_rate": 0.0,
         "paused": False,
+        "cached_prompt_tokens": 0,
     }
     changed = httpx.post(
         url(backend, "/admin/config"),

@@ -13,10 +13,10 @@ import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2_grpc
 
-from policy_engine.envoy.bootstrap import AUTHZ_NAMESPACE, CHARGE_TAG, CHARGE_TAG_VALUE
+from policy_engine.envoy.bootstrap import AUTHZ_NAMESPACE, CHARGE_TAG, CHARGE_TAG_VALUE, usage_filters
 from policy_engine.envoy.usage_charge import UsageCharger, usage_charges
 from policy_engine.telemetry import access_log
-from policy_engine.telemetry.access_log import AccessLogService
+from policy_engine.telemetry.access_log import PROMPT_PARTS, AccessLogService
 from policy_engine.telemetry.hub import TelemetryHub
 from policy_engine.telemetry.metrics import TelemetryCollector
 from tests.unit.test_telemetry_access_log import FakeClock, entry, message, serve
@@ -59,6 +59,46 @@ def test_a_tagged_entry_charges_each_reported_kind() -> None:
     assert sorted(usage_charges(log.common_properties)) == sorted(
         [(COUNTERS, 41, "total_tokens"), ("[]", 30, "output_tokens"), ("[]", 11, "input_tokens")]
     )
+
+
+def test_the_native_readers_parts_are_added_up_as_the_lua_reader_does() -> None:
+    """Envoy's native readers cannot add: for an Anthropic-style answer they store the prompt's
+    parts (input_tokens leaves out the cached tokens) and no total; the charge adds them up."""
+    counters = {"pe_total_tokens": COUNTERS, "pe_output_tokens": "[]", "pe_input_tokens": "[]"}
+    native = {
+        "prompt_tokens": 20,  # input_tokens alone, what a rate-limit charge would read
+        "input_tokens": 20,
+        "cache_creation_input_tokens": 5,
+        "cache_read_input_tokens": 7,
+        "completion_tokens": 9,
+    }
+    expected = [(COUNTERS, 41, "total_tokens"), ("[]", 9, "output_tokens"), ("[]", 32, "input_tokens")]
+    assert sorted(usage_charges(charged_entry(native, counters=counters).common_properties)) == sorted(
+        expected
+    )
+    # What the Lua reader stores for the same answer charges the same.
+    lua = {"prompt_tokens": 32, "completion_tokens": 9, "total_tokens": 41}
+    assert sorted(usage_charges(charged_entry(lua, counters=counters).common_properties)) == sorted(expected)
+    # No cached part reported; a reported total stands; no total without both halves.
+    assert usage_charges(charged_entry({"input_tokens": 4, "completion_tokens": 3}).common_properties) == [
+        (COUNTERS, 7, "total_tokens")
+    ]
+    assert usage_charges(
+        charged_entry({"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 9}).common_properties
+    ) == [(COUNTERS, 9, "total_tokens")]
+    assert usage_charges(charged_entry({"input_tokens": 4}).common_properties) == []
+    # An unreadable part is left out rather than spoiling the prompt.
+    odd = {"input_tokens": 4, "cache_read_input_tokens": float("nan"), "completion_tokens": 3}
+    assert usage_charges(charged_entry(odd).common_properties) == [(COUNTERS, 7, "total_tokens")]
+
+
+def test_the_native_readers_store_every_part_the_charge_adds_up() -> None:
+    json_filter, sse_filter = usage_filters("native")
+    rules = json_filter["typed_config"]["response_rules"]["rules"]
+    stored = {rule["on_present"]["key"] for rule in rules}
+    assert set(PROMPT_PARTS) | {"prompt_tokens", "completion_tokens", "total_tokens"} == stored
+    sse_rules = sse_filter["typed_config"]["response_rules"]["content_parser"]["typed_config"]["rules"]
+    assert [r["rule"] for r in sse_rules] == rules
 
 
 def test_what_is_not_charged() -> None:
