@@ -19,7 +19,8 @@ the replies behind it keep their order, and the late reply is dropped when it co
 connection on which the oldest command has waited STALL_TIMEOUTS timeouts (at least
 MIN_STALL_S) is taken for dead (a half-open socket, a hung server) and dropped, failing every
 command on it, whether or not its caller still waits; the next call connects again. (Checked
-when a call times out: a dead connection with no later traffic is found by the next call.) Callers
+from the first timeout on, until the late command is answered: a dead connection is dropped
+whether or not other calls follow, so a call long after a stall never waits on it.) Callers
 arriving while a connection is being made share that one attempt, and its failure. URLs are
 read as redis-py reads them (the canary store uses redis-py with the same URL): `redis://`,
 `rediss://` (TLS) and `unix://`, with user, password and database.
@@ -127,6 +128,9 @@ class _Connection(asyncio.Protocol):
         # came when more than n replies have, whether or not its caller is still waiting.
         self.sent = 0
         self.answered = 0
+        # Set while a late command waits: drops the connection at the stall limit even if no
+        # other call comes to notice it.
+        self.watchdog: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -238,11 +242,22 @@ class RespConnection:
             return  # answered (its caller had gone)
         if not waiter.done():
             waiter.set_exception(RedisLost(f"no reply within {self._timeout_s:g} s"))
+        if connection.watchdog is None:
+            self._watch(connection)
+
+    def _watch(self, connection: _Connection) -> None:
+        """Drop the connection if its oldest command has waited the stall limit; else, while
+        that command is late, look again when it will have."""
+        connection.watchdog = None
         if not connection.open or not connection.waiting:
-            return  # already failed with the connection
+            return  # failed with the connection, or every reply came
         _, oldest = connection.waiting[0]
-        if asyncio.get_running_loop().time() - oldest >= self._stall_s:
+        loop = asyncio.get_running_loop()
+        waited = loop.time() - oldest
+        if waited >= self._stall_s:
             connection.abort(RedisLost(f"no reply for {self._stall_s:g} s: connection dropped"))
+        elif waited >= self._timeout_s:
+            connection.watchdog = loop.call_at(oldest + self._stall_s, self._watch, connection)
 
     async def _connect(self) -> _Connection:
         if self._closed:

@@ -200,9 +200,11 @@ def test_callers_arriving_together_share_one_connection_attempt(server: RedisPro
 
 
 def test_a_connection_whose_oldest_command_waits_too_long_is_dropped(server: RedisProcess) -> None:
-    """A server that stops answering (paused here; a half-open socket alike): the first
-    command's caller even gave up. Once the oldest command has waited past the stall limit, the
-    next timeout drops the connection, and the call after the pause connects anew."""
+    """A server that stops answering (paused here, for 2.5 s; a half-open socket alike): the
+    first command's caller even gave up. Once the oldest command has waited past the stall
+    limit the connection is dropped; a call during the pause connects anew and times out, and
+    its connection is dropped a stall limit later in turn; the call after the pause connects
+    anew again."""
 
     async def scenario() -> tuple[int, str]:
         admin = RespConnection(server.url, timeout_s=5.0)
@@ -224,7 +226,7 @@ def test_a_connection_whose_oldest_command_waits_too_long_is_dropped(server: Red
             await admin.close()
 
     reconnections, message = run(scenario())  # type: ignore[misc]
-    assert reconnections == 1 and "no reply within" in message
+    assert reconnections == 2 and "no reply within" in message
 
 
 def connected_clients(info: bytes) -> int:
@@ -232,6 +234,34 @@ def connected_clients(info: bytes) -> int:
         if line.startswith("connected_clients:"):
             return int(line.split(":")[1])
     raise AssertionError("no connected_clients in INFO")
+
+
+def test_a_stalled_connection_is_dropped_with_no_call_after_the_late_one(server: RedisProcess) -> None:
+    """A server that stops answering (writes paused here; a half-open socket alike) and no call
+    after the one that timed out: the connection is still dropped at the stall limit, so a call
+    however much later connects anew instead of waiting on a dead connection."""
+
+    async def scenario() -> tuple[int, int, int]:
+        admin = RespConnection(server.url, timeout_s=5.0)
+        client = RespConnection(server.url, timeout_s=0.1)  # stall limit: MIN_STALL_S, 1 s
+        try:
+            await client.call("PING")
+            before = connected_clients(await admin.call("INFO", "clients"))
+            await admin.call("CLIENT", "PAUSE", "3000", "WRITE")
+            with pytest.raises(RedisLost, match="no reply within"):
+                await client.call("INCR", "stalled")
+            await asyncio.sleep(0.5)
+            meanwhile = connected_clients(await admin.call("INFO", "clients"))
+            await asyncio.sleep(0.8)  # past the stall limit, no call meanwhile
+            after = connected_clients(await admin.call("INFO", "clients"))
+            await admin.call("CLIENT", "UNPAUSE")
+            return before, meanwhile, after
+        finally:
+            await client.close()
+            await admin.close()
+
+    before, meanwhile, after = run(scenario())  # type: ignore[misc]
+    assert meanwhile == before and after == before - 1
 
 
 def test_closing_while_connecting_fails_the_callers_and_leaves_no_connection_behind(
