@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from policy_engine.decide.pipeline import ROUTE_HEADER
 from policy_engine.decide.quota import METADATA_KEYS
-from policy_engine.telemetry.access_log import BACKEND_CLUSTER_PREFIX, USAGE_NAMESPACE
+from policy_engine.telemetry.access_log import BACKEND_CLUSTER_PREFIX, OPENAI_PROMPT, USAGE_NAMESPACE
 
 POLICY_CLUSTER = "policy-engine"
 POLICY_HTTP_CLUSTER = "policy-engine-http"
@@ -412,22 +412,26 @@ def _usage_rule(path: tuple[str, ...], key: str) -> dict[str, Any]:
 # Where the native readers find each usage field: OpenAI's chat and completions
 # (`usage.prompt_tokens`), Anthropic's Messages and OpenAI's Responses APIs
 # (`usage.input_tokens`), Anthropic's stream (the input in message_start's `message.usage`, the
-# output in message_delta's `usage`) and the Responses stream (`response.usage` when completed).
-# A field absent from an answer writes nothing, so the names of one API never clear another's.
-# These filters cannot add: `prompt_tokens` gets `input_tokens` alone (what a rate-limit charge
-# reads), and the parts of an Anthropic-style prompt (PROMPT_PARTS) are stored apart too, for the
-# service to add up when it charges from the access log (`reported_usage`), as it adds a
-# missing total.
+# output in message_delta's `usage`, or message_start's 1 when the stream ended before any) and
+# the Responses stream (`response.usage` when completed). A field absent from an answer writes
+# nothing, so the names of one API never clear another's. These filters cannot add:
+# `prompt_tokens` gets `input_tokens` alone (or OpenAI's `prompt_tokens`), which is what a
+# rate-limit charge reads; the parts of an Anthropic-style prompt (PROMPT_PARTS) and OpenAI's
+# figure (OPENAI_PROMPT, which the Lua reader prefers when an answer has both names) are stored
+# apart, for the service to combine as the Lua reader does when it charges from the access log
+# (`reported_usage`), where it also adds a missing total.
 _INPUT_PATHS = (("usage",), ("message", "usage"), ("response", "usage"))
 _ANTHROPIC_PATHS = _INPUT_PATHS[:2]  # Responses' input_tokens includes its cached tokens
 _NATIVE_USAGE_PATHS: dict[str, tuple[tuple[str, ...], ...]] = {
-    "prompt_tokens": (("usage", "prompt_tokens"), *((*path, "input_tokens") for path in _INPUT_PATHS)),
+    "prompt_tokens": (*((*path, "input_tokens") for path in _INPUT_PATHS), ("usage", "prompt_tokens")),
     "completion_tokens": (
-        ("usage", "completion_tokens"),
+        ("message", "usage", "output_tokens"),
         ("usage", "output_tokens"),
         ("response", "usage", "output_tokens"),
+        ("usage", "completion_tokens"),
     ),
     "total_tokens": (("usage", "total_tokens"), ("response", "usage", "total_tokens")),
+    OPENAI_PROMPT: (("usage", "prompt_tokens"),),
     "input_tokens": tuple((*path, "input_tokens") for path in _INPUT_PATHS),
     "cache_creation_input_tokens": tuple((*path, "cache_creation_input_tokens") for path in _ANTHROPIC_PATHS),
     "cache_read_input_tokens": tuple((*path, "cache_read_input_tokens") for path in _ANTHROPIC_PATHS),

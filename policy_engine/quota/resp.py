@@ -185,6 +185,9 @@ class _Connection(asyncio.Protocol):
 
     def _fail(self, error: Exception) -> None:
         self.open = False
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
         while self.waiting:
             waiter, _ = self.waiting.popleft()
             if not waiter.done():

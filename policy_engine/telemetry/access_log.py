@@ -64,10 +64,12 @@ ENTRIES_PER_TURN = 4
 # metadata namespace, and the prefix of the clusters that are backends.
 USAGE_NAMESPACE = "policy_engine.usage"
 BACKEND_CLUSTER_PREFIX = "backend-"
-# The parts of an Anthropic-style prompt, which Envoy's native usage readers store apart since
-# they cannot add: `input_tokens` leaves out the tokens written to and read from the prompt
-# cache. The Lua reader stores the sum itself, as `prompt_tokens`, and never these keys.
+# What Envoy's native usage readers store apart since they cannot add: the parts of an
+# Anthropic-style prompt (`input_tokens` leaves out the tokens written to and read from the
+# prompt cache), and OpenAI's `prompt_tokens`, which comes first when an answer has both. The
+# Lua reader stores the prompt itself, as `prompt_tokens`, and never these keys.
 PROMPT_PARTS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+OPENAI_PROMPT = "openai_prompt_tokens"
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
 _CONNECT_FLAGS = (
     "upstream_connection_failure",
@@ -116,7 +118,10 @@ def reported_usage(fields: Any) -> dict[str, float]:
 
     usage = {key: value for key in USAGE_KEYS if (value := number(key)) is not None}
     parts = [number(key) for key in PROMPT_PARTS]
-    if parts[0] is not None:
+    openai = number(OPENAI_PROMPT)
+    if openai is not None:
+        usage["prompt_tokens"] = openai
+    elif parts[0] is not None:
         usage["prompt_tokens"] = sum(part for part in parts if part is not None)
     if "total_tokens" not in usage and "prompt_tokens" in usage and "completion_tokens" in usage:
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]

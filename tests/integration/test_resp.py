@@ -200,7 +200,7 @@ def test_callers_arriving_together_share_one_connection_attempt(server: RedisPro
 
 
 def test_a_connection_whose_oldest_command_waits_too_long_is_dropped(server: RedisProcess) -> None:
-    """A server that stops answering (paused here, for 2.5 s; a half-open socket alike): the
+    """A server that stops answering (paused here, for 3.5 s; a half-open socket alike): the
     first command's caller even gave up. Once the oldest command has waited past the stall
     limit the connection is dropped; a call during the pause connects anew and times out, and
     its connection is dropped a stall limit later in turn; the call after the pause connects
@@ -212,7 +212,9 @@ def test_a_connection_whose_oldest_command_waits_too_long_is_dropped(server: Red
         try:
             await client.call("PING")
             before = connections_received(await admin.call("INFO", "stats"))
-            await admin.call("CLIENT", "PAUSE", "2500", "ALL")
+            # The pause outlasts the second connection's stall limit (~2.2 s) by over a second:
+            # under ALL, even the UNPAUSE below waits for its end.
+            await admin.call("CLIENT", "PAUSE", "3500", "ALL")
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(client.call("INCR", "given-up"), 0.05)
             await asyncio.sleep(1.1)

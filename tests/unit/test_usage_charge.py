@@ -16,7 +16,7 @@ from envoy.service.accesslog.v3 import als_pb2_grpc
 from policy_engine.envoy.bootstrap import AUTHZ_NAMESPACE, CHARGE_TAG, CHARGE_TAG_VALUE, usage_filters
 from policy_engine.envoy.usage_charge import UsageCharger, usage_charges
 from policy_engine.telemetry import access_log
-from policy_engine.telemetry.access_log import PROMPT_PARTS, AccessLogService
+from policy_engine.telemetry.access_log import OPENAI_PROMPT, PROMPT_PARTS, AccessLogService
 from policy_engine.telemetry.hub import TelemetryHub
 from policy_engine.telemetry.metrics import TelemetryCollector
 from tests.unit.test_telemetry_access_log import FakeClock, entry, message, serve
@@ -87,6 +87,11 @@ def test_the_native_readers_parts_are_added_up_as_the_lua_reader_does() -> None:
         charged_entry({"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 9}).common_properties
     ) == [(COUNTERS, 9, "total_tokens")]
     assert usage_charges(charged_entry({"input_tokens": 4}).common_properties) == []
+    # An answer with both names: OpenAI's prompt_tokens, as the Lua reader prefers it.
+    both = {OPENAI_PROMPT: 12, "prompt_tokens": 12, "input_tokens": 10, "cache_read_input_tokens": 7}
+    assert usage_charges(charged_entry({**both, "completion_tokens": 3}).common_properties) == [
+        (COUNTERS, 15, "total_tokens")
+    ]
     # An unreadable part is left out rather than spoiling the prompt.
     odd = {"input_tokens": 4, "cache_read_input_tokens": float("nan"), "completion_tokens": 3}
     assert usage_charges(charged_entry(odd).common_properties) == [(COUNTERS, 7, "total_tokens")]
@@ -96,7 +101,7 @@ def test_the_native_readers_store_every_part_the_charge_adds_up() -> None:
     json_filter, sse_filter = usage_filters("native")
     rules = json_filter["typed_config"]["response_rules"]["rules"]
     stored = {rule["on_present"]["key"] for rule in rules}
-    assert set(PROMPT_PARTS) | {"prompt_tokens", "completion_tokens", "total_tokens"} == stored
+    assert set(PROMPT_PARTS) | {OPENAI_PROMPT, "prompt_tokens", "completion_tokens", "total_tokens"} == stored
     sse_rules = sse_filter["typed_config"]["response_rules"]["content_parser"]["typed_config"]["rules"]
     assert [r["rule"] for r in sse_rules] == rules
 
