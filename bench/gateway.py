@@ -46,6 +46,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -353,6 +354,8 @@ def main() -> None:
         "µs of CPU per request (a decision's cost without a decision)",
     )
     args = parser.parse_args()
+    # A SIGTERM (a timeout, a stopped run) unwinds like Ctrl-C: every process started here stops.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if shutil.which("wrk") is None:

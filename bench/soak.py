@@ -18,6 +18,7 @@ import asyncio
 import json
 import platform
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -130,6 +131,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=30.0, help="seconds before the start RSS sample")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
+    # A SIGTERM (a timeout, a stopped run) unwinds like Ctrl-C: every process started here stops.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     import subprocess
 
