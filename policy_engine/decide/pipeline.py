@@ -20,7 +20,7 @@ from policy_engine.cel.library import stable_bucket
 from policy_engine.decide.activation import MessageBuilder, RequestView, decision_time
 from policy_engine.decide.attributes import LlmRequest, RequestAttributes, llm_request, parse_body
 from policy_engine.decide.decision import Decision, FiredRule, QuotaCheck
-from policy_engine.decide.quota import longest_wait, outcome, rate_headers, tightest, token_metadata
+from policy_engine.decide.quota import outcome, quota_headers, token_metadata
 from policy_engine.decide.secrets import credentials, scrub
 from policy_engine.decide.tenants import Tenant
 from policy_engine.policy import bundle as b
@@ -285,11 +285,9 @@ class Pipeline:
                 if not policy.dry_run:
                     run.quota.extend(checks)
                 if exceeded:
-                    headers = rate_headers(longest_wait(exceeded), denied=True)
-                    self._deny(run, policy, limit.name, limit.denial, headers)
-        best = tightest(run.quota)
-        if best is not None:
-            run.response.update(rate_headers(best, denied=False))
+                    # Every budget checked so far (a dry-run policy's refusal raises nothing).
+                    self._deny(run, policy, limit.name, limit.denial, quota_headers(run.quota, exceeded))
+        run.response.update(quota_headers(run.quota))
 
     def _quota_keys(self, run: _Run, policy: b.QuotaPolicy) -> list[str | None]:
         """The counter key of each limit that applies (None where it does not)."""

@@ -30,16 +30,58 @@ def outcome(kind: str, limit: int, used: int, cost: int) -> tuple[bool, int]:
     return False, limit - used - (cost if is_request else 0)
 
 
-def rate_headers(check: QuotaCheck, denied: bool) -> dict[str, str]:
-    reset = max(0, math.ceil(check.reset_s))
-    headers = {
-        "x-ratelimit-limit": str(check.limit),
-        "x-ratelimit-remaining": str(0 if denied else check.remaining),
-        "x-ratelimit-reset": str(reset),
-    }
-    if denied:
+def quota_headers(checks: Sequence[QuotaCheck], exceeded: Sequence[QuotaCheck] = ()) -> dict[str, str]:
+    """The rate-limit headers of an answer, from its quota checks and those `exceeded` (a 429).
+
+    `x-ratelimit-limit`, `-remaining` and `-reset` (seconds) describe one budget: on a 429 the
+    exceeded one that frees last (`retry-after` and, for OpenAI's clients, `retry-after-ms` say
+    when to retry), else the one with the least of its budget left. OpenAI's own pair of sets,
+    which its SDKs and most LLM clients read to pace themselves, says the same per kind:
+    `x-ratelimit-{limit,remaining,reset}-requests` for the request budgets and `-tokens` for the
+    token budgets, the reset as a duration (`1s`, `6m0s`)."""
+    headers: dict[str, str] = {}
+    binding = longest_wait(exceeded) if exceeded else tightest(checks)
+    if binding is None:
+        return headers
+    reset = max(0, math.ceil(binding.reset_s))
+    headers["x-ratelimit-limit"] = str(binding.limit)
+    headers["x-ratelimit-remaining"] = str(0 if exceeded else binding.remaining)
+    headers["x-ratelimit-reset"] = str(reset)
+    if exceeded:
         headers["retry-after"] = str(max(1, reset))
+        headers["retry-after-ms"] = str(max(1, _milliseconds(binding.reset_s)))
+    for suffix, requests in (("requests", True), ("tokens", False)):
+        over = [c for c in exceeded if (c.kind == "requests") is requests]
+        check = (
+            longest_wait(over)
+            if over
+            else tightest([c for c in checks if (c.kind == "requests") is requests])
+        )
+        if check is not None:
+            headers[f"x-ratelimit-limit-{suffix}"] = str(check.limit)
+            headers[f"x-ratelimit-remaining-{suffix}"] = str(0 if over else check.remaining)
+            headers[f"x-ratelimit-reset-{suffix}"] = duration(check.reset_s)
     return headers
+
+
+def _milliseconds(seconds: float) -> int:
+    """Whole milliseconds, rounded up (never early), but not by a float's error (12.2 s is
+    12200 ms, not 12201)."""
+    return max(0, math.ceil(round(seconds * 1000, 6)))
+
+
+def duration(seconds: float) -> str:
+    """A duration as OpenAI's rate-limit headers write it (Go's): `250ms`, `1.5s`, `6m0s`,
+    `1h0m0s`."""
+    milliseconds = _milliseconds(seconds)
+    if milliseconds < 1000:
+        return f"{milliseconds}ms"
+    hours, rest = divmod(milliseconds, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    text = f"{rest / 1000:.3f}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{hours}h{minutes}m{text}"
+    return f"{minutes}m{text}" if minutes else text
 
 
 def tightest(checks: Sequence[QuotaCheck]) -> QuotaCheck | None:
@@ -88,7 +130,7 @@ _TOKEN_METADATA_KEYS = frozenset(METADATA_KEYS.values())
 
 
 def _without_rate_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if not k.startswith("x-ratelimit-") and k != "retry-after"}
+    return {k: v for k, v in headers.items() if not k.startswith(("x-ratelimit-", "retry-after"))}
 
 
 _AFTER_QUOTA = frozenset({"canary", "stable", "route"})  # effects of the canary and routing stages
@@ -117,16 +159,14 @@ def settle(
     over = [c for c in checks if c.exceeded]
     refused = over[0] if over else None
     if admitted or refused is None:
-        best = tightest(checks)
-        if best is not None:
-            headers.update(rate_headers(best, denied=False))
+        headers.update(quota_headers(checks))
         metadata = decision.dynamic_metadata
         if at is not None:
             metadata = _with_token_metadata(metadata, token_metadata(checks, reserved_at=at))
         return dataclasses.replace(
             decision, quota=tuple(checks), response_headers=headers, dynamic_metadata=metadata
         )
-    headers.update(rate_headers(longest_wait(over), denied=True))
+    headers.update(quota_headers(checks, over))
     # As if the quota stage had refused: its rule fired `deny`, and nothing after it ran (later
     # quota limits, the canary and routing stages).
     fired: list[FiredRule] = []

@@ -272,6 +272,7 @@ _HTTP_AUTHZ_RESPONSE = {
         "patterns": [
             {"exact": "content-type"},
             {"exact": "retry-after"},
+            {"exact": "retry-after-ms"},
             {"prefix": "x-ratelimit-"},
             {"prefix": "x-pe-"},
         ]

@@ -48,8 +48,12 @@ Stages run in this order; the first enforced denial ends the run:
    are charged after the response; the estimate is reserved now). The 429 carries
    `x-ratelimit-limit`, `x-ratelimit-remaining`, `x-ratelimit-reset` and `retry-after`: the
    seconds until the request would be admitted without other traffic, however far real token
-   usage overshot the budget (up to two windows with `sliding`); allowed answers carry the
-   first three for the tightest budget (reset: until one unit is freed).
+   usage overshot the budget (up to two windows with `sliding`), for the exceeded budget that
+   frees last; allowed answers carry the first three for the tightest budget (reset: until one
+   unit is freed). Both also carry OpenAI's headers, which its SDKs and most LLM clients read:
+   `x-ratelimit-limit-requests`, `x-ratelimit-remaining-requests`, `x-ratelimit-reset-requests`
+   and the same with `-tokens`, for the request and the token budget that bind (reset as a
+   duration: `1s`, `6m0s`), and on a 429 `retry-after-ms`.
 5. **canary**: each applicable `CanaryPolicy` assigns `canary` or `stable`, sticky by a hash of
    `sticky_key` and the current weight, sets its `header` to the chosen backend name and records the
    variant in the `canary` map that routing conditions can read.

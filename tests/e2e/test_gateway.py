@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -132,6 +133,10 @@ def test_request_quota_gives_429_with_rate_limit_headers(fresh_example_gateway: 
         assert ok.status_code == 200, ok.text
         assert ok.headers["x-ratelimit-limit"] == "20"
         remaining.append(int(ok.headers["x-ratelimit-remaining"]))
+        # OpenAI's headers, per kind: the request budget, and the token budget (20,000 an hour).
+        assert ok.headers["x-ratelimit-remaining-requests"] == ok.headers["x-ratelimit-remaining"]
+        assert ok.headers["x-ratelimit-limit-tokens"] == "20000"
+        assert re.fullmatch(r"([0-9]+m)?[0-9.]+s|[0-9]+ms", ok.headers["x-ratelimit-reset-requests"])
     assert remaining == list(range(19, -1, -1))
     refused = httpx.post(url, json=CHAT, headers=FREE)
     assert refused.status_code == 429
@@ -139,6 +144,9 @@ def test_request_quota_gives_429_with_rate_limit_headers(fresh_example_gateway: 
     assert refused.headers["x-ratelimit-remaining"] == "0"
     assert 1 <= int(refused.headers["retry-after"]) <= 60
     assert int(refused.headers["x-ratelimit-reset"]) <= 60
+    assert 1 <= int(refused.headers["retry-after-ms"]) <= 60_000
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert int(refused.headers["x-ratelimit-remaining-tokens"]) > 0  # not what refused
     body = json.loads(refused.text)
     assert body["error"]["code"] == "rate_limit_exceeded" and body["error"]["type"] == "rate_limit_error"
     # Another tenant is not affected.

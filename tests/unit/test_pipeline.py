@@ -161,11 +161,18 @@ def test_quota_counters_metadata_and_headers(tmp_path: Path) -> None:
     assert json.loads(metadata["pe_output_tokens"]) == [["q/toks/output_tokens/t1", 30]]
     assert json.loads(metadata["pe_input_tokens"]) == [["q/toks/input_tokens/t1", decision.quota[1].cost]]
     assert metadata["pe_tenant"] == "t1" and "pe_total_tokens" not in metadata
-    # The tightest budget (requests: 2 of 5 used, this one makes 3) is reported.
+    # The tightest budget (requests: 2 of 5 used, this one makes 3) is reported, and per kind
+    # in OpenAI's headers (tokens: input 10 of 100 used, the tighter of the two).
     assert decision.response_headers == {
         "x-ratelimit-limit": "5",
         "x-ratelimit-remaining": "2",
         "x-ratelimit-reset": "13",
+        "x-ratelimit-limit-requests": "5",
+        "x-ratelimit-remaining-requests": "2",
+        "x-ratelimit-reset-requests": "12.2s",
+        "x-ratelimit-limit-tokens": "100",
+        "x-ratelimit-remaining-tokens": "90",
+        "x-ratelimit-reset-tokens": "12.2s",
     }
 
 
@@ -198,6 +205,40 @@ def test_a_429_says_when_every_exceeded_budget_has_room(tmp_path: Path) -> None:
     assert (refused.status, refused.reason) == (429, "rate_limit_exceeded")
     assert refused.response_headers["retry-after"] == "1170"
     assert refused.response_headers["x-ratelimit-limit"] == "100"  # the input budget's
+    # OpenAI's headers: per kind, the exceeded budget that frees last, and the wait in ms.
+    assert {k: v for k, v in refused.response_headers.items() if k.startswith(("x-ratelimit-", "retry"))} == {
+        "x-ratelimit-limit": "100",
+        "x-ratelimit-remaining": "0",
+        "x-ratelimit-reset": "1170",
+        "retry-after": "1170",
+        "retry-after-ms": "1170000",
+        "x-ratelimit-limit-requests": "5",
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "30s",
+        "x-ratelimit-limit-tokens": "100",
+        "x-ratelimit-remaining-tokens": "0",
+        "x-ratelimit-reset-tokens": "19m30s",
+    }
+
+
+def test_openai_headers_on_a_429_of_one_kind_describe_the_other_kind_as_it_stands(tmp_path: Path) -> None:
+    p = pipeline(tmp_path, access("a", ALLOW_ALL), QUOTA)
+    usage = StaticUsage({"q/reqs": {"requests": 3}, "q/toks": {"output_tokens": 50}})
+    decision = p.decide(chat(), quota=usage)
+    assert (decision.allowed, decision.status) == (False, 429)
+    headers = decision.response_headers
+    assert (headers["x-ratelimit-limit-tokens"], headers["x-ratelimit-remaining-tokens"]) == ("50", "0")
+    # The request budget was not what refused: 3 of 5 used, this request would have made 4.
+    assert (headers["x-ratelimit-limit-requests"], headers["x-ratelimit-remaining-requests"]) == ("5", "1")
+    assert headers["retry-after-ms"] == str(int(headers["retry-after"]) * 1000)
+
+
+def test_openai_reset_durations_are_written_as_openai_writes_them() -> None:
+    from policy_engine.decide.quota import duration
+
+    cases = {0.0: "0ms", 0.2504: "251ms", 12.2: "12.2s", 59.9991: "1m0s", 60: "1m0s", 360: "6m0s"}
+    cases |= {3723.5: "1h2m3.5s", 86400: "24h0m0s", 1.0: "1s", 0.9999: "1s", -3: "0ms"}
+    assert {seconds: duration(seconds) for seconds in cases} == cases
 
 
 def test_output_token_budget_spent(tmp_path: Path) -> None:
