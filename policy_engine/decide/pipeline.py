@@ -20,7 +20,7 @@ from policy_engine.cel.library import stable_bucket
 from policy_engine.decide.activation import MessageBuilder, RequestView, decision_time
 from policy_engine.decide.attributes import LlmRequest, RequestAttributes, llm_request, parse_body
 from policy_engine.decide.decision import Decision, FiredRule, QuotaCheck
-from policy_engine.decide.quota import outcome, quota_headers, token_metadata
+from policy_engine.decide.quota import outcome, quota_headers, token_metadata, without_rate_headers
 from policy_engine.decide.secrets import credentials, scrub
 from policy_engine.decide.tenants import Tenant
 from policy_engine.policy import bundle as b
@@ -140,7 +140,10 @@ class Pipeline:
             self._canary(run, canary_weights)
             self._routing(run)
         except _Denied as denied:
-            run.response.update(denied.headers)
+            # The quota stage's headers describe an admission this denial undoes (and in the
+            # service, a view of no usage, before the store settles): only a quota denial,
+            # whose own headers these are, carries any.
+            run.response = {**without_rate_headers(run.response), **denied.headers}
             return self._finish(run, allowed=False, denial=denied.denial)
         return self._finish(run, allowed=True, denial=None)
 

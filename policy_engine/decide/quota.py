@@ -17,6 +17,17 @@ from policy_engine.decide.decision import Decision, FiredRule, QuotaCheck
 from policy_engine.quota.store import CounterState, exceeds
 
 TOKEN_KINDS = ("input_tokens", "output_tokens", "total_tokens")
+# Every x-ratelimit-* header quota_headers writes: the gateway removes them from the backends'
+# answers (a hosted API's own describe its account, not the tenant's budgets), so a client never
+# gets two values.
+RATE_LIMIT_HEADERS = tuple(
+    f"x-ratelimit-{field}{kind}"
+    for kind in ("", "-requests", "-tokens")
+    for field in ("limit", "remaining", "reset")
+)
+# The longest retry-after OpenAI's SDKs (Python, Node) wait for; a longer one gets
+# `x-should-retry: false`.
+SDK_RETRY_LIMIT_S = 60.0
 # Keys of the ext_authz dynamic metadata that Envoy's rate-limit actions read after the
 # response: per token kind, the counters to charge and what was reserved on each.
 METADATA_KEYS = {kind: f"pe_{kind}" for kind in TOKEN_KINDS}
@@ -27,7 +38,9 @@ def outcome(kind: str, limit: int, used: int, cost: int) -> tuple[bool, int]:
     is_request = kind == "requests"
     if exceeds(used, cost, limit, refuse_at_limit=not is_request):
         return True, 0
-    return False, limit - used - (cost if is_request else 0)
+    # What is left once this request is counted: its tokens' estimate is reserved as it is
+    # admitted, and may overshoot a token budget's last units (admitted while used < limit).
+    return False, max(0, limit - used - cost)
 
 
 def quota_headers(checks: Sequence[QuotaCheck], exceeded: Sequence[QuotaCheck] = ()) -> dict[str, str]:
@@ -39,7 +52,28 @@ def quota_headers(checks: Sequence[QuotaCheck], exceeded: Sequence[QuotaCheck] =
     which its SDKs and most LLM clients read to pace themselves, says the same per kind:
     `x-ratelimit-{limit,remaining,reset}-requests` for the request budgets and `-tokens` for the
     token budgets, the reset as a duration (`1s`, `6m0s`)."""
+    # One pass over the checks, without a list per kind: this runs for every allowed request.
+    requests = tokens = None
+    for check in exceeded or checks:
+        if check.kind == "requests":
+            if requests is None or _binds_before(check, requests, exceeded):
+                requests = check
+        elif tokens is None or _binds_before(check, tokens, exceeded):
+            tokens = check
+    if exceeded:  # a kind none of whose budgets refused: how it stands
+        if requests is None:
+            requests = tightest([c for c in checks if c.kind == "requests"])
+        elif tokens is None:
+            tokens = tightest([c for c in checks if c.kind != "requests"])
     headers: dict[str, str] = {}
+    if requests is not None:
+        headers["x-ratelimit-limit-requests"] = str(requests.limit)
+        headers["x-ratelimit-remaining-requests"] = str(_left(requests, bool(exceeded)))
+        headers["x-ratelimit-reset-requests"] = duration(requests.reset_s)
+    if tokens is not None:
+        headers["x-ratelimit-limit-tokens"] = str(tokens.limit)
+        headers["x-ratelimit-remaining-tokens"] = str(_left(tokens, bool(exceeded)))
+        headers["x-ratelimit-reset-tokens"] = duration(tokens.reset_s)
     binding = longest_wait(exceeded) if exceeded else tightest(checks)
     if binding is None:
         return headers
@@ -50,24 +84,33 @@ def quota_headers(checks: Sequence[QuotaCheck], exceeded: Sequence[QuotaCheck] =
     if exceeded:
         headers["retry-after"] = str(max(1, reset))
         headers["retry-after-ms"] = str(max(1, _milliseconds(binding.reset_s)))
-    for suffix, requests in (("requests", True), ("tokens", False)):
-        over = [c for c in exceeded if (c.kind == "requests") is requests]
-        check = (
-            longest_wait(over)
-            if over
-            else tightest([c for c in checks if (c.kind == "requests") is requests])
-        )
-        if check is not None:
-            headers[f"x-ratelimit-limit-{suffix}"] = str(check.limit)
-            headers[f"x-ratelimit-remaining-{suffix}"] = str(0 if over else check.remaining)
-            headers[f"x-ratelimit-reset-{suffix}"] = duration(check.reset_s)
+        if binding.reset_s > SDK_RETRY_LIMIT_S:
+            # OpenAI's SDKs honour a retry-after of up to a minute; beyond it they retry on
+            # their own backoff, into the same 429. This tells them not to.
+            headers["x-should-retry"] = "false"
     return headers
+
+
+def _left(check: QuotaCheck, refused: bool) -> int:
+    """A budget's remaining units as the answer leaves it: none if it is exceeded; on a 429,
+    which charges nothing, all it had; else what is left once this request is counted."""
+    if check.exceeded:
+        return 0
+    return max(0, check.limit - check.used) if refused else check.remaining
+
+
+def _binds_before(check: QuotaCheck, other: QuotaCheck, exceeded: Sequence[QuotaCheck]) -> bool:
+    """Whether `check` describes a kind better than `other`: among exceeded budgets the one that
+    frees later (longest_wait), else the one with the smaller fraction left (tightest)."""
+    if exceeded:
+        return check.reset_s > other.reset_s
+    return check.remaining * other.limit < other.remaining * check.limit
 
 
 def _milliseconds(seconds: float) -> int:
     """Whole milliseconds, rounded up (never early), but not by a float's error (12.2 s is
     12200 ms, not 12201)."""
-    return max(0, math.ceil(round(seconds * 1000, 6)))
+    return max(0, math.ceil(seconds * 1000 - 1e-6))
 
 
 def duration(seconds: float) -> str:
@@ -76,12 +119,13 @@ def duration(seconds: float) -> str:
     milliseconds = _milliseconds(seconds)
     if milliseconds < 1000:
         return f"{milliseconds}ms"
-    hours, rest = divmod(milliseconds, 3_600_000)
-    minutes, rest = divmod(rest, 60_000)
-    text = f"{rest / 1000:.3f}".rstrip("0").rstrip(".") + "s"
-    if hours:
-        return f"{hours}h{minutes}m{text}"
-    return f"{minutes}m{text}" if minutes else text
+    whole, fraction = divmod(milliseconds, 1000)
+    minutes, whole = divmod(whole, 60)
+    text = f"{whole}s" if not fraction else f"{whole}.{fraction:03d}".rstrip("0") + "s"
+    if not minutes:
+        return text
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes}m{text}" if hours else f"{minutes}m{text}"
 
 
 def tightest(checks: Sequence[QuotaCheck]) -> QuotaCheck | None:
@@ -129,8 +173,12 @@ def _with_token_metadata(metadata: Mapping[str, str], tokens: Mapping[str, str])
 _TOKEN_METADATA_KEYS = frozenset(METADATA_KEYS.values())
 
 
-def _without_rate_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if not k.startswith(("x-ratelimit-", "retry-after"))}
+def without_rate_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """`headers` without the quota headers (quota_headers)."""
+    return {k: v for k, v in headers.items() if not k.startswith(_RATE_HEADER_PREFIXES)}
+
+
+_RATE_HEADER_PREFIXES = ("x-ratelimit-", "retry-after", "x-should-retry")
 
 
 _AFTER_QUOTA = frozenset({"canary", "stable", "route"})  # effects of the canary and routing stages
@@ -155,7 +203,7 @@ def settle(
                 check, used=state.used, reset_s=state.reset_s, exceeded=exceeded, remaining=remaining
             )
         )
-    headers = _without_rate_headers(decision.response_headers)
+    headers = without_rate_headers(decision.response_headers)
     over = [c for c in checks if c.exceeded]
     refused = over[0] if over else None
     if admitted or refused is None:
@@ -206,7 +254,7 @@ def store_failed(
         return dataclasses.replace(
             decision,
             errors=errors,
-            response_headers=_without_rate_headers(decision.response_headers),
+            response_headers=without_rate_headers(decision.response_headers),
             dynamic_metadata=_with_token_metadata(
                 decision.dynamic_metadata, token_metadata(decision.quota, reserved_at=at, reserved=kept)
             ),

@@ -46,6 +46,16 @@ E2E_BUCKETS = (
 _POLL_S = 0.05
 
 
+PROVIDER_RATE_HEADERS = {
+    "x-ratelimit-limit-requests": "10000",
+    "x-ratelimit-remaining-requests": "9999",
+    "x-ratelimit-reset-requests": "6ms",
+    "x-ratelimit-limit-tokens": "2000000",
+    "x-ratelimit-remaining-tokens": "1999000",
+    "x-ratelimit-reset-tokens": "30ms",
+}
+
+
 @dataclass
 class BackendBehaviour:
     completion_tokens: int = 20
@@ -58,6 +68,9 @@ class BackendBehaviour:
     # Prompt tokens an Anthropic-style answer reports as read from its prompt cache
     # (`cache_read_input_tokens`), on top of `input_tokens`, which leaves them out.
     cached_prompt_tokens: int = 0
+    # Answer JSON with a hosted API's own rate-limit headers (its account's limits), as OpenAI's
+    # API does: the gateway answers with its tenants' budgets instead.
+    provider_rate_headers: bool = False
 
 
 class _Metrics:
@@ -292,6 +305,9 @@ def _handler(backend: BackendServer) -> type[BaseHTTPRequestHandler]:
             self.send_header("content-type", content_type)
             self.send_header("content-length", str(len(body)))
             self.send_header("x-backend", backend.name)
+            if backend.behaviour.provider_rate_headers:
+                for name, value in PROVIDER_RATE_HEADERS.items():
+                    self.send_header(name, value)
             self.end_headers()
             self.wfile.write(body)
 

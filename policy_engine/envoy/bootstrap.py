@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from policy_engine.decide.pipeline import ROUTE_HEADER
-from policy_engine.decide.quota import METADATA_KEYS
+from policy_engine.decide.quota import METADATA_KEYS, RATE_LIMIT_HEADERS
 from policy_engine.telemetry.access_log import BACKEND_CLUSTER_PREFIX, OPENAI_PROMPT, USAGE_NAMESPACE
 
 POLICY_CLUSTER = "policy-engine"
@@ -273,6 +273,7 @@ _HTTP_AUTHZ_RESPONSE = {
             {"exact": "content-type"},
             {"exact": "retry-after"},
             {"exact": "retry-after-ms"},
+            {"exact": "x-should-retry"},
             {"prefix": "x-ratelimit-"},
             {"prefix": "x-pe-"},
         ]
@@ -517,6 +518,8 @@ def bootstrap(config: GatewayConfig) -> dict[str, Any]:
             },
             # A compressed answer would hide its usage from the usage reader: never charged.
             "request_headers_to_remove": ["accept-encoding"],
+            # Before ext_authz adds the service's: one value each, the tenant's.
+            "response_headers_to_remove": list(RATE_LIMIT_HEADERS),
         }
         for name in sorted(config.backends)
     ]

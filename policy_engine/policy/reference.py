@@ -49,11 +49,16 @@ Stages run in this order; the first enforced denial ends the run:
    `x-ratelimit-limit`, `x-ratelimit-remaining`, `x-ratelimit-reset` and `retry-after`: the
    seconds until the request would be admitted without other traffic, however far real token
    usage overshot the budget (up to two windows with `sliding`), for the exceeded budget that
-   frees last; allowed answers carry the first three for the tightest budget (reset: until one
-   unit is freed). Both also carry OpenAI's headers, which its SDKs and most LLM clients read:
+   frees last; allowed answers carry the first three for the tightest budget (remaining: once
+   this request and its token estimate are counted; reset: until one unit is freed). Both also
+   carry OpenAI's headers, which its SDKs and most LLM clients read:
    `x-ratelimit-limit-requests`, `x-ratelimit-remaining-requests`, `x-ratelimit-reset-requests`
-   and the same with `-tokens`, for the request and the token budget that bind (reset as a
-   duration: `1s`, `6m0s`), and on a 429 `retry-after-ms`.
+   and the same with `-tokens`, for the request budget and the token budget (the tightest of
+   input, output and total, whichever window) that bind (reset as a duration: `1s`, `6m0s`),
+   and on a 429 `retry-after-ms`, plus `x-should-retry: false` when the wait is over a minute
+   (OpenAI's SDKs would otherwise retry on their own backoff into the same 429). A denial by a
+   later stage (no backend, a shed request) carries none of them. The gateway removes these
+   headers from the backends' answers (a hosted API sends its own account's).
 5. **canary**: each applicable `CanaryPolicy` assigns `canary` or `stable`, sticky by a hash of
    `sticky_key` and the current weight, sets its `header` to the chosen backend name and records the
    variant in the `canary` map that routing conditions can read.

@@ -124,6 +124,26 @@ def clear_of_a_minute_boundary(margin_s: float = 15.0) -> None:
         time.sleep(left + 0.2)
 
 
+def test_a_providers_own_rate_limit_headers_give_way_to_the_tenants(fresh_example_gateway: Gateway) -> None:
+    """A hosted API answers with its account's limits in OpenAI's headers; the client gets one
+    value of each, its tenant's budget (Envoy's HTTP ext_authz would append, its gRPC one
+    overwrite)."""
+    for backend in fresh_example_gateway.backends.values():
+        backend.behaviour.provider_rate_headers = True
+    ok = httpx.post(f"{fresh_example_gateway.url}/v1/chat/completions", json=CHAT, headers=FREE)
+    assert ok.status_code == 200, ok.text
+    for name in (
+        "limit-requests",
+        "remaining-requests",
+        "reset-requests",
+        "limit-tokens",
+        "remaining-tokens",
+    ):
+        assert len(ok.headers.get_list(f"x-ratelimit-{name}")) == 1, name
+    assert ok.headers["x-ratelimit-limit-requests"] == "20"
+    assert ok.headers["x-ratelimit-limit-tokens"] == "20000"
+
+
 def test_request_quota_gives_429_with_rate_limit_headers(fresh_example_gateway: Gateway) -> None:
     url = f"{fresh_example_gateway.url}/v1/chat/completions"
     clear_of_a_minute_boundary()

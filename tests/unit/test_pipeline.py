@@ -162,7 +162,8 @@ def test_quota_counters_metadata_and_headers(tmp_path: Path) -> None:
     assert json.loads(metadata["pe_input_tokens"]) == [["q/toks/input_tokens/t1", decision.quota[1].cost]]
     assert metadata["pe_tenant"] == "t1" and "pe_total_tokens" not in metadata
     # The tightest budget (requests: 2 of 5 used, this one makes 3) is reported, and per kind
-    # in OpenAI's headers (tokens: input 10 of 100 used, the tighter of the two).
+    # in OpenAI's headers: what is left once this request's estimate is reserved (tokens: the
+    # output budget, 30 of 50 reserved, is tighter than the input one, 10 used + 40 of 100).
     assert decision.response_headers == {
         "x-ratelimit-limit": "5",
         "x-ratelimit-remaining": "2",
@@ -170,10 +171,11 @@ def test_quota_counters_metadata_and_headers(tmp_path: Path) -> None:
         "x-ratelimit-limit-requests": "5",
         "x-ratelimit-remaining-requests": "2",
         "x-ratelimit-reset-requests": "12.2s",
-        "x-ratelimit-limit-tokens": "100",
-        "x-ratelimit-remaining-tokens": "90",
+        "x-ratelimit-limit-tokens": "50",
+        "x-ratelimit-remaining-tokens": "20",
         "x-ratelimit-reset-tokens": "12.2s",
     }
+    assert [q.remaining for q in decision.quota] == [2, 50, 20]
 
 
 def test_a_store_refusal_reads_like_a_quota_stage_refusal(tmp_path: Path) -> None:
@@ -228,9 +230,22 @@ def test_openai_headers_on_a_429_of_one_kind_describe_the_other_kind_as_it_stand
     assert (decision.allowed, decision.status) == (False, 429)
     headers = decision.response_headers
     assert (headers["x-ratelimit-limit-tokens"], headers["x-ratelimit-remaining-tokens"]) == ("50", "0")
-    # The request budget was not what refused: 3 of 5 used, this request would have made 4.
-    assert (headers["x-ratelimit-limit-requests"], headers["x-ratelimit-remaining-requests"]) == ("5", "1")
+    # The request budget was not what refused, and a 429 charges nothing: 3 of 5 used, 2 left.
+    assert (headers["x-ratelimit-limit-requests"], headers["x-ratelimit-remaining-requests"]) == ("5", "2")
     assert headers["retry-after-ms"] == str(int(headers["retry-after"]) * 1000)
+    # Waiting an hour: OpenAI's SDKs, which retry on their own backoff past a minute, are told not to.
+    assert int(headers["retry-after"]) > 60 and headers["x-should-retry"] == "false"
+
+
+def test_a_denial_after_the_quota_stage_carries_no_quota_headers(tmp_path: Path) -> None:
+    """The quota stage passed, then routing found no backend: the quota headers described an
+    admission this 503 undoes (in the service, a view of no usage the store never settled)."""
+    routing = "kind: RoutingPolicy\nmetadata: {name: r}\nspec: {routes: [{name: all, candidates: [b1]}]}\n"
+    p = pipeline(tmp_path, access("a", ALLOW_ALL), QUOTA, routing)
+    unavailable = p.decide(chat(), quota=Recording({"requests": 2}))
+    assert (unavailable.allowed, unavailable.status) == (False, 503)
+    assert unavailable.quota  # the budgets were checked
+    assert not [k for k in unavailable.response_headers if k.startswith(("x-ratelimit", "retry-after-ms"))]
 
 
 def test_openai_reset_durations_are_written_as_openai_writes_them() -> None:

@@ -44,6 +44,7 @@ def test_admin_config_reads_and_changes_every_knob(backend: BackendServer) -> No
         "error_rate": 0.0,
         "paused": False,
         "cached_prompt_tokens": 0,
+        "provider_rate_headers": False,
     }
     changed = httpx.post(
         url(backend, "/admin/config"),
