@@ -125,8 +125,9 @@ def test_a_killed_worker_is_replaced_while_the_other_serves(tmp_path: object) ->
                 client.post(f"{envoy.url}/v1/chat/completions", json=CHAT, headers=PRO).status_code
                 for _ in range(10)
             ]
-        # Envoy may have had a request in flight on the killed worker; the survivor takes the rest.
-        assert statuses.count(200) >= 9, statuses
+        # Each of Envoy's two worker threads may hold a connection to the killed worker that it
+        # has not yet seen close: the first request on it fails. The survivor takes the rest.
+        assert statuses.count(200) >= 8, statuses
 
         def replaced() -> bool:
             now = worker_pids(service.process.pid)
