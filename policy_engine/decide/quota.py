@@ -25,9 +25,9 @@ RATE_LIMIT_HEADERS = tuple(
     for kind in ("", "-requests", "-tokens")
     for field in ("limit", "remaining", "reset")
 )
-# The longest retry-after OpenAI's SDKs (Python, Node) wait for; a longer one gets
-# `x-should-retry: false`.
-SDK_RETRY_LIMIT_S = 60.0
+# OpenAI's SDKs wait as long as retry-after says only below a minute (Node; Python up to one):
+# a 429 with a minute or more to wait says `x-should-retry: false`.
+SDK_RETRY_LIMIT_MS = 60_000
 # Keys of the ext_authz dynamic metadata that Envoy's rate-limit actions read after the
 # response: per token kind, the counters to charge and what was reserved on each.
 METADATA_KEYS = {kind: f"pe_{kind}" for kind in TOKEN_KINDS}
@@ -60,11 +60,11 @@ def quota_headers(checks: Sequence[QuotaCheck], exceeded: Sequence[QuotaCheck] =
                 requests = check
         elif tokens is None or _binds_before(check, tokens, exceeded):
             tokens = check
-    if exceeded:  # a kind none of whose budgets refused: how it stands
+    if exceeded:  # a kind none of whose budgets refused: how it stands, nothing spent
         if requests is None:
-            requests = tightest([c for c in checks if c.kind == "requests"])
+            requests = _tightest_unspent([c for c in checks if c.kind == "requests"])
         elif tokens is None:
-            tokens = tightest([c for c in checks if c.kind != "requests"])
+            tokens = _tightest_unspent([c for c in checks if c.kind != "requests"])
     headers: dict[str, str] = {}
     if requests is not None:
         headers["x-ratelimit-limit-requests"] = str(requests.limit)
@@ -84,11 +84,21 @@ def quota_headers(checks: Sequence[QuotaCheck], exceeded: Sequence[QuotaCheck] =
     if exceeded:
         headers["retry-after"] = str(max(1, reset))
         headers["retry-after-ms"] = str(max(1, _milliseconds(binding.reset_s)))
-        if binding.reset_s > SDK_RETRY_LIMIT_S:
+        if _milliseconds(binding.reset_s) >= SDK_RETRY_LIMIT_MS:
             # OpenAI's SDKs honour a retry-after of up to a minute; beyond it they retry on
             # their own backoff, into the same 429. This tells them not to.
             headers["x-should-retry"] = "false"
     return headers
+
+
+def _tightest_unspent(checks: Sequence[QuotaCheck]) -> QuotaCheck | None:
+    """On a 429, which spends nothing: the check with the smallest fraction of its budget left
+    before this request."""
+    best: QuotaCheck | None = None
+    for check in checks:
+        if best is None or (check.limit - check.used) * best.limit < (best.limit - best.used) * check.limit:
+            best = check
+    return best
 
 
 def _left(check: QuotaCheck, refused: bool) -> int:

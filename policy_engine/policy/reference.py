@@ -57,8 +57,10 @@ Stages run in this order; the first enforced denial ends the run:
    input, output and total, whichever window) that bind (reset as a duration: `1s`, `6m0s`),
    and on a 429 `retry-after-ms`, plus `x-should-retry: false` when the wait is over a minute
    (OpenAI's SDKs would otherwise retry on their own backoff into the same 429). A denial by a
-   later stage (no backend, a shed request) carries none of them. The gateway removes these
-   headers from the backends' answers (a hosted API sends its own account's).
+   later stage (no eligible backend, a canary or routing policy's error) carries no
+   `x-ratelimit-*` headers; its own `retry-after` stays. The gateway's routes remove these
+   headers from the backends' answers (a hosted API sends its own account's); in the mesh,
+   ext_authz over gRPC replaces those the service sets.
 5. **canary**: each applicable `CanaryPolicy` assigns `canary` or `stable`, sticky by a hash of
    `sticky_key` and the current weight, sets its `header` to the chosen backend name and records the
    variant in the `canary` map that routing conditions can read.

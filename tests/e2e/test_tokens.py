@@ -42,6 +42,12 @@ def test_total_token_budget_spent_by_json_responses(token_gateway: Gateway) -> N
     assert refused.status_code == 429, refused.text
     assert refused.headers["x-ratelimit-limit"] == "100"
     assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    # An hour's budget: minutes to wait, past what OpenAI's SDKs would wait before retrying.
+    assert (refused.headers["x-ratelimit-limit-tokens"], refused.headers["x-ratelimit-remaining-tokens"]) == (
+        "100",
+        "0",
+    )
+    assert int(refused.headers["retry-after-ms"]) > 60_000 and refused.headers["x-should-retry"] == "false"
 
 
 def test_total_token_budget_spent_by_streamed_responses(token_gateway: Gateway) -> None:

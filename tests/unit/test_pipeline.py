@@ -9,7 +9,7 @@ from pathlib import Path
 from policy_engine.decide.attributes import Peer, RequestAttributes, parse_body
 from policy_engine.decide.decision import QuotaCheck
 from policy_engine.decide.pipeline import Pipeline
-from policy_engine.decide.quota import settle, token_metadata
+from policy_engine.decide.quota import outcome, quota_headers, settle, token_metadata
 from policy_engine.policy.compiler import load_bundle
 from policy_engine.quota.store import CounterState
 from policy_engine.quota.view import CounterId, StaticUsage, Usage
@@ -246,6 +246,32 @@ def test_a_denial_after_the_quota_stage_carries_no_quota_headers(tmp_path: Path)
     assert (unavailable.allowed, unavailable.status) == (False, 503)
     assert unavailable.quota  # the budgets were checked
     assert not [k for k in unavailable.response_headers if k.startswith(("x-ratelimit", "retry-after-ms"))]
+    assert unavailable.response_headers["retry-after"].isdigit()  # the routing policy's own
+
+
+def check(kind: str, limit: int, used: int, cost: int, reset_s: float = 30.0) -> QuotaCheck:
+    exceeded, remaining = outcome(kind, limit, used, cost)
+    return QuotaCheck(
+        f"q/{kind}", "q", "l", kind, "t", limit, 60.0, "fixed", used, cost, remaining, reset_s, exceeded
+    )
+
+
+def test_a_429_describes_the_other_kind_by_what_it_had_before_the_refused_request() -> None:
+    """Nothing is spent on a 429: of the token budgets, the output one (30 of 50 used) is the
+    tighter, though counting this request's 80-token prompt would have made the input one so."""
+    requests = check("requests", 5, 5, 1)
+    checks = [requests, check("input_tokens", 100, 10, 80), check("output_tokens", 50, 30, 0)]
+    headers = quota_headers(checks, [requests])
+    assert (headers["x-ratelimit-limit-tokens"], headers["x-ratelimit-remaining-tokens"]) == ("50", "20")
+
+
+def test_only_a_wait_of_a_minute_or_more_tells_openais_sdks_not_to_retry() -> None:
+    for reset_s, told in ((59.9, False), (59.9999, True), (60.0, True), (3600.0, True), (1.0, False)):
+        requests = check("requests", 5, 5, 1, reset_s)
+        headers = quota_headers([requests], [requests])
+        assert headers.get("x-should-retry") == ("false" if told else None), reset_s
+    allowed = check("requests", 5, 0, 1, 3600.0)
+    assert "x-should-retry" not in quota_headers([allowed])
 
 
 def test_openai_reset_durations_are_written_as_openai_writes_them() -> None:
