@@ -71,6 +71,9 @@ class BackendBehaviour:
     # Answer JSON with a hosted API's own rate-limit headers (its account's limits), as OpenAI's
     # API does: the gateway answers with its tenants' budgets instead.
     provider_rate_headers: bool = False
+    # An Anthropic-style stream fails after its first token (an `overloaded_error` event, as
+    # Anthropic's API sends mid-stream): no message_delta, so no usage beyond message_start's.
+    stream_error: bool = False
 
 
 class _Metrics:
@@ -491,18 +494,22 @@ def _handler(backend: BackendServer) -> type[BaseHTTPRequestHandler]:
                 events.append(
                     ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
                 )
-            events.append(("content_block_stop", {"type": "content_block_stop", "index": 0}))
-            events.append(
-                (
-                    "message_delta",
-                    {
-                        "type": "message_delta",
-                        "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                        "usage": {"output_tokens": completion},
-                    },
+            if behaviour.stream_error:
+                error = {"type": "overloaded_error", "message": "Overloaded"}
+                events[3:] = [("error", {"type": "error", "error": error})]
+            else:
+                events.append(("content_block_stop", {"type": "content_block_stop", "index": 0}))
+                events.append(
+                    (
+                        "message_delta",
+                        {
+                            "type": "message_delta",
+                            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                            "usage": {"output_tokens": completion},
+                        },
+                    )
                 )
-            )
-            events.append(("message_stop", {"type": "message_stop"}))
+                events.append(("message_stop", {"type": "message_stop"}))
             for name, event in events:
                 self._chunk(f"event: {name}\ndata: {json.dumps(event)}\n\n".encode())
                 if delay_ms and name == "content_block_delta":

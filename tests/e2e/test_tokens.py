@@ -135,6 +135,22 @@ def test_anthropic_messages_usage_is_charged(token_gateway: Gateway, stream: boo
     assert _messages(token_gateway, FREE, stream) == 429
 
 
+def test_an_anthropic_stream_that_fails_after_its_start_is_charged_what_it_reported(
+    token_gateway: Gateway,
+) -> None:
+    """Anthropic's message_start reports the input and an output of 1; a stream that then fails
+    (an overloaded_error event) sends no message_delta. Every reader charges what message_start
+    said, the total included, rather than keeping the reservation (1 + 50 max_tokens)."""
+    for backend in token_gateway.backends.values():
+        backend.behaviour.stream_error = True
+    body = {"model": "m", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with httpx.stream("POST", f"{token_gateway.url}/v1/messages", json=body, headers=FREE) as response:
+        text = "".join(response.iter_text())
+    assert response.status_code == 200 and "overloaded_error" in text and "message_delta" not in text
+    wait_charged(token_gateway, "total_tokens", 2)
+    assert charged(token_gateway, "total_tokens") == 2
+
+
 def _store_charges(gateway: Gateway) -> float:
     match = re.search(
         r'^pe_quota_store_seconds_count{operation="charge"} ([0-9.e+]+)$', gateway.service.metrics(), re.M

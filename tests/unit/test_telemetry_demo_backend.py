@@ -45,6 +45,7 @@ def test_admin_config_reads_and_changes_every_knob(backend: BackendServer) -> No
         "paused": False,
         "cached_prompt_tokens": 0,
         "provider_rate_headers": False,
+        "stream_error": False,
     }
     changed = httpx.post(
         url(backend, "/admin/config"),
