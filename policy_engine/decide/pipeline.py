@@ -61,6 +61,7 @@ class _Run:
     canary: dict[str, str] = field(default_factory=dict)
     route: str | None = None
     body: Any = None  # as parse_body read it
+    store_settles: bool = False  # Pipeline.decide's
 
 
 def _policy_error(policy: b.Policy, status: int) -> b.Denial:
@@ -80,9 +81,13 @@ class Pipeline:
         telemetry: TelemetrySnapshot = EMPTY_SNAPSHOT,
         quota: QuotaView | None = None,
         canary_weights: Mapping[str, int] | None = None,
+        store_settles: bool = False,
     ) -> Decision:
+        """The decision for `attrs`. With `store_settles`, the caller settles an allowed
+        decision's quota checks in a counter store (`settle`), which writes their headers and
+        token metadata from the store's usage: they are not written here from `quota`'s."""
         try:
-            return self._decide(attrs, telemetry, quota or NoUsage(), canary_weights or {})
+            return self._decide(attrs, telemetry, quota or NoUsage(), canary_weights or {}, store_settles)
         except Exception as error:  # the last line of defence: every input gets a decision
             return Decision(
                 allowed=False,
@@ -99,6 +104,7 @@ class Pipeline:
         telemetry: TelemetrySnapshot,
         quota: QuotaView,
         canary_weights: Mapping[str, int],
+        store_settles: bool,
     ) -> Decision:
         bundle, messages = self.bundle, self._messages
         body = parse_body(attrs)
@@ -129,7 +135,15 @@ class Pipeline:
                 "tenant": messages.tenant(tenant),
             }
 
-        run = _Run(values, bundle.env.activation(values, engine_values), backends, llm, tenant, body=body)
+        run = _Run(
+            values,
+            bundle.env.activation(values, engine_values),
+            backends,
+            llm,
+            tenant,
+            body=body,
+            store_settles=store_settles,
+        )
         if tenant.authenticated:
             run.upstream[TENANT_HEADER] = tenant.id
         try:
@@ -290,7 +304,8 @@ class Pipeline:
                 if exceeded:
                     # Every budget checked so far (a dry-run policy's refusal raises nothing).
                     self._deny(run, policy, limit.name, limit.denial, quota_headers(run.quota, exceeded))
-        run.response.update(quota_headers(run.quota))
+        if not run.store_settles:
+            run.response.update(quota_headers(run.quota))
 
     def _quota_keys(self, run: _Run, policy: b.QuotaPolicy) -> list[str | None]:
         """The counter key of each limit that applies (None where it does not)."""
@@ -474,7 +489,7 @@ class Pipeline:
             run.upstream[FLAGS_HEADER] = ",".join(run.flags)
         metadata: dict[str, Any] = {}
         if allowed:
-            metadata = token_metadata(run.quota)
+            metadata = {} if run.store_settles else token_metadata(run.quota)
             if run.tenant.id:
                 metadata[TENANT_METADATA] = run.tenant.id
         return Decision(

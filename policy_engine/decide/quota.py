@@ -218,9 +218,7 @@ def settle(
     refused = over[0] if over else None
     if admitted or refused is None:
         headers.update(quota_headers(checks))
-        metadata = decision.dynamic_metadata
-        if at is not None:
-            metadata = _with_token_metadata(metadata, token_metadata(checks, reserved_at=at))
+        metadata = _with_token_metadata(decision.dynamic_metadata, token_metadata(checks, reserved_at=at))
         return dataclasses.replace(
             decision, quota=tuple(checks), response_headers=headers, dynamic_metadata=metadata
         )

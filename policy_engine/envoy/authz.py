@@ -65,7 +65,9 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         start = time.perf_counter() if start is None else start
         telemetry = self._telemetry()
         weights = self._canary_weights() if self._canary_weights is not None else None
-        decision: Decision = self._pipeline().decide(attrs, telemetry, canary_weights=weights)
+        decision: Decision = self._pipeline().decide(
+            attrs, telemetry, canary_weights=weights, store_settles=True
+        )
         evaluated = time.perf_counter()
         try:
             decision = await self._quota.settle(decision)

@@ -584,3 +584,24 @@ spec:
         assert "\ufffd" in parse_body(request)["model"], raw
         decision = p.decide(request, snapshot)
         assert (decision.allowed, decision.status, decision.errors) == (False, 404, ()), raw
+
+
+def test_a_decision_the_store_settles_gets_its_quota_headers_and_metadata_from_the_store_once(
+    tmp_path: Path,
+) -> None:
+    """The service decides against no usage and settles in its store, which writes the quota
+    headers and token metadata: the pipeline leaves them out (they were computed twice), and the
+    settled decision is the same either way."""
+    routing = "kind: RoutingPolicy\nmetadata: {name: r}\nspec: {routes: [{name: all, candidates: [b1]}]}\n"
+    p = pipeline(tmp_path, access("a", ALLOW_ALL), QUOTA, routing)
+    telemetry = TelemetrySnapshot({"b1": BackendStats("b1")})
+    deferred = p.decide(chat(), telemetry, store_settles=True)
+    assert deferred.allowed and deferred.quota
+    assert not [k for k in deferred.response_headers if k.startswith("x-ratelimit")]
+    assert set(deferred.dynamic_metadata) == {"pe_tenant"}
+    written = p.decide(chat(), telemetry)
+    assert "pe_input_tokens" in written.dynamic_metadata and "x-ratelimit-limit" in written.response_headers
+    states = [CounterState(check.counter, 2, 9.0, False) for check in written.quota]
+    assert settle(deferred, states, admitted=True, at=123.0) == settle(
+        written, states, admitted=True, at=123.0
+    )
