@@ -9,7 +9,7 @@ from pathlib import Path
 from policy_engine.decide.attributes import Peer, RequestAttributes, parse_body
 from policy_engine.decide.decision import QuotaCheck
 from policy_engine.decide.pipeline import Pipeline
-from policy_engine.decide.quota import outcome, quota_headers, settle, token_metadata
+from policy_engine.decide.quota import outcome, quota_headers, settle, store_failed, token_metadata
 from policy_engine.policy.compiler import load_bundle
 from policy_engine.quota.store import CounterState
 from policy_engine.quota.view import CounterId, StaticUsage, Usage
@@ -601,7 +601,10 @@ def test_a_decision_the_store_settles_gets_its_quota_headers_and_metadata_from_t
     assert set(deferred.dynamic_metadata) == {"pe_tenant"}
     written = p.decide(chat(), telemetry)
     assert "pe_input_tokens" in written.dynamic_metadata and "x-ratelimit-limit" in written.response_headers
-    states = [CounterState(check.counter, 2, 9.0, False) for check in written.quota]
-    assert settle(deferred, states, admitted=True, at=123.0) == settle(
-        written, states, admitted=True, at=123.0
-    )
+    for used, admitted, at in ((2, True, 123.0), (2, True, None), (10**6, False, None)):
+        states = [CounterState(check.counter, used, 9.0, not admitted) for check in written.quota]
+        a, b = settle(deferred, states, admitted, at), settle(written, states, admitted, at)
+        assert a == b and list(a.response_headers.items()) == list(b.response_headers.items())
+        assert a.allowed is admitted
+    kept = frozenset({written.quota[0].counter})
+    assert store_failed(deferred, "down", kept, 1.0) == store_failed(written, "down", kept, 1.0)
