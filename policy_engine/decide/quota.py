@@ -83,8 +83,9 @@ def quota_headers(checks: Sequence[QuotaCheck], exceeded: Sequence[QuotaCheck] =
     headers["x-ratelimit-reset"] = str(reset)
     if exceeded:
         headers["retry-after"] = str(max(1, reset))
-        headers["retry-after-ms"] = str(max(1, _milliseconds(binding.reset_s)))
-        if _milliseconds(binding.reset_s) >= SDK_RETRY_LIMIT_MS:
+        wait_ms = _milliseconds(binding.reset_s)
+        headers["retry-after-ms"] = str(max(1, wait_ms))
+        if wait_ms >= SDK_RETRY_LIMIT_MS:
             # OpenAI's SDKs honour a retry-after of up to a minute; beyond it they retry on
             # their own backoff, into the same 429. This tells them not to.
             headers["x-should-retry"] = "false"
