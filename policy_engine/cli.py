@@ -334,6 +334,14 @@ def serve(
     redis_url: Annotated[
         str | None, typer.Option(help="Shared counters in Redis (env PE_REDIS_URL).")
     ] = None,
+    redis_cluster: Annotated[
+        bool | None,
+        typer.Option(
+            "--redis-cluster",
+            help="--redis-url names a node of a Redis Cluster (env PE_REDIS_CLUSTER).",
+            show_default=False,
+        ),
+    ] = None,
     backend: Annotated[
         list[str] | None,
         typer.Option(
@@ -395,6 +403,7 @@ def serve(
         "metrics_port": metrics_port,
         "workers": workers,
         "redis_url": redis_url,
+        "redis_cluster": redis_cluster,
         "backends": backend,
         "backends_file": backends_file,
         "port_file": port_file,
@@ -414,7 +423,10 @@ def serve(
     try:
         settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as error:
-        err.print(f"invalid settings: {error}", markup=False)
+        # Without the input: it would show the Redis URL, password and all.
+        for problem in error.errors(include_url=False, include_input=False):
+            where = ".".join(str(part) for part in problem["loc"])
+            err.print(f"invalid settings: {where + ': ' if where else ''}{problem['msg']}", markup=False)
         raise typer.Exit(2) from None
     try:
         import os

@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     metrics_port: int = Field(9090, ge=0, le=65535, description="Prometheus /metrics port; 0 = off.")
     workers: int = Field(1, ge=1, le=64, description="Processes sharing the gRPC port (SO_REUSEPORT).")
     redis_url: str | None = Field(None, description="redis://host:port/db for shared counters; else memory.")
+    redis_cluster: bool = Field(
+        False, description="redis_url names a node of a Redis Cluster: route each counter to its slot."
+    )
     redis_timeout_s: float = Field(0.05, gt=0, description="Per-call Redis timeout.")
     reload: bool = Field(True, description="Watch the policy directory and hot-reload it.")
     max_body_bytes: int = Field(1_048_576, ge=0, description="Request body bytes the pipeline reads.")
@@ -80,6 +83,18 @@ class Settings(BaseSettings):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return self
+
+    @model_validator(mode="after")
+    def _redis_url_usable(self) -> Settings:
+        if self.redis_cluster and not self.redis_url:
+            raise ValueError("--redis-cluster needs --redis-url (any node of the cluster)")
+        if self.redis_url:
+            # Here rather than in a worker: a URL the store cannot honour stops the start.
+            from policy_engine.quota.cluster import seed_endpoint
+            from policy_engine.quota.resp import endpoint
+
+            (seed_endpoint if self.redis_cluster else endpoint)(self.redis_url)
         return self
 
     @field_validator("backends", mode="before")

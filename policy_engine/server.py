@@ -64,7 +64,9 @@ def _store(settings: Settings) -> CounterStore:
     if settings.redis_url:
         from policy_engine.quota.redis_store import RedisStore
 
-        return RedisStore(settings.redis_url, timeout_s=settings.redis_timeout_s)
+        return RedisStore(
+            settings.redis_url, timeout_s=settings.redis_timeout_s, cluster=settings.redis_cluster
+        )
     return MemoryStore()
 
 

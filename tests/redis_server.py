@@ -153,3 +153,104 @@ def start_redis(*extra: str, attempts: int = 3) -> RedisProcess:
         return server
     assert error is not None
     raise error
+
+
+CLUSTER_READY_TIMEOUT_S = 30.0
+
+
+class RedisClusterNodes:
+    """A Redis Cluster of real server processes on loopback: `primaries` nodes sharing the
+    16384 slots in equal ranges, and `replicas` more, each replicating one primary in turn."""
+
+    def __init__(self, primaries: list[RedisProcess], replicas: list[RedisProcess]) -> None:
+        self.primaries = primaries
+        self.replicas = replicas
+
+    @property
+    def nodes(self) -> list[RedisProcess]:
+        return [*self.primaries, *self.replicas]
+
+    @property
+    def url(self) -> str:
+        return self.primaries[0].url
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+
+def command(port: int, *args: str) -> object:
+    """One command to the server on `port` (a fresh connection), its reply decoded."""
+    import redis
+
+    with redis.Redis(port=port, decode_responses=True, socket_timeout=5.0) as client:
+        return client.execute_command(*args)
+
+
+def cluster_info(port: int) -> dict[str, str]:
+    text = str(command(port, "CLUSTER", "INFO"))
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+
+def start_cluster(primaries: int = 3, replicas: int = 0, node_timeout_ms: int = 1000) -> RedisClusterNodes:
+    """Start the servers, give each primary its slots, join them, attach the replicas, and
+    return once every node reports the cluster ok."""
+    started: list[RedisProcess] = []
+    bus_ports: dict[int, int] = {}
+    try:
+        for _ in range(primaries + replicas):
+            bus = free_port()
+            node = start_redis(
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(node_timeout_ms),
+                "--cluster-port", str(bus),
+            )  # fmt: skip
+            started.append(node)
+            bus_ports[node.port] = bus
+        cluster = RedisClusterNodes(started[:primaries], started[primaries:])
+        share = 16384 // primaries
+        for i, node in enumerate(cluster.primaries):
+            last = 16383 if i == primaries - 1 else (i + 1) * share - 1
+            command(node.port, "CLUSTER", "ADDSLOTSRANGE", str(i * share), str(last))
+        first = cluster.nodes[0]
+        for node in cluster.nodes[1:]:
+            command(first.port, "CLUSTER", "MEET", "127.0.0.1", str(node.port), str(bus_ports[node.port]))
+        ids = [str(command(node.port, "CLUSTER", "MYID")) for node in cluster.primaries]
+        for i, replica in enumerate(cluster.replicas):
+            primary = ids[i % primaries]
+            _wait(
+                lambda r=replica, p=primary: p in str(command(r.port, "CLUSTER", "NODES")),  # type: ignore[misc]
+                f"replica on port {replica.port} to learn of its primary",
+            )
+            command(replica.port, "CLUSTER", "REPLICATE", primary)
+        for replica in cluster.replicas:
+            _wait(
+                lambda r=replica: command(r.port, "ROLE")[3] == "connected",  # type: ignore[index,misc]
+                f"replica on port {replica.port} to sync with its primary",
+            )
+        _wait(
+            lambda: all(cluster_info(n.port).get("cluster_state") == "ok" for n in cluster.nodes),
+            "cluster ok",
+        )
+        _wait(
+            lambda: all(
+                cluster_info(n.port).get("cluster_known_nodes") == str(len(cluster.nodes))
+                for n in cluster.nodes
+            ),
+            "every node to know every other",
+        )
+        return cluster
+    except BaseException:
+        for node in started:
+            node.close()
+        raise
+
+
+def _wait(condition: object, what: str) -> None:
+    assert callable(condition)
+    deadline = time.monotonic() + CLUSTER_READY_TIMEOUT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"redis cluster: timed out waiting for {what}")
+        time.sleep(0.05)

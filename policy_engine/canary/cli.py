@@ -37,6 +37,12 @@ RedisOption = Annotated[
     str | None,
     typer.Option("--redis-url", envvar="PE_REDIS_URL", help="Rollout states in Redis (as `serve` uses)."),
 ]
+ClusterOption = Annotated[
+    bool,
+    typer.Option(
+        "--redis-cluster", envvar="PE_REDIS_CLUSTER", help="--redis-url names a node of a Redis Cluster."
+    ),
+]
 DEFAULT_STATE = Path(".policy-engine/canary-state.json")
 
 
@@ -62,10 +68,11 @@ def _age(at: float) -> str:
 def status(
     state: StateOption = DEFAULT_STATE,
     redis_url: RedisOption = None,
+    redis_cluster: ClusterOption = False,
     json_output: Annotated[bool, typer.Option("--json", help="States as JSON.")] = False,
 ) -> None:
     """Table of rollouts: phase, step, weight, the step's requests and the last analysis."""
-    store = open_store(redis_url, state)
+    store = open_store(redis_url, state, cluster=redis_cluster)
     states = _run(store, lambda s: s.load_all())
     if json_output:
         out.print_json(json.dumps({name: json.loads(s.to_json()) for name, s in states.items()}))
@@ -91,8 +98,8 @@ def status(
     out.print(table)
 
 
-def _command(policy: str, command: Command, state: Path, redis_url: str | None) -> None:
-    store = open_store(redis_url, state)
+def _command(policy: str, command: Command, state: Path, redis_url: str | None, redis_cluster: bool) -> None:
+    store = open_store(redis_url, state, cluster=redis_cluster)
 
     async def send(s: RolloutStore) -> RolloutState | None:
         found = await s.load(policy)
@@ -113,9 +120,10 @@ def promote(
     policy: Annotated[str, typer.Argument(help="CanaryPolicy name.")],
     state: StateOption = DEFAULT_STATE,
     redis_url: RedisOption = None,
+    redis_cluster: ClusterOption = False,
 ) -> None:
     """Send all eligible traffic to the canary and end the rollout as promoted."""
-    _command(policy, "promote", state, redis_url)
+    _command(policy, "promote", state, redis_url, redis_cluster)
 
 
 @canary_app.command()
@@ -123,9 +131,10 @@ def abort(
     policy: Annotated[str, typer.Argument(help="CanaryPolicy name.")],
     state: StateOption = DEFAULT_STATE,
     redis_url: RedisOption = None,
+    redis_cluster: ClusterOption = False,
 ) -> None:
     """Send all traffic back to stable and end the rollout as aborted."""
-    _command(policy, "abort", state, redis_url)
+    _command(policy, "abort", state, redis_url, redis_cluster)
 
 
 @canary_app.command()
@@ -133,9 +142,10 @@ def restart(
     policy: Annotated[str, typer.Argument(help="CanaryPolicy name.")],
     state: StateOption = DEFAULT_STATE,
     redis_url: RedisOption = None,
+    redis_cluster: ClusterOption = False,
 ) -> None:
     """Start the rollout again at its first step (e.g. after fixing a rolled-back canary)."""
-    _command(policy, "restart", state, redis_url)
+    _command(policy, "restart", state, redis_url, redis_cluster)
 
 
 @canary_app.command()
@@ -164,6 +174,7 @@ def run(
     in_cluster: Annotated[bool, typer.Option("--in-cluster", help="Use the pod's service account.")] = False,
     state: StateOption = DEFAULT_STATE,
     redis_url: RedisOption = None,
+    redis_cluster: ClusterOption = False,
     once: Annotated[bool, typer.Option("--once", help="One tick, then exit (cron jobs, checks).")] = False,
 ) -> None:
     """Run the rollout controller with the mesh executor: weights go into the VirtualService.
@@ -205,7 +216,7 @@ def run(
         write=mode,
         version=api_version,
     )
-    store = open_store(redis_url, state)
+    store = open_store(redis_url, state, cluster=redis_cluster)
     controller = CanaryController(lambda: bundle, MetricsPageSource(telemetry_url), store, executor)
 
     async def main(s: RolloutStore) -> None:

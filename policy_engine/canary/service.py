@@ -48,7 +48,7 @@ def start_canary(
 
     Nothing touches the store while the bundle has no rollout, so no state file appears.
     """
-    store = open_store(settings.redis_url, settings.canary_state)
+    store = open_store(settings.redis_url, settings.canary_state, cluster=settings.redis_cluster)
     service = CanaryService(store, LocalExecutor())
     metrics = CanaryMetrics(registry)
     service.tasks.append(

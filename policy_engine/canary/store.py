@@ -165,12 +165,20 @@ class FileStore:
 
 
 class RedisStore:
-    def __init__(self, url: str, prefix: str = "pe:canary:", timeout_s: float = 2.0) -> None:
-        from redis.asyncio import Redis
+    def __init__(
+        self, url: str, prefix: str = "pe:canary:", timeout_s: float = 2.0, *, cluster: bool = False
+    ) -> None:
+        from redis.asyncio import Redis, RedisCluster
 
         self.url = url
         self.prefix = prefix
-        self._redis = Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        # Each rollout is one key, so a cluster needs nothing else of the store: redis-py routes
+        # the key's commands, and scans every primary for load_all.
+        self._redis: Redis | RedisCluster = (
+            RedisCluster.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+            if cluster
+            else Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        )
 
     def describe(self) -> str:
         return f"redis {self.url} (keys {self.prefix}*)"
@@ -256,8 +264,9 @@ return 0
 """
 
 
-def open_store(redis_url: str | None, path: Path) -> RolloutStore:
-    """Redis when a URL is given (shared by every replica), else the local file."""
+def open_store(redis_url: str | None, path: Path, *, cluster: bool = False) -> RolloutStore:
+    """Redis when a URL is given (shared by every replica; a Redis Cluster with `cluster`),
+    else the local file."""
     if redis_url:
-        return RedisStore(redis_url)
+        return RedisStore(redis_url, cluster=cluster)
     return FileStore(path)

@@ -43,6 +43,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
+from policy_engine.quota.cluster import RespCluster
 from policy_engine.quota.memory import (
     WindowPosition,
     bucket_ttl_ms,
@@ -54,7 +55,7 @@ from policy_engine.quota.memory import (
     weighted_usage,
     window_position,
 )
-from policy_engine.quota.resp import RedisLost, RedisNotSent, RedisReplyError, RespConnection
+from policy_engine.quota.resp import RedisClient, RedisLost, RedisNotSent, RedisReplyError, RespConnection
 from policy_engine.quota.store import (
     Admission,
     Algorithm,
@@ -153,7 +154,8 @@ _SCRIPT_SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
 
 
 class RedisStore:
-    """CounterStore on a Redis/Valkey server, over one pipelined connection.
+    """CounterStore on a Redis/Valkey server, over one pipelined connection; or on a Redis
+    Cluster (`cluster`), over one per node, each script call going to its hash tag's slot.
 
     `timeout_s` bounds connecting and each reply. Commands are not retried: a script whose
     reply timed out may have charged, and running it again would charge twice. Every failure
@@ -167,6 +169,7 @@ class RedisStore:
         *,
         prefix: str = "pe:",
         timeout_s: float = 0.05,
+        cluster: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if "{" in prefix or "}" in prefix:
@@ -174,7 +177,10 @@ class RedisStore:
             raise ValueError(f"prefix must not contain braces: {prefix!r}")
         self._prefix = prefix
         self._clock = clock
-        self._redis = RespConnection(url, timeout_s=timeout_s)
+        self._cluster = cluster
+        self._redis: RedisClient = (
+            RespCluster(url, timeout_s=timeout_s) if cluster else RespConnection(url, timeout_s=timeout_s)
+        )
 
     async def admit(self, demands: Sequence[Demand]) -> Admission:
         validate_demands(demands)
@@ -351,14 +357,19 @@ class RedisStore:
     async def _run(self, mode: str, keys: list[str], args: list[str]) -> tuple[bool, list[tuple[int, int]]]:
         try:
             try:
-                reply = await self._redis.call("EVALSHA", _SCRIPT_SHA, len(keys), *keys, mode, *args)
+                reply = await self._redis.call(
+                    "EVALSHA", _SCRIPT_SHA, len(keys), *keys, mode, *args, key=keys[0]
+                )
             except RedisReplyError as error:
                 if not str(error).startswith("NOSCRIPT"):
                     raise
                 # The server lost its script cache (a restart, SCRIPT FLUSH): nothing ran.
-                reply = await self._redis.call("EVAL", _SCRIPT, len(keys), *keys, mode, *args)
+                reply = await self._redis.call("EVAL", _SCRIPT, len(keys), *keys, mode, *args, key=keys[0])
         except (RedisNotSent, RedisLost, RedisReplyError) as exc:
-            raise StoreUnavailable(f"redis quota store: {type(exc).__name__}: {exc}") from exc
+            hint = ""
+            if not self._cluster and str(exc).startswith(("MOVED ", "ASK ")):
+                hint = " (the server is a node of a Redis Cluster: use --redis-cluster)"
+            raise StoreUnavailable(f"redis quota store: {type(exc).__name__}: {exc}{hint}") from exc
         if not isinstance(reply, list) or len(reply) != 1 + len(keys):
             raise StoreUnavailable(f"redis quota store: unexpected script reply {reply!r}")
         try:

@@ -33,7 +33,7 @@ import collections
 import contextlib
 import ssl
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import hiredis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
@@ -194,14 +194,22 @@ class _Connection(asyncio.Protocol):
                 waiter.set_exception(error)
 
 
+class RedisClient(Protocol):
+    """What the quota store needs of a server or a cluster."""
+
+    async def call(self, *args: Arg, key: str | None = None) -> Any: ...
+
+    async def close(self) -> None: ...
+
+
 class RespConnection:
     """Commands to one server over one pipelined connection, each bounded by `timeout_s`
     (connecting, AUTH and SELECT too). Reconnects on the next call after a failure."""
 
-    def __init__(self, url: str, *, timeout_s: float) -> None:
+    def __init__(self, target: str | Endpoint, *, timeout_s: float) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout must be positive, got {timeout_s}")
-        self._endpoint = endpoint(url)
+        self._endpoint = endpoint(target) if isinstance(target, str) else target
         self._timeout_s = timeout_s
         self._stall_s = max(MIN_STALL_S, STALL_TIMEOUTS * timeout_s)
         self._connection: _Connection | None = None
@@ -209,12 +217,39 @@ class RespConnection:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
-    async def call(self, *args: Arg) -> Any:
+    async def call(self, *args: Arg, key: str | None = None) -> Any:
+        """The command's reply. `key` is ignored (one server holds every key): it lets a cluster
+        client (policy_engine/quota/cluster.py), which routes by it, stand in."""
         connection = self._connection
         if connection is None or not connection.open or self._loop is not asyncio.get_running_loop():
             connection = await self._connect()
         waiter, number = connection.send(args)
         return await self._await(connection, waiter, number)
+
+    async def call_asking(self, *args: Arg) -> Any:
+        """The command preceded by ASKING, with nothing between them on the connection: a Redis
+        Cluster node takes a command for a slot it is importing only right after ASKING, and
+        another caller's command in between would use up the flag."""
+        connection = self._connection
+        if connection is None or not connection.open or self._loop is not asyncio.get_running_loop():
+            connection = await self._connect()
+        asking, asking_number = connection.send(("ASKING",))
+        waiter, number = connection.send(args)
+        # ASKING's own outcome does not matter: refused or lost, the command fails by itself.
+        outcomes: tuple[Any, Any] = await asyncio.gather(
+            self._await(connection, asking, asking_number),
+            self._await(connection, waiter, number),
+            return_exceptions=True,
+        )
+        reply = outcomes[1]
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    @property
+    def idle(self) -> bool:
+        """Whether no command waits for its reply."""
+        return self._connection is None or not self._connection.waiting
 
     async def close(self) -> None:
         self._closed = True

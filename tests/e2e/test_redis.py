@@ -15,7 +15,7 @@ import pytest
 from policy_engine.demo.backend import BackendServer
 from tests.e2e.conftest import FREE, PRO
 from tests.e2e.harness import EnvoyProcess, ServiceProcess, start_envoy, start_service
-from tests.redis_server import RedisProcess, start_redis
+from tests.redis_server import RedisClusterNodes, RedisProcess, command, start_cluster, start_redis
 
 POLICIES = Path(__file__).resolve().parent / "redis_policies"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -28,16 +28,36 @@ def redis() -> Iterator[RedisProcess]:
     server.close()
 
 
+Replicas = tuple[EnvoyProcess, list[ServiceProcess], BackendServer]
+
+
 @pytest.fixture
-def replicas(redis: RedisProcess) -> Iterator[tuple[EnvoyProcess, list[ServiceProcess], BackendServer]]:
+def replicas(redis: RedisProcess) -> Iterator[Replicas]:
+    yield from _replicas(redis.url)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisClusterNodes]:
+    nodes = start_cluster(primaries=3)
+    yield nodes
+    nodes.close()
+
+
+@pytest.fixture
+def cluster_replicas(cluster: RedisClusterNodes) -> Iterator[Replicas]:
+    # The URL names the last primary: most counters' slots are elsewhere.
+    yield from _replicas(cluster.primaries[-1].url, cluster=True)
+
+
+def _replicas(url: str, *, cluster: bool = False) -> Iterator[Replicas]:
     backend = BackendServer("model-a").start()
     services = [
         # A generous Redis timeout: a reply lost to a loaded test machine is not what is under test.
         start_service(
             POLICIES,
             backends=["model-a"],
-            redis_url=redis.url,
-            extra_args=["--no-reload"],
+            redis_url=url,
+            extra_args=["--no-reload", *(["--redis-cluster"] if cluster else [])],
             env={"PE_REDIS_TIMEOUT_S": "2.0"},
         )
         for _ in range(2)
@@ -83,10 +103,11 @@ async def burst(url: str, headers: dict[str, str], count: int) -> Counter[int]:
     return Counter(r.status_code for r in responses)
 
 
-def test_two_replicas_enforce_one_limit_exactly(
-    replicas: tuple[EnvoyProcess, list[ServiceProcess], BackendServer],
-) -> None:
-    envoy, services, backend = replicas
+@pytest.mark.parametrize("store", ["server", "cluster"])
+def test_two_replicas_enforce_one_limit_exactly(store: str, request: pytest.FixtureRequest) -> None:
+    envoy, services, backend = request.getfixturevalue(
+        "replicas" if store == "server" else "cluster_replicas"
+    )
     statuses = asyncio.run(burst(envoy.url, FREE, 200))
     assert statuses == Counter({200: 50, 429: 150})
     assert backend.requests == 50
@@ -126,3 +147,30 @@ def test_redis_outage_follows_on_error_and_recovers(
     statuses = asyncio.run(burst(envoy.url, FREE, 60))
     logs = "\n".join(s.output()[-3000:] for s in services)
     assert statuses == Counter({200: 49, 429: 11}), logs  # counting resumed from zero on the new server
+
+
+def test_tokens_are_charged_on_a_redis_cluster(
+    cluster: RedisClusterNodes, cluster_replicas: Replicas
+) -> None:
+    """The usage each answer reports ends up in the tenant's token counter, on the cluster node
+    that owns the tenant's slot, whichever replica decided and charged."""
+    envoy, _, _ = cluster_replicas
+    reported = 0
+    for _ in range(6):
+        answer = httpx.post(f"{envoy.url}/v1/chat/completions", json=CHAT, headers=PRO, timeout=30)
+        assert answer.status_code == 200, answer.text
+        reported += answer.json()["usage"]["total_tokens"]
+    deadline = time.monotonic() + 10
+
+    def charged() -> dict[int, int]:
+        found: dict[int, int] = {}
+        for node in cluster.primaries:
+            for key in command(node.port, "KEYS", "pe:{globex}:*tokens*"):  # type: ignore[attr-defined]
+                found[node.port] = found.get(node.port, 0) + int(str(command(node.port, "GET", key)))
+        return found
+
+    while sum(charged().values()) != reported and time.monotonic() < deadline:
+        time.sleep(0.1)  # charged after each answer, from Envoy's access log
+    found = charged()
+    assert sum(found.values()) == reported, (found, reported)
+    assert len(found) == 1  # one node holds the tenant's counters

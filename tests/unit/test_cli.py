@@ -188,3 +188,15 @@ def test_envoy_config_warns_of_native_readers_with_rate_limit_charging() -> None
     for arguments in (["--usage-extraction", "native"], ["--charging", "rate-limit"]):
         quiet = run("envoy-config", *arguments)
         assert quiet.returncode == 0 and "warning" not in quiet.stderr, arguments
+
+
+def test_serve_rejects_a_redis_url_the_store_cannot_use_without_showing_its_password() -> None:
+    for args, reason in [
+        (["--redis-url", "redis://user:s3cret@127.0.0.1:1/0?foo=1"], "not supported by the quota store: foo"),
+        (["--redis-url", "redis://user:s3cret@127.0.0.1:1/3", "--redis-cluster"], "only database 0"),
+        (["--redis-cluster"], "--redis-cluster needs --redis-url"),
+    ]:
+        result = run("serve", "--policies", str(POLICIES), "--port", "0", "--metrics-port", "0", *args)
+        assert result.returncode == 2, result.stderr
+        assert reason in result.stderr
+        assert "s3cret" not in result.stderr + result.stdout

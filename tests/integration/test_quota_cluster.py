@@ -1,0 +1,371 @@
+"""RedisStore on a real Redis Cluster (valkey-server processes in cluster mode on loopback):
+parity with MemoryStore, keys on the nodes that own their slots, and the cluster changing under
+traffic (a slot moved, a slot being migrated, a primary failing over to its replica)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from policy_engine.canary.state import RolloutState
+from policy_engine.canary.store import RedisStore as RolloutRedisStore
+from policy_engine.quota.cluster import RespCluster, key_slot
+from policy_engine.quota.memory import MemoryStore
+from policy_engine.quota.redis_store import RedisStore, _key_tag
+from policy_engine.quota.store import Demand, StoreUnavailable
+from tests.integration.test_quota_redis import ALL_SCENARIOS, T0, FakeClock, Outcome, play
+from tests.redis_server import RedisClusterNodes, RedisProcess, command, start_cluster
+
+FAILOVER_BOUND_S = 30.0  # the cluster's own failover (node timeout 1 s, election), not ours
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisClusterNodes]:
+    nodes = start_cluster(primaries=3)
+    yield nodes
+    nodes.close()
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[RedisClusterNodes]:
+    """A cluster of the test's own, for tests that move slots or stop nodes (three primaries:
+    a failover needs the votes of a majority of them)."""
+    nodes = start_cluster(primaries=3, replicas=1)
+    yield nodes
+    nodes.close()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"pe-test-{uuid.uuid4().hex[:12]}:"
+
+
+def one(tag: str, *, limit: int = 100, cost: int = 1) -> Demand:
+    return Demand("c", tag, limit, 60.0, "sliding", cost, False)
+
+
+def tag_slot(tag: str) -> int:
+    return key_slot("{" + _key_tag(tag) + "}")
+
+
+def owner(cluster: RedisClusterNodes, slot: int) -> RedisProcess:
+    for node in cluster.nodes:
+        for entry in command(node.port, "CLUSTER", "SLOTS"):  # type: ignore[attr-defined]
+            if entry[0] <= slot <= entry[1]:
+                port = entry[2][1]
+                return next(n for n in cluster.nodes if n.port == port)
+    raise AssertionError(f"no node owns slot {slot}")
+
+
+def node_id(node: RedisProcess) -> str:
+    return str(command(node.port, "CLUSTER", "MYID"))
+
+
+def keys_of(node: RedisProcess, prefix: str) -> list[str]:
+    return [str(k) for k in command(node.port, "KEYS", f"{prefix}*")]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("name", list(ALL_SCENARIOS))
+def test_a_cluster_store_and_the_memory_store_agree(
+    cluster: RedisClusterNodes, prefix: str, name: str
+) -> None:
+    steps = ALL_SCENARIOS[name]
+
+    async def scenario() -> tuple[list[Outcome], list[Outcome]]:
+        memory_clock, redis_clock = FakeClock(T0 + 13.7), FakeClock(T0 + 13.7)
+        memory = MemoryStore(clock=memory_clock)
+        store = RedisStore(cluster.url, prefix=prefix, timeout_s=2.0, cluster=True, clock=redis_clock)
+        try:
+            return await play(memory, memory_clock, steps), await play(store, redis_clock, steps)
+        finally:
+            await store.close()
+
+    expected, actual = asyncio.run(scenario())
+    for index, (want, got) in enumerate(zip(expected, actual, strict=True)):
+        assert got == want, f"step {index}: {steps[index]}"
+
+
+def test_each_counter_lives_on_the_node_that_owns_its_slot(cluster: RedisClusterNodes, prefix: str) -> None:
+    tags = [f"tenant-{i}" for i in range(24)]
+
+    async def scenario() -> None:
+        # Through a node that owns few of the tags: most calls start with a MOVED.
+        store = RedisStore(cluster.primaries[2].url, prefix=prefix, timeout_s=2.0, cluster=True)
+        try:
+            for tag in tags:
+                assert (await store.admit([one(tag)])).admitted
+            # One request's counters on several nodes: a script per tag, each on its own node.
+            admission = await store.admit([one(tag) for tag in tags[:6]])
+            assert admission.admitted and [s.used for s in admission.states] == [1] * 6
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+    holders = {node.port: keys_of(node, prefix) for node in cluster.primaries}
+    assert all(holders.values()), f"every primary should hold some of 24 tags: {holders}"
+    for tag in tags:
+        expected = owner(cluster, tag_slot(tag)).port
+        found = [port for port, keys in holders.items() if any(f"{{{tag}}}" in k for k in keys)]
+        assert found == [expected], tag
+
+
+def test_a_replica_as_the_url_finds_the_primaries(own_cluster: RedisClusterNodes, prefix: str) -> None:
+    async def scenario() -> list[int]:
+        store = RedisStore(own_cluster.replicas[0].url, prefix=prefix, timeout_s=2.0, cluster=True)
+        try:
+            return [(await store.admit([one(f"t{i}")])).states[0].used for i in range(8)]
+        finally:
+            await store.close()
+
+    assert asyncio.run(scenario()) == [0] * 8  # the usage each admission found
+
+
+def test_a_moved_slot_keeps_its_counts_and_no_call_fails(own_cluster: RedisClusterNodes, prefix: str) -> None:
+    """A slot resharded to another primary between calls: the next call is redirected (MOVED),
+    and counting goes on from the moved counters."""
+    tag = "moving-tenant"
+    slot = tag_slot(tag)
+
+    async def scenario() -> list[int]:
+        store = RedisStore(own_cluster.url, prefix=prefix, timeout_s=2.0, cluster=True)
+        try:
+            used = [(await store.admit([one(tag)])).states[0].used for _ in range(3)]
+            source = owner(own_cluster, slot)
+            target = next(n for n in own_cluster.primaries if n is not source)
+            move_slot(own_cluster, slot, source, target)
+            used += [(await store.admit([one(tag)])).states[0].used for _ in range(3)]
+            assert keys_of(source, prefix) == [] and keys_of(target, prefix) != []
+            return used
+        finally:
+            await store.close()
+
+    assert asyncio.run(scenario()) == [0, 1, 2, 3, 4, 5]  # the usage each admission found
+
+
+def test_a_key_not_yet_migrated_is_asked_of_the_importing_node(own_cluster: RedisClusterNodes) -> None:
+    """While a slot migrates, a key the old node no longer has is served by the new one: ASK,
+    then the command preceded by ASKING on the same connection."""
+    key = f"arriving-{uuid.uuid4().hex[:8]}"
+    slot = key_slot(key)
+    source = owner(own_cluster, slot)
+    target = next(n for n in own_cluster.primaries if n is not source)
+    start_move(slot, source, target)
+
+    async def scenario() -> object:
+        client = RespCluster(source.url, timeout_s=2.0)
+        try:
+            return await client.call("SET", key, "1", key=key)
+        finally:
+            await client.close()
+
+    assert asyncio.run(scenario()) == b"OK"
+    assert command(source.port, "CLUSTER", "COUNTKEYSINSLOT", str(slot)) == 0
+    assert command(target.port, "CLUSTER", "COUNTKEYSINSLOT", str(slot)) == 1
+
+
+def test_counters_split_by_a_migration_fail_cleanly_until_it_ends(
+    own_cluster: RedisClusterNodes, prefix: str
+) -> None:
+    """A script whose keys a migration has split cannot run (TRYAGAIN): the call is tried
+    again a few times, then fails without charging; once the migration ends it counts on."""
+    tag = "split-tenant"
+    slot = tag_slot(tag)
+    source = owner(own_cluster, slot)
+    target = next(n for n in own_cluster.primaries if n is not source)
+
+    async def scenario() -> tuple[str, int]:
+        store = RedisStore(own_cluster.url, prefix=prefix, timeout_s=2.0, cluster=True)
+        try:
+            assert (await store.admit([one(tag)])).admitted  # the current bucket only
+            start_move(slot, source, target)
+            with pytest.raises(StoreUnavailable) as failed:
+                await store.admit([one(tag)])
+            # A counter the old node never had is split the same way: it is sent to the new node
+            # (ASK), which cannot run a script over keys it has only part of either.
+            with pytest.raises(StoreUnavailable) as fresh:
+                await store.admit([Demand("fresh", tag, 100, 60.0, "sliding", 1, False)])
+            assert "TRYAGAIN" in str(fresh.value)
+            finish_move(own_cluster, slot, source, target)
+            return str(failed.value), (await store.admit([one(tag)])).states[0].used
+        finally:
+            await store.close()
+
+    message, used = asyncio.run(scenario())
+    assert "TRYAGAIN" in message
+    assert used == 1  # the failed calls charged nothing
+
+
+def test_a_failed_primary_is_replaced_and_counting_resumes(
+    own_cluster: RedisClusterNodes, prefix: str
+) -> None:
+    """The primary of a tag stops; calls fail (the configured on_error decides meanwhile) until
+    the cluster promotes its replica, then the store finds the new primary by itself."""
+    primary = own_cluster.primaries[0]
+    tag = next(f"t{i}" for i in range(1000) if owner(own_cluster, tag_slot(f"t{i}")) is primary)
+
+    async def scenario() -> tuple[int, int, list[str]]:
+        store = RedisStore(own_cluster.url, prefix=prefix, timeout_s=0.5, cluster=True)
+        try:
+            for _ in range(3):
+                await store.admit([one(tag)])
+            # Replication is asynchronous: wait until the replica has the counts.
+            replica = own_cluster.replicas[0]
+            deadline = time.monotonic() + 10
+            while len(keys_of(replica, prefix)) < 1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            primary.stop()
+            failures: list[str] = []
+            deadline = time.monotonic() + FAILOVER_BOUND_S
+            while True:
+                try:
+                    admission = await store.admit([one(tag)])
+                    break
+                except StoreUnavailable as error:
+                    failures.append(str(error))
+                    assert time.monotonic() < deadline, (
+                        f"no failover within {FAILOVER_BOUND_S} s: {failures[-3:]}"
+                    )
+                    await asyncio.sleep(0.1)
+            return admission.states[0].used, owner_port(own_cluster, tag), failures
+        finally:
+            await store.close()
+
+    used, port, failures = asyncio.run(scenario())
+    assert failures, "the stopped primary's calls should have failed until the failover"
+    assert port == own_cluster.replicas[0].port
+    assert used == 3  # the replica had the three counts
+
+
+def owner_port(cluster: RedisClusterNodes, tag: str) -> int:
+    for node in cluster.nodes:
+        if node.pid is None:
+            continue
+        entries = command(node.port, "CLUSTER", "SLOTS")
+        for entry in entries:  # type: ignore[attr-defined]
+            if entry[0] <= tag_slot(tag) <= entry[1]:
+                return int(entry[2][1])
+    raise AssertionError("no live node knows the slot")
+
+
+def test_a_cluster_node_without_the_cluster_setting_is_named_in_the_error(
+    cluster: RedisClusterNodes, prefix: str
+) -> None:
+    tag = next(f"t{i}" for i in range(1000) if owner(cluster, tag_slot(f"t{i}")) is not cluster.primaries[0])
+
+    async def scenario() -> str:
+        store = RedisStore(cluster.url, prefix=prefix, timeout_s=2.0)
+        try:
+            with pytest.raises(StoreUnavailable) as failed:
+                await store.admit([one(tag)])
+            return str(failed.value)
+        finally:
+            await store.close()
+
+    message = asyncio.run(scenario())
+    assert "MOVED" in message and "--redis-cluster" in message
+
+
+def test_an_unreachable_cluster_fails_fast_and_recovers(prefix: str) -> None:
+    """No node answers: calls fail (no hang), and while the last reading of the slot map is
+    recent they fail at once without trying every node again; a cluster that comes up serves."""
+    nodes = start_cluster(primaries=1)
+    try:
+        nodes.primaries[0].stop()
+
+        async def scenario() -> tuple[list[str], int]:
+            store = RedisStore(nodes.url, prefix=prefix, timeout_s=0.5, cluster=True)
+            try:
+                errors = []
+                for _ in range(3):
+                    with pytest.raises(StoreUnavailable) as failed:
+                        await store.admit([one("t")])
+                    errors.append(str(failed.value))
+                nodes.primaries[0].start()
+                await asyncio.sleep(0.3)  # past the interval between readings of the map
+                deadline = time.monotonic() + 10
+                while True:
+                    try:
+                        return errors, (await store.admit([one("t")])).states[0].used
+                    except StoreUnavailable:
+                        assert time.monotonic() < deadline
+                        await asyncio.sleep(0.1)
+            finally:
+                await store.close()
+
+        errors, used = asyncio.run(scenario())
+    finally:
+        nodes.close()
+    assert all("slot map" in e for e in errors), errors
+    assert used == 0
+
+
+def rollout(name: str) -> RolloutState:
+    return RolloutState(name, "rev", "progressing", 0, 10, T0, T0)
+
+
+def test_the_rollout_store_works_on_a_cluster(cluster: RedisClusterNodes, prefix: str) -> None:
+    async def scenario() -> None:
+        store = RolloutRedisStore(cluster.url, prefix=f"{prefix}canary:", cluster=True)
+        try:
+            names = [f"policy-{i}" for i in range(12)]  # spread over the primaries
+            for name in names:
+                await store.save(rollout(name))
+            assert sorted((await store.load_all()).keys()) == sorted(names)
+            assert (await store.load("policy-3")) == rollout("policy-3")
+            await store.request("policy-5", "promote")
+            assert await store.take_command("policy-5") == "promote"
+            assert await store.take_command("policy-5") is None
+            assert await store.lease("a", 5.0) and not await store.lease("b", 5.0)
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_stale_slot_map_is_corrected_by_the_redirection(cluster: RedisClusterNodes) -> None:
+    """A map naming the wrong node for a slot: that node answers MOVED, the command goes to the
+    node named there, and the map keeps it."""
+    key = "stale-key"
+    slot = key_slot(key)
+    real = owner(cluster, slot)
+    wrong = next(n for n in cluster.primaries if n is not real)
+
+    async def scenario() -> tuple[object, tuple[str, int] | None]:
+        client = RespCluster(cluster.url, timeout_s=2.0)
+        try:
+            await client.call("GET", key, key=key)  # reads the real map
+            assert client._owners is not None
+            client._owners[slot] = ("127.0.0.1", wrong.port)
+            client._refreshed_at = float("inf")  # no reading of the map would fix it
+            reply = await client.call("SET", key, "v", key=key)
+            return reply, client._owners[slot]
+        finally:
+            await client.close()
+
+    reply, kept = asyncio.run(scenario())
+    assert reply == b"OK"
+    assert kept == ("127.0.0.1", real.port)
+
+
+def start_move(slot: int, source: RedisProcess, target: RedisProcess) -> None:
+    command(target.port, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", node_id(source))
+    command(source.port, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", node_id(target))
+
+
+def finish_move(cluster: RedisClusterNodes, slot: int, source: RedisProcess, target: RedisProcess) -> None:
+    """Move the slot's keys, then give the slot to `target` (the order redis-cli follows)."""
+    keys = command(source.port, "CLUSTER", "GETKEYSINSLOT", str(slot), "1000")
+    if keys:
+        command(source.port, "MIGRATE", "127.0.0.1", str(target.port), "", "0", "5000", "KEYS", *keys)  # type: ignore[misc]
+    new_owner = node_id(target)
+    for node in [target, source, *[n for n in cluster.primaries if n not in (source, target)]]:
+        command(node.port, "CLUSTER", "SETSLOT", str(slot), "NODE", new_owner)
+
+
+def move_slot(cluster: RedisClusterNodes, slot: int, source: RedisProcess, target: RedisProcess) -> None:
+    start_move(slot, source, target)
+    finish_move(cluster, slot, source, target)
