@@ -132,6 +132,7 @@ def test_the_charts_policy_files_are_the_examples_without_tenants() -> None:
 def test_tenants_and_redis_come_from_secrets() -> None:
     objects = render(*VALUE_SETS["everything"])
     main = container(objects)
+    assert all(e["name"] != "PE_REDIS_CLUSTER" for e in main["env"])  # a single server by default
     redis = next(e for e in main["env"] if e["name"] == "PE_REDIS_URL")
     secret_name = redis["valueFrom"]["secretKeyRef"]["name"]
     secrets = {s["metadata"]["name"]: s for s in by_kind(objects, "Secret")}
@@ -145,8 +146,10 @@ def test_tenants_and_redis_come_from_secrets() -> None:
 
 def test_an_existing_redis_secret_is_referenced_not_created() -> None:
     objects = render(*VALUE_SETS["redis-monitoring-hpa"])
-    redis = next(e for e in container(objects)["env"] if e["name"] == "PE_REDIS_URL")
+    env = container(objects)["env"]
+    redis = next(e for e in env if e["name"] == "PE_REDIS_URL")
     assert redis["valueFrom"]["secretKeyRef"] == {"name": "redis-credentials", "key": "redis-url"}
+    assert {"name": "PE_REDIS_CLUSTER", "value": "true"} in env
     assert by_kind(objects, "Secret") == []
     (hpa,) = by_kind(objects, "HorizontalPodAutoscaler")
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 12)
