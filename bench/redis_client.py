@@ -9,9 +9,12 @@ hash tag) through:
 - `RespConnection` (policy_engine/quota/resp.py, one pipelined connection: what it uses now);
 and, for the store's whole cost, `RedisStore.admit`, `.charge` (a returned reservation) and
 `.charge_many` (four of them in one call, as the access log's charging sends them), and the
-memory store's admission. Rounds take turns between the variants so that a noisy spell of this shared
-machine lands on all of them. CPU is this process's (user + system, from getrusage), so the
-server's own work is not in it; with --concurrency N, N callers share the client at once.
+memory store's admission; and on a Redis Cluster of three primaries (started the same way), the
+script through `RespCluster` (routed by slot, policy_engine/quota/cluster.py) and
+`RedisStore.admit` with `cluster=True`. Rounds take turns between the variants so that a
+noisy spell of this shared machine lands on all of them. CPU is this process's (user + system,
+from getrusage), so the servers' own work is not in it; with --concurrency N, N callers share
+the client at once.
 """
 
 from __future__ import annotations
@@ -32,11 +35,12 @@ sys.path.insert(0, str(ROOT))
 
 from redis.asyncio import Redis  # noqa: E402
 
+from policy_engine.quota.cluster import RespCluster  # noqa: E402
 from policy_engine.quota.memory import MemoryStore  # noqa: E402
 from policy_engine.quota.redis_store import _SCRIPT, _SCRIPT_SHA, RedisStore  # noqa: E402
 from policy_engine.quota.resp import RespConnection  # noqa: E402
 from policy_engine.quota.store import Charge, CounterStore, Demand  # noqa: E402
-from tests.redis_server import start_redis  # noqa: E402
+from tests.redis_server import start_cluster, start_redis  # noqa: E402
 
 DEMANDS = [
     Demand("tier-quotas/pro-requests/requests/acme", "acme", 10**9, 60.0, "sliding", 1, False),
@@ -67,6 +71,7 @@ async def timed(call: Call, calls: int, concurrency: int) -> tuple[float, float]
 
 async def main(args: argparse.Namespace) -> None:
     server = start_redis()
+    cluster = start_cluster(primaries=3)
     try:
         redis_py = Redis.from_url(server.url, socket_timeout=1.0, socket_connect_timeout=1.0)
         script = redis_py.register_script(_SCRIPT)
@@ -77,6 +82,8 @@ async def main(args: argparse.Namespace) -> None:
         keys, argv = probe._admit_args(DEMANDS, time.time())
         await probe.close()
         reserved_at = (await store.admit(DEMANDS)).at
+        on_cluster = RespCluster(cluster.url, timeout_s=1.0)
+        cluster_store = RedisStore(cluster.url, timeout_s=1.0, prefix="bench:", cluster=True)
 
         variants: dict[str, Call] = {
             "the script via redis-py (pool, register_script)": lambda: script(
@@ -94,9 +101,14 @@ async def main(args: argparse.Namespace) -> None:
                     [Charge(DEMANDS[1].counter, "acme", 3600.0, "sliding", -1, reserved_at)] * 4
                 )
             ),
+            "the script via RespCluster (3 primaries)": lambda: on_cluster.call(
+                "EVALSHA", _SCRIPT_SHA, len(keys), *keys, "admit", *argv, key=keys[0]
+            ),
+            "RedisStore.admit on the cluster": lambda: cluster_store.admit(DEMANDS),
             "MemoryStore.admit": lambda: memory.admit(DEMANDS),
         }
-        stores: list[CounterStore] = [store, memory]
+        await on_cluster.call("SCRIPT", "LOAD", _SCRIPT, key=keys[0])  # EVALSHA alone never loads it
+        stores: list[CounterStore] = [store, memory, cluster_store]
         for call in variants.values():  # warm up: connections, script cache
             for _ in range(200):
                 await call()
@@ -125,10 +137,12 @@ async def main(args: argparse.Namespace) -> None:
                 print(f"| {name} | {cpu:.0f} | {wall:.0f} | {per_round} |")
         await redis_py.aclose()
         await resp.close()
+        await on_cluster.close()
         for each in stores:
             await each.close()
     finally:
         server.close()
+        cluster.close()
 
 
 if __name__ == "__main__":
