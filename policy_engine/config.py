@@ -94,7 +94,10 @@ class Settings(BaseSettings):
             from policy_engine.quota.cluster import seed_endpoint
             from policy_engine.quota.resp import endpoint
 
-            (seed_endpoint if self.redis_cluster else endpoint)(self.redis_url)
+            try:
+                (seed_endpoint if self.redis_cluster else endpoint)(self.redis_url)
+            except OSError as error:  # a CA or certificate file that cannot be read
+                raise ValueError(f"redis URL: {type(error).__name__}: {error}") from None
         return self
 
     @field_validator("backends", mode="before")

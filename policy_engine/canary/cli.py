@@ -46,6 +46,14 @@ ClusterOption = Annotated[
 DEFAULT_STATE = Path(".policy-engine/canary-state.json")
 
 
+def _open_store(redis_url: str | None, state: Path, redis_cluster: bool) -> RolloutStore:
+    try:
+        return open_store(redis_url, state, cluster=redis_cluster)
+    except StoreError as error:
+        err.print(str(error), markup=False)
+        raise typer.Exit(1) from None
+
+
 def _run(store: RolloutStore, action: Callable[[RolloutStore], Awaitable[T]]) -> T:
     async def main() -> T:
         try:
@@ -72,7 +80,7 @@ def status(
     json_output: Annotated[bool, typer.Option("--json", help="States as JSON.")] = False,
 ) -> None:
     """Table of rollouts: phase, step, weight, the step's requests and the last analysis."""
-    store = open_store(redis_url, state, cluster=redis_cluster)
+    store = _open_store(redis_url, state, redis_cluster)
     states = _run(store, lambda s: s.load_all())
     if json_output:
         out.print_json(json.dumps({name: json.loads(s.to_json()) for name, s in states.items()}))
@@ -99,7 +107,7 @@ def status(
 
 
 def _command(policy: str, command: Command, state: Path, redis_url: str | None, redis_cluster: bool) -> None:
-    store = open_store(redis_url, state, cluster=redis_cluster)
+    store = _open_store(redis_url, state, redis_cluster)
 
     async def send(s: RolloutStore) -> RolloutState | None:
         found = await s.load(policy)
@@ -216,7 +224,7 @@ def run(
         write=mode,
         version=api_version,
     )
-    store = open_store(redis_url, state, cluster=redis_cluster)
+    store = _open_store(redis_url, state, redis_cluster)
     controller = CanaryController(lambda: bundle, MetricsPageSource(telemetry_url), store, executor)
 
     async def main(s: RolloutStore) -> None:

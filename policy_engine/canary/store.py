@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import tempfile
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -169,19 +170,25 @@ class RedisStore:
         self, url: str, prefix: str = "pe:canary:", timeout_s: float = 2.0, *, cluster: bool = False
     ) -> None:
         from redis.asyncio import Redis, RedisCluster
+        from redis.exceptions import RedisClusterException
 
         self.url = url
         self.prefix = prefix
         # Each rollout is one key, so a cluster needs nothing else of the store: redis-py routes
         # the key's commands, and scans every primary for load_all.
-        self._redis: Redis | RedisCluster = (
-            RedisCluster.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-            if cluster
-            else Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        )
+        self._redis: Redis | RedisCluster
+        try:
+            if cluster:
+                self._redis = RedisCluster.from_url(
+                    url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+                )
+            else:
+                self._redis = Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        except (ValueError, RedisClusterException) as error:
+            raise StoreError(f"canary state in Redis: {error}") from None
 
     def describe(self) -> str:
-        return f"redis {self.url} (keys {self.prefix}*)"
+        return f"redis {_redacted(self.url)} (keys {self.prefix}*)"
 
     @property
     def _leader_key(self) -> str:
@@ -199,12 +206,13 @@ class RedisStore:
             raise StoreError(f"{self._key(policy)}: {error}") from None
 
     async def _call(self, operation: str, coroutine: Any) -> Any:
-        from redis.exceptions import RedisError
+        from redis.exceptions import RedisClusterException, RedisError
 
         try:
             return await coroutine
-        except (RedisError, OSError) as error:
-            raise StoreError(f"canary state in {self.url}: {operation} failed: {error}") from None
+        # RedisClusterException: a cluster that cannot be reached or does not cover every slot.
+        except (RedisError, RedisClusterException, OSError) as error:
+            raise StoreError(f"canary state in {_redacted(self.url)}: {operation} failed: {error}") from None
 
     async def load(self, policy: str) -> RolloutState | None:
         raw = await self._call("HGET", self._redis.hget(self._key(policy), "state"))
@@ -254,6 +262,16 @@ class RedisStore:
         await self._redis.aclose()
 
 
+def _redacted(url: str) -> str:
+    """The URL without its password, for messages."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
 _LEASE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -269,4 +287,6 @@ def open_store(redis_url: str | None, path: Path, *, cluster: bool = False) -> R
     else the local file."""
     if redis_url:
         return RedisStore(redis_url, cluster=cluster)
+    if cluster:
+        raise StoreError("--redis-cluster needs --redis-url (any node of the cluster)")
     return FileStore(path)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import binascii
-import contextlib
 import dataclasses
 import logging
 from typing import Any
@@ -72,32 +71,38 @@ def seed_endpoint(url: str) -> Endpoint:
     return seed
 
 
-def slot_map(reply: Any, asked: Address) -> list[Address | None]:
-    """Each slot's primary from a CLUSTER SLOTS reply; `asked` stands for a node announced
-    without an address (the node that answered). A ValueError for a reply of another shape."""
+def slot_map(reply: Any, asked: str) -> list[Address | None]:
+    """Each slot's primary from a CLUSTER SLOTS reply; a node announced without an address (no
+    host, "" or "?") is on the host of the node that answered, `asked`. A ValueError for a reply
+    of another shape."""
     owners: list[Address | None] = [None] * SLOTS
     if not isinstance(reply, list):
         raise ValueError(f"CLUSTER SLOTS answered {reply!r}")
     for entry in reply:
         try:
             start, end, primary = int(entry[0]), int(entry[1]), entry[2]
-            host = primary[0].decode() if isinstance(primary[0], bytes) else str(primary[0])
+            host = primary[0].decode() if isinstance(primary[0], bytes) else primary[0]
             port = int(primary[1])
+            if host is not None and not isinstance(host, str):
+                raise TypeError(f"host {host!r}")
         except (TypeError, ValueError, IndexError, UnicodeDecodeError) as error:
             raise ValueError(f"CLUSTER SLOTS entry {entry!r}: {error}") from None
         if not 0 <= start <= end < SLOTS:
             raise ValueError(f"CLUSTER SLOTS entry {entry!r}: slots out of range")
-        # "" or "?" when the node does not know its own address: the one asked does.
-        address = asked if host in ("", "?") else (host, port)
+        address = (asked if host in (None, "", "?") else host, port)
         owners[start : end + 1] = [address] * (end - start + 1)
     return owners
 
 
-def _redirect_target(message: str) -> tuple[int, Address]:
-    """The slot and the node of a MOVED or ASK error ("MOVED 3999 127.0.0.1:6381")."""
+def redirect_target(message: str, replied: str) -> tuple[int, Address]:
+    """The slot and the node of a MOVED or ASK error ("MOVED 3999 127.0.0.1:6381"); a node
+    without a host (":6381") is on the host of the node that replied. A ValueError for another
+    shape."""
     _, slot, where = message.split(" ", 2)
-    host, _, port = where.strip().rpartition(":")
-    return int(slot), (host.strip("[]"), int(port))
+    host, colon, port = where.strip().rpartition(":")
+    if not colon:
+        raise ValueError(f"no port in {message!r}")
+    return int(slot), (host.strip("[]") or replied, int(port))
 
 
 class RespCluster:
@@ -116,6 +121,7 @@ class RespCluster:
         self._refresh: asyncio.Task[None] | None = None
         self._refreshed_at = float("-inf")
         self._map_error: str | None = None  # why the last reading failed
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
     async def call(self, *args: Arg, key: str | None = None) -> Any:
@@ -135,13 +141,17 @@ class RespCluster:
                 return await send(*args)
             except RedisReplyError as error:
                 message = last = str(error)
-                if message.startswith("MOVED "):
-                    moved_slot, target = _redirect_target(message)
-                    if self._owners is not None:
-                        self._owners[moved_slot] = target
-                    self._read_map_soon()
-                elif message.startswith("ASK "):
-                    _, asking = _redirect_target(message)
+                if message.startswith(("MOVED ", "ASK ")):
+                    try:
+                        moved_slot, target = redirect_target(message, node[0])
+                    except ValueError:
+                        raise error from None
+                    if message.startswith("ASK "):
+                        asking = target
+                    else:
+                        if self._owners is not None:
+                            self._owners[moved_slot] = target
+                        self._read_map_soon()
                 elif message.startswith("TRYAGAIN"):
                     await asyncio.sleep(TRYAGAIN_PAUSE_S)
                 else:
@@ -157,10 +167,10 @@ class RespCluster:
     async def close(self) -> None:
         self._closed = True
         refresh, self._refresh = self._refresh, None
-        if refresh is not None and not refresh.done():
+        if refresh is not None and not refresh.done() and self._loop is asyncio.get_running_loop():
             refresh.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await refresh
+            # Its outcome is of no interest now; a cancellation of this caller still propagates.
+            await asyncio.gather(refresh, return_exceptions=True)
         nodes, self._nodes = self._nodes, {}
         for connection in nodes.values():
             await connection.close()
@@ -176,6 +186,11 @@ class RespCluster:
         return connection
 
     async def _owner(self, slot: int) -> Address:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            # First use, or a new event loop (tests, embedding): a reading left on the old one
+            # can never finish here. The node connections see to their own loops.
+            self._loop, self._refresh = loop, None
         if self._owners is None:
             await self._first_map()
         assert self._owners is not None
@@ -190,16 +205,25 @@ class RespCluster:
         the last reading's error instead of each trying every node again."""
         reading = self._refresh
         if reading is None or reading.done():
-            recent = asyncio.get_running_loop().time() - self._refreshed_at < MIN_REFRESH_INTERVAL_S
-            if recent and self._map_error is not None:
+            if self._map_error is not None and not self._may_read():
                 raise RedisUnreachable(self._map_error)
             reading = self._read_map()
         # Shielded: a caller that gives up does not end the reading the others wait on.
-        await asyncio.shield(reading)
+        try:
+            await asyncio.shield(reading)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if reading.cancelled() and task is not None and not task.cancelling():
+                raise RedisUnreachable("the connection was closed while reading the slot map") from None
+            raise
+
+    def _may_read(self) -> bool:
+        """Whether the slot map may be read again: not a moment after the last reading."""
+        return asyncio.get_running_loop().time() - self._refreshed_at >= MIN_REFRESH_INTERVAL_S
 
     def _read_map_soon(self) -> None:
         """Read the slot map again in the background, unless it was read a moment ago."""
-        if asyncio.get_running_loop().time() - self._refreshed_at >= MIN_REFRESH_INTERVAL_S:
+        if not self._closed and self._may_read():
             self._read_map()
 
     def _read_map(self) -> asyncio.Task[None]:
@@ -212,8 +236,10 @@ class RespCluster:
         return self._refresh
 
     def _read(self, reading: asyncio.Task[None]) -> None:
+        if reading.cancelled():  # closed: nothing was learnt
+            return
         # Retrieving the error also keeps asyncio from reporting it when no caller waited.
-        error = None if reading.cancelled() else reading.exception()
+        error = reading.exception()
         message = str(error) if error is not None else None
         if message is not None and self._map_error is None:  # once per outage, not per reading
             log.warning("redis cluster: %s", message)
@@ -223,20 +249,26 @@ class RespCluster:
 
     async def _read_map_now(self) -> None:
         """The slot map from the first node that answers: the known ones, then the URL's."""
-        self._refreshed_at = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        self._refreshed_at = loop.time()
         known = {owner for owner in self._owners or () if owner is not None}
         candidates = [*sorted(known), (self._seed.host, self._seed.port)]
         failures: list[str] = []
-        for address in dict.fromkeys(candidates):
-            try:
-                reply = await self._node(address).call("CLUSTER", "SLOTS")
-                owners = slot_map(reply, address)
-            except (RedisNotSent, RedisLost, RedisReplyError, ValueError) as error:
-                failures.append(f"{address[0]}:{address[1]}: {error}")
-                continue
-            self._owners = owners
-            await self._forget_others({owner for owner in owners if owner is not None} | {address})
-            return
+        try:
+            for address in dict.fromkeys(candidates):
+                try:
+                    reply = await self._node(address).call("CLUSTER", "SLOTS")
+                    owners = slot_map(reply, address[0])
+                except (RedisNotSent, RedisLost, RedisReplyError, ValueError) as error:
+                    failures.append(f"{address[0]}:{address[1]}: {error}")
+                    continue
+                self._owners = owners
+                await self._forget_others({owner for owner in owners if owner is not None} | {address})
+                return
+        finally:
+            # From the end too: a reading that took longer than the interval still holds off the
+            # next one for the interval.
+            self._refreshed_at = loop.time()
         raise RedisUnreachable("cannot read the cluster's slot map: " + "; ".join(failures))
 
     async def _forget_others(self, keep: set[Address]) -> None:

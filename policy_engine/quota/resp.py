@@ -101,9 +101,7 @@ def endpoint(url: str) -> Endpoint:
         if options.get("ssl_certfile"):
             tls.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"))
     if kind is UnixDomainSocketConnection and not options.get("path"):
-        raise ValueError(
-            f"a unix:// redis URL needs an absolute socket path (unix:///path/redis.sock): {url!r}"
-        )
+        raise ValueError("a unix:// redis URL needs an absolute socket path (unix:///path/redis.sock)")
     return Endpoint(
         host=options.get("host") or "localhost",
         port=int(options.get("port") or 6379),
@@ -248,8 +246,9 @@ class RespConnection:
 
     @property
     def idle(self) -> bool:
-        """Whether no command waits for its reply."""
-        return self._connection is None or not self._connection.waiting
+        """Whether no command waits for its reply and no caller for a connection."""
+        connecting = self._connecting is not None and not self._connecting.done()
+        return not connecting and (self._connection is None or not self._connection.waiting)
 
     async def close(self) -> None:
         self._closed = True

@@ -13,9 +13,10 @@ import pytest
 
 from policy_engine.canary.state import RolloutState
 from policy_engine.canary.store import RedisStore as RolloutRedisStore
-from policy_engine.quota.cluster import RespCluster, key_slot
+from policy_engine.quota.cluster import MIN_REFRESH_INTERVAL_S, RespCluster, key_slot
 from policy_engine.quota.memory import MemoryStore
 from policy_engine.quota.redis_store import RedisStore, _key_tag
+from policy_engine.quota.resp import RedisLost, RespConnection
 from policy_engine.quota.store import Demand, StoreUnavailable
 from tests.integration.test_quota_redis import ALL_SCENARIOS, T0, FakeClock, Outcome, play
 from tests.redis_server import RedisClusterNodes, RedisProcess, command, start_cluster
@@ -42,6 +43,12 @@ def own_cluster() -> Iterator[RedisClusterNodes]:
 @pytest.fixture
 def prefix() -> str:
     return f"pe-test-{uuid.uuid4().hex[:12]}:"
+
+
+def still() -> FakeClock:
+    """A clock that stands still: counts in a sliding window must not depend on when the test
+    runs (a minute boundary would weigh the earlier bucket down)."""
+    return FakeClock(T0 + 13.7)
 
 
 def one(tag: str, *, limit: int = 100, cost: int = 1) -> Demand:
@@ -94,7 +101,9 @@ def test_each_counter_lives_on_the_node_that_owns_its_slot(cluster: RedisCluster
 
     async def scenario() -> None:
         # Through a node that owns few of the tags: most calls start with a MOVED.
-        store = RedisStore(cluster.primaries[2].url, prefix=prefix, timeout_s=2.0, cluster=True)
+        store = RedisStore(
+            cluster.primaries[2].url, prefix=prefix, timeout_s=2.0, cluster=True, clock=still()
+        )
         try:
             for tag in tags:
                 assert (await store.admit([one(tag)])).admitted
@@ -115,7 +124,9 @@ def test_each_counter_lives_on_the_node_that_owns_its_slot(cluster: RedisCluster
 
 def test_a_replica_as_the_url_finds_the_primaries(own_cluster: RedisClusterNodes, prefix: str) -> None:
     async def scenario() -> list[int]:
-        store = RedisStore(own_cluster.replicas[0].url, prefix=prefix, timeout_s=2.0, cluster=True)
+        store = RedisStore(
+            own_cluster.replicas[0].url, prefix=prefix, timeout_s=2.0, cluster=True, clock=still()
+        )
         try:
             return [(await store.admit([one(f"t{i}")])).states[0].used for i in range(8)]
         finally:
@@ -131,7 +142,7 @@ def test_a_moved_slot_keeps_its_counts_and_no_call_fails(own_cluster: RedisClust
     slot = tag_slot(tag)
 
     async def scenario() -> list[int]:
-        store = RedisStore(own_cluster.url, prefix=prefix, timeout_s=2.0, cluster=True)
+        store = RedisStore(own_cluster.url, prefix=prefix, timeout_s=2.0, cluster=True, clock=still())
         try:
             used = [(await store.admit([one(tag)])).states[0].used for _ in range(3)]
             source = owner(own_cluster, slot)
@@ -155,16 +166,27 @@ def test_a_key_not_yet_migrated_is_asked_of_the_importing_node(own_cluster: Redi
     target = next(n for n in own_cluster.primaries if n is not source)
     start_move(slot, source, target)
 
-    async def scenario() -> object:
+    # Keys of the target's own slots, written at the same time over the same connection: none
+    # may come between an ASKING and its command.
+    others = [k for k in (f"other-{i}" for i in range(2000)) if owner(own_cluster, key_slot(k)) is target][
+        :40
+    ]
+    arriving = [f"{{{key}}}:{i}" for i in range(40)]
+
+    async def scenario() -> list[object]:
         client = RespCluster(source.url, timeout_s=2.0)
         try:
-            return await client.call("SET", key, "1", key=key)
+            await client.call("GET", others[0], key=others[0])  # the map, and the target's connection
+            calls = [
+                client.call("SET", k, "1", key=k) for pair in zip(arriving, others, strict=True) for k in pair
+            ]
+            return list(await asyncio.gather(*calls))
         finally:
             await client.close()
 
-    assert asyncio.run(scenario()) == b"OK"
+    assert asyncio.run(scenario()) == [b"OK"] * 80
     assert command(source.port, "CLUSTER", "COUNTKEYSINSLOT", str(slot)) == 0
-    assert command(target.port, "CLUSTER", "COUNTKEYSINSLOT", str(slot)) == 1
+    assert command(target.port, "CLUSTER", "COUNTKEYSINSLOT", str(slot)) == 40
 
 
 def test_counters_split_by_a_migration_fail_cleanly_until_it_ends(
@@ -178,7 +200,7 @@ def test_counters_split_by_a_migration_fail_cleanly_until_it_ends(
     target = next(n for n in own_cluster.primaries if n is not source)
 
     async def scenario() -> tuple[str, int]:
-        store = RedisStore(own_cluster.url, prefix=prefix, timeout_s=2.0, cluster=True)
+        store = RedisStore(own_cluster.url, prefix=prefix, timeout_s=2.0, cluster=True, clock=still())
         try:
             assert (await store.admit([one(tag)])).admitted  # the current bucket only
             start_move(slot, source, target)
@@ -208,15 +230,12 @@ def test_a_failed_primary_is_replaced_and_counting_resumes(
     tag = next(f"t{i}" for i in range(1000) if owner(own_cluster, tag_slot(f"t{i}")) is primary)
 
     async def scenario() -> tuple[int, int, list[str]]:
-        store = RedisStore(own_cluster.url, prefix=prefix, timeout_s=0.5, cluster=True)
+        store = RedisStore(own_cluster.url, prefix=prefix, timeout_s=0.5, cluster=True, clock=still())
         try:
             for _ in range(3):
                 await store.admit([one(tag)])
-            # Replication is asynchronous: wait until the replica has the counts.
-            replica = own_cluster.replicas[0]
-            deadline = time.monotonic() + 10
-            while len(keys_of(replica, prefix)) < 1 and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            # Replication is asynchronous: wait until the replica has had every write.
+            assert command(primary.port, "WAIT", "1", "10000") == 1
             primary.stop()
             failures: list[str] = []
             deadline = time.monotonic() + FAILOVER_BOUND_S
@@ -257,7 +276,7 @@ def test_a_cluster_node_without_the_cluster_setting_is_named_in_the_error(
     tag = next(f"t{i}" for i in range(1000) if owner(cluster, tag_slot(f"t{i}")) is not cluster.primaries[0])
 
     async def scenario() -> str:
-        store = RedisStore(cluster.url, prefix=prefix, timeout_s=2.0)
+        store = RedisStore(cluster.url, prefix=prefix, timeout_s=2.0, clock=still())
         try:
             with pytest.raises(StoreUnavailable) as failed:
                 await store.admit([one(tag)])
@@ -269,38 +288,152 @@ def test_a_cluster_node_without_the_cluster_setting_is_named_in_the_error(
     assert "MOVED" in message and "--redis-cluster" in message
 
 
-def test_an_unreachable_cluster_fails_fast_and_recovers(prefix: str) -> None:
-    """No node answers: calls fail (no hang), and while the last reading of the slot map is
-    recent they fail at once without trying every node again; a cluster that comes up serves."""
+class SilentNode:
+    """A TCP server that takes connections and commands and never answers (a hung node), and
+    counts the CLUSTER SLOTS commands it was sent."""
+
+    def __init__(self) -> None:
+        self.readings = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"redis://127.0.0.1:{port}/0"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = b""
+        while chunk := await reader.read(4096):
+            data += chunk
+            self.readings = data.count(b"SLOTS")
+        writer.close()
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+def test_a_cluster_that_cannot_be_read_fails_calls_at_once_for_a_moment(prefix: str) -> None:
+    """While the slot map cannot be read, a reading is not made again for every call: the calls
+    right after a failed reading fail at once with its error, and one after the interval reads
+    again."""
+    node = SilentNode()
+
+    async def scenario() -> tuple[list[str], list[int]]:
+        url = await node.start()
+        store = RedisStore(url, prefix=prefix, timeout_s=0.1, cluster=True, clock=still())
+        errors: list[str] = []
+        readings: list[int] = []
+        try:
+            for _ in range(3):
+                with pytest.raises(StoreUnavailable) as failed:
+                    await store.admit([one("t")])
+                errors.append(str(failed.value))
+                readings.append(node.readings)
+            await asyncio.sleep(MIN_REFRESH_INTERVAL_S + 0.05)
+            with pytest.raises(StoreUnavailable):
+                await store.admit([one("t")])
+            readings.append(node.readings)
+            return errors, readings
+        finally:
+            await store.close()
+            await node.stop()
+
+    errors, readings = asyncio.run(scenario())
+    assert all("cannot read the cluster's slot map" in e and "no reply" in e for e in errors), errors
+    assert readings == [1, 1, 1, 2]
+
+
+def test_calls_waiting_for_the_first_slot_map_fail_cleanly_when_the_store_closes(prefix: str) -> None:
+    node = SilentNode()
+
+    async def scenario() -> list[BaseException | object]:
+        url = await node.start()
+        store = RedisStore(url, prefix=prefix, timeout_s=5.0, cluster=True, clock=still())
+        try:
+            calls = [asyncio.create_task(store.admit([one(f"t{i}")])) for i in range(3)]
+            while node.readings < 1:
+                await asyncio.sleep(0.01)
+            await store.close()
+            return list(await asyncio.gather(*calls, return_exceptions=True))
+        finally:
+            await node.stop()
+
+    outcomes = asyncio.run(scenario())
+    assert all(isinstance(o, StoreUnavailable) and "closed" in str(o) for o in outcomes), outcomes
+
+
+def test_a_call_in_flight_when_the_store_closes_is_reported_as_possibly_run(
+    cluster: RedisClusterNodes, prefix: str
+) -> None:
+    """Closed while its script was sent and unanswered: the call fails as one that may have run
+    (RedisLost), which decides whether a refund is counted on; not as one never sent."""
+    tag = "in-flight"
+    node = owner(cluster, tag_slot(tag))
+
+    async def scenario() -> BaseException:
+        store = RedisStore(cluster.url, prefix=prefix, timeout_s=5.0, cluster=True, clock=still())
+        await store.admit([one(tag)])  # the map and the connection
+        command(node.port, "CLIENT", "PAUSE", "3000", "WRITE")
+        try:
+            call = asyncio.create_task(store.admit([one(tag)]))
+            # Past the interval between readings of the map: its failure would read it again.
+            await asyncio.sleep(MIN_REFRESH_INTERVAL_S + 0.1)
+            await store.close()
+            with pytest.raises(StoreUnavailable) as failed:
+                await call
+            return failed.value
+        finally:
+            command(node.port, "CLIENT", "UNPAUSE")
+
+    error = asyncio.run(scenario())
+    assert isinstance(error.__cause__, RedisLost), repr(error.__cause__)
+
+
+def test_a_node_connection_being_made_is_not_idle() -> None:
+    """A refresh of the slot map closes idle connections to nodes it no longer lists; one whose
+    callers wait for it to connect (here on its AUTH) is not idle."""
+    node = SilentNode()
+
+    async def scenario() -> tuple[bool, bool]:
+        url = (await node.start()).replace("redis://", "redis://:password@")
+        connection = RespConnection(url, timeout_s=5.0)
+        before = connection.idle
+        call = asyncio.create_task(connection.call("PING"))
+        await asyncio.sleep(0.2)
+        during = connection.idle
+        await connection.close()
+        await asyncio.gather(call, return_exceptions=True)
+        await node.stop()
+        return before, during
+
+    assert asyncio.run(scenario()) == (True, False)
+
+
+def test_an_unreachable_cluster_recovers_when_it_comes_up(prefix: str) -> None:
     nodes = start_cluster(primaries=1)
     try:
         nodes.primaries[0].stop()
 
-        async def scenario() -> tuple[list[str], int]:
-            store = RedisStore(nodes.url, prefix=prefix, timeout_s=0.5, cluster=True)
+        async def scenario() -> int:
+            store = RedisStore(nodes.url, prefix=prefix, timeout_s=0.5, cluster=True, clock=still())
             try:
-                errors = []
-                for _ in range(3):
-                    with pytest.raises(StoreUnavailable) as failed:
-                        await store.admit([one("t")])
-                    errors.append(str(failed.value))
+                with pytest.raises(StoreUnavailable, match="slot map"):
+                    await store.admit([one("t")])
                 nodes.primaries[0].start()
-                await asyncio.sleep(0.3)  # past the interval between readings of the map
                 deadline = time.monotonic() + 10
                 while True:
                     try:
-                        return errors, (await store.admit([one("t")])).states[0].used
+                        return (await store.admit([one("t")])).states[0].used
                     except StoreUnavailable:
                         assert time.monotonic() < deadline
                         await asyncio.sleep(0.1)
             finally:
                 await store.close()
 
-        errors, used = asyncio.run(scenario())
+        assert asyncio.run(scenario()) == 0
     finally:
         nodes.close()
-    assert all("slot map" in e for e in errors), errors
-    assert used == 0
 
 
 def rollout(name: str) -> RolloutState:

@@ -200,3 +200,9 @@ def test_serve_rejects_a_redis_url_the_store_cannot_use_without_showing_its_pass
         assert result.returncode == 2, result.stderr
         assert reason in result.stderr
         assert "s3cret" not in result.stderr + result.stdout
+
+
+def test_canary_commands_need_a_redis_url_for_a_cluster() -> None:
+    result = run("canary", "status", "--redis-cluster")
+    assert result.returncode == 1
+    assert "--redis-cluster needs --redis-url" in result.stderr

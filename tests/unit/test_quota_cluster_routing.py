@@ -9,7 +9,7 @@ import string
 import pytest
 from redis.crc import key_slot as redis_py_key_slot
 
-from policy_engine.quota.cluster import SLOTS, _redirect_target, key_slot, seed_endpoint, slot_map
+from policy_engine.quota.cluster import SLOTS, key_slot, redirect_target, seed_endpoint, slot_map
 
 
 def test_key_slots_follow_the_cluster_specification() -> None:
@@ -31,32 +31,55 @@ def test_key_slots_agree_with_redis_py_on_random_keys() -> None:
 def test_the_slot_map_is_read_from_cluster_slots() -> None:
     reply = [
         [0, 5460, [b"10.0.0.1", 6379, b"id1", {}], [b"10.0.0.4", 6379, b"id4", {}]],
-        [5461, 16383, [b"", 6380, b"id2", {}]],
+        [5461, 10000, [b"", 6380, b"id2", {}]],
+        [10001, 12000, [b"?", 6381, b"id3", {}]],
+        [12001, 16383, [None, 6382, b"id4", {}]],
     ]
-    owners = slot_map(reply, ("seed", 7000))
+    owners = slot_map(reply, "seed")
     assert len(owners) == SLOTS
     assert owners[0] == owners[5460] == ("10.0.0.1", 6379)  # the primary, not its replica
-    assert owners[5461] == owners[16383] == ("seed", 7000)  # no address given: the node asked
+    # A node without an address is on the host of the node asked, at its own port.
+    assert owners[5461] == owners[10000] == ("seed", 6380)
+    assert owners[10001] == ("seed", 6381)
+    assert owners[16383] == ("seed", 6382)
 
 
 def test_a_partial_slot_map_leaves_the_rest_unowned() -> None:
-    owners = slot_map([[100, 199, ["h", 1]]], ("seed", 1))
+    owners = slot_map([[100, 199, ["h", 1]]], "seed")
     assert owners[99] is None and owners[100] == ("h", 1) and owners[200] is None
 
 
 @pytest.mark.parametrize(
     "reply",
-    [b"ERR", [[0]], [[0, 10, []]], [[0, 10, ["h", "port"]]], [[10, 0, ["h", 1]]], [[0, SLOTS, ["h", 1]]]],
+    [
+        b"ERR",
+        [[0]],
+        [[0, 10, []]],
+        [[0, 10, ["h", "port"]]],
+        [[0, 10, [7, 1]]],
+        [[10, 0, ["h", 1]]],
+        [[0, SLOTS, ["h", 1]]],
+    ],
 )
 def test_a_malformed_slot_map_is_refused(reply: object) -> None:
     with pytest.raises(ValueError, match="CLUSTER SLOTS"):
-        slot_map(reply, ("seed", 1))
+        slot_map(reply, "seed")
 
 
 def test_redirections_name_a_slot_and_a_node() -> None:
-    assert _redirect_target("MOVED 3999 127.0.0.1:6381") == (3999, ("127.0.0.1", 6381))
-    assert _redirect_target("ASK 1 ::1:7000") == (1, ("::1", 7000))
-    assert _redirect_target("MOVED 2 redis-0.redis.data.svc:6379") == (2, ("redis-0.redis.data.svc", 6379))
+    assert redirect_target("MOVED 3999 127.0.0.1:6381", "r") == (3999, ("127.0.0.1", 6381))
+    assert redirect_target("ASK 1 ::1:7000", "r") == (1, ("::1", 7000))
+    assert redirect_target("MOVED 2 redis-0.redis.data.svc:6379", "r") == (
+        2,
+        ("redis-0.redis.data.svc", 6379),
+    )
+    assert redirect_target("MOVED 3999 :6380", "replier") == (3999, ("replier", 6380))  # no host: its own
+
+
+@pytest.mark.parametrize("message", ["MOVED 3999", "MOVED x h:1", "MOVED 1 h", "MOVED 1 h:port"])
+def test_a_malformed_redirection_is_refused(message: str) -> None:
+    with pytest.raises(ValueError):
+        redirect_target(message, "r")
 
 
 def test_a_cluster_url_must_name_a_tcp_node_of_database_0() -> None:
