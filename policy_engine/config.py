@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_TLS_FILE_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 
 
 class Settings(BaseSettings):
@@ -97,7 +100,14 @@ class Settings(BaseSettings):
             try:
                 (seed_endpoint if self.redis_cluster else endpoint)(self.redis_url)
             except OSError as error:  # a CA or certificate file that cannot be read
-                raise ValueError(f"redis URL: {type(error).__name__}: {error}") from None
+                # The files' paths, not the URL: it may hold a password.
+                query = urllib.parse.parse_qsl(urllib.parse.urlsplit(self.redis_url).query)
+                files = ", ".join(
+                    f"{k}={v}" for k, v in query if k.startswith("ssl_") and k != "ssl_cert_reqs"
+                )
+                raise ValueError(
+                    f"redis URL: cannot read its TLS files ({files}): {error.strerror or error}"
+                ) from None
         return self
 
     @field_validator("backends", mode="before")

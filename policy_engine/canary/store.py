@@ -263,13 +263,21 @@ class RedisStore:
 
 
 def _redacted(url: str) -> str:
-    """The URL without its password, for messages."""
+    """The URL without its password (in the user part or the query), for messages."""
     parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+    query = urllib.parse.urlencode(
+        [
+            (name, "***" if name.lower() == "password" else value)
+            for name, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        ],
+        safe="*/",
+    )
+    if netloc == parts.netloc and query == parts.query:
         return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
 
 
 _LEASE = """

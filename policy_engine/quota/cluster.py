@@ -72,9 +72,10 @@ def seed_endpoint(url: str) -> Endpoint:
 
 
 def slot_map(reply: Any, asked: str) -> list[Address | None]:
-    """Each slot's primary from a CLUSTER SLOTS reply; a node announced without an address (no
-    host, "" or "?") is on the host of the node that answered, `asked`. A ValueError for a reply
-    of another shape."""
+    """Each slot's primary from a CLUSTER SLOTS reply. A node announced without a host (NULL,
+    or "" from a node that does not know its address) is on the host of the node that
+    answered, `asked`, at its own port; one announced as "?" (a hostname preferred but not set)
+    cannot be reached, and its slots have no owner. A ValueError for a reply of another shape."""
     owners: list[Address | None] = [None] * SLOTS
     if not isinstance(reply, list):
         raise ValueError(f"CLUSTER SLOTS answered {reply!r}")
@@ -89,7 +90,7 @@ def slot_map(reply: Any, asked: str) -> list[Address | None]:
             raise ValueError(f"CLUSTER SLOTS entry {entry!r}: {error}") from None
         if not 0 <= start <= end < SLOTS:
             raise ValueError(f"CLUSTER SLOTS entry {entry!r}: slots out of range")
-        address = (asked if host in (None, "", "?") else host, port)
+        address = None if host == "?" else (asked if host in (None, "") else host, port)
         owners[start : end + 1] = [address] * (end - start + 1)
     return owners
 
@@ -98,11 +99,12 @@ def redirect_target(message: str, replied: str) -> tuple[int, Address]:
     """The slot and the node of a MOVED or ASK error ("MOVED 3999 127.0.0.1:6381"); a node
     without a host (":6381") is on the host of the node that replied. A ValueError for another
     shape."""
-    _, slot, where = message.split(" ", 2)
+    _, slot_text, where = message.split(" ", 2)
     host, colon, port = where.strip().rpartition(":")
-    if not colon:
-        raise ValueError(f"no port in {message!r}")
-    return int(slot), (host.strip("[]") or replied, int(port))
+    slot = int(slot_text)
+    if not colon or host == "?" or not 0 <= slot < SLOTS:
+        raise ValueError(f"not a redirection this client can follow: {message!r}")
+    return slot, (host.strip("[]") or replied, int(port))
 
 
 class RespCluster:
@@ -167,13 +169,15 @@ class RespCluster:
     async def close(self) -> None:
         self._closed = True
         refresh, self._refresh = self._refresh, None
-        if refresh is not None and not refresh.done() and self._loop is asyncio.get_running_loop():
-            refresh.cancel()
-            # Its outcome is of no interest now; a cancellation of this caller still propagates.
-            await asyncio.gather(refresh, return_exceptions=True)
         nodes, self._nodes = self._nodes, {}
-        for connection in nodes.values():
-            await connection.close()
+        try:
+            if refresh is not None and not refresh.done() and self._loop is asyncio.get_running_loop():
+                refresh.cancel()
+                # Its outcome is of no interest now; a cancellation of this caller propagates.
+                await asyncio.gather(refresh, return_exceptions=True)
+        finally:
+            for connection in nodes.values():
+                await connection.close()
 
     def _node(self, address: Address) -> RespConnection:
         connection = self._nodes.get(address)

@@ -40,8 +40,9 @@ def test_the_slot_map_is_read_from_cluster_slots() -> None:
     assert owners[0] == owners[5460] == ("10.0.0.1", 6379)  # the primary, not its replica
     # A node without an address is on the host of the node asked, at its own port.
     assert owners[5461] == owners[10000] == ("seed", 6380)
-    assert owners[10001] == ("seed", 6381)
     assert owners[16383] == ("seed", 6382)
+    # "?": a hostname preferred but not set; nobody can reach that node.
+    assert owners[10001] is None
 
 
 def test_a_partial_slot_map_leaves_the_rest_unowned() -> None:
@@ -76,7 +77,18 @@ def test_redirections_name_a_slot_and_a_node() -> None:
     assert redirect_target("MOVED 3999 :6380", "replier") == (3999, ("replier", 6380))  # no host: its own
 
 
-@pytest.mark.parametrize("message", ["MOVED 3999", "MOVED x h:1", "MOVED 1 h", "MOVED 1 h:port"])
+@pytest.mark.parametrize(
+    "message",
+    [
+        "MOVED 3999",
+        "MOVED x h:1",
+        "MOVED 1 h",
+        "MOVED 1 h:port",
+        "MOVED 16384 h:1",
+        "MOVED -1 h:1",
+        "ASK 1 ?:1",
+    ],
+)
 def test_a_malformed_redirection_is_refused(message: str) -> None:
     with pytest.raises(ValueError):
         redirect_target(message, "r")
