@@ -15,6 +15,7 @@ minute, plus half a minute for the base when it is not there yet).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -35,10 +36,12 @@ from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, exte
 from google.rpc import code_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import ROOT
+from tests.conftest import POLICIES, ROOT
 
-BASE = "docker.io/library/debian:bookworm-slim"
-IMAGE = "localhost/policy-engine:test"
+BASE = "localhost/policy-engine-tests/bookworm-minbase:latest"
+BASE_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Per test run: runs of other checkouts on the same machine build their own.
+IMAGE = f"localhost/policy-engine-tests/policy-engine:{os.getpid()}"
 BUILD_TIMEOUT_S = 900
 START_TIMEOUT_S = 60
 # The first test also waits for the build (a minute here, more on a loaded machine).
@@ -61,11 +64,15 @@ class Podman:
         return result
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def _free_ports(count: int) -> list[int]:
+    """Ports free at once (all held until each is known, so that they differ)."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(count):
+            sock = held.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +98,7 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Podman:
 
 
 @pytest.fixture(scope="session")
-def image(podman: Podman) -> str:
+def image(podman: Podman) -> Iterator[str]:
     if podman("image", "exists", BASE, check=False).returncode != 0:
         with tempfile.TemporaryDirectory(prefix="pe-bookworm-") as rootfs:
             made = subprocess.run(
@@ -102,24 +109,23 @@ def image(podman: Podman) -> str:
                 check=False,
             )
             assert made.returncode == 0, f"debootstrap failed:\n{made.stdout[-3000:]}\n{made.stderr[-3000:]}"
-            tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
-            imported = subprocess.run(
-                ["podman", "import", "-", BASE],
-                stdin=tar.stdout,
-                capture_output=True,
-                timeout=BUILD_TIMEOUT_S,
-                env=podman.env,
-                check=False,
-            )
-            tar.wait()
-            assert imported.returncode == 0, imported.stderr
-    build = ["build", "--pull=never", "--network", "host", "--tag", IMAGE]
+            archive = Path(rootfs).with_suffix(".tar")
+            try:
+                subprocess.run(
+                    ["tar", "-C", rootfs, "-cf", str(archive), "."], check=True, timeout=BUILD_TIMEOUT_S
+                )
+                podman("import", "--change", f"ENV {BASE_PATH}", str(archive), BASE, timeout=BUILD_TIMEOUT_S)
+            finally:
+                archive.unlink(missing_ok=True)
+    build = ["build", "--pull=never", "--network", "host", "--build-arg", f"BASE={BASE}", "--tag", IMAGE]
     # The machine's CA bundle, as the Dockerfile takes it (for a proxy that inspects TLS).
     bundle = ssl.get_default_verify_paths().cafile
     if bundle and Path(bundle).is_file():
         build += ["--secret", f"id=ca-bundle,src={bundle}"]
     podman(*build, str(ROOT), timeout=BUILD_TIMEOUT_S)
-    return IMAGE
+    yield IMAGE
+    # The tag only: its layers stay cached for the next run's build.
+    podman("rmi", IMAGE, check=False)
 
 
 @dataclass
@@ -131,27 +137,37 @@ class Container:
 
 @pytest.fixture
 def container(podman: Podman, image: str, tmp_path: Path) -> Iterator[Container]:
-    # The chart's emptyDir for the rollout state: writable by the pod's group, 65532.
-    state = tmp_path / "state"
-    state.mkdir()
-    os.chown(state, 65532, 65532)
+    """The image run as the chart runs it: its user, a read-only root filesystem with nothing
+    writable but the chart's two emptyDirs (/tmp and the rollout state), no capabilities, the
+    chart's command and settings, two workers, the policy directory mounted read-only."""
+    writable = {"/tmp": tmp_path / "tmp", "/var/lib/policy-engine": tmp_path / "state"}
+    for path in writable.values():
+        path.mkdir()
+    grpc_port, metrics_port = _free_ports(2)
     name = f"pe-image-test-{os.getpid()}-{time.monotonic_ns()}"
-    running = Container(name, _free_port(), _free_port())
-    podman(
-        "run", "--detach", "--name", name,
-        "--network", "host",
-        "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-        "--volume", f"{state}:/var/lib/policy-engine",
-        "--env", "PE_HOST=127.0.0.1",
-        "--env", f"PE_PORT={running.grpc_port}",
-        "--env", f"PE_METRICS_PORT={running.metrics_port}",
-        # Passive backends (no metrics to scrape) for the examples' chat routes.
-        "--env", "PE_BACKENDS=llama-8b-a,llama-8b-b,llama-70b-a100-a,llama-70b-a100-b,llama-70b-h100-a,"
-        "llama-70b-h100-b,llama-70b-v2,llama-70b-eu",
-        image,
-    )  # fmt: skip
     try:
-        yield running
+        podman(
+            "run", "--detach", "--name", name,
+            "--network", "host",
+            "--read-only", "--read-only-tmpfs=false",
+            "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+            # :U gives the directories to the image's user, as the pod's fsGroup does.
+            *[arg for target, path in writable.items() for arg in ("--volume", f"{path}:{target}:U")],
+            "--volume", f"{POLICIES}:/etc/policy-engine/policies:ro",
+            "--env", "PE_HOST=127.0.0.1",
+            "--env", f"PE_PORT={grpc_port}",
+            "--env", f"PE_METRICS_PORT={metrics_port}",
+            "--env", "PE_WORKERS=2",
+            "--env", "PE_GRACE_S=15",
+            "--env", "PE_CANARY_STATE=/var/lib/policy-engine/canary-state.json",
+            "--env", "TMPDIR=/tmp",
+            # Passive backends (no metrics to scrape) for the examples' chat routes.
+            "--env", "PE_BACKENDS=llama-8b-a,llama-8b-b,llama-70b-a100-a,llama-70b-a100-b,llama-70b-h100-a,"
+            "llama-70b-h100-b,llama-70b-v2,llama-70b-eu",
+            image,
+            "serve", "--policies", "/etc/policy-engine/policies",
+        )  # fmt: skip
+        yield Container(name, grpc_port, metrics_port)
     finally:
         podman("rm", "--force", name, check=False)
 
@@ -223,16 +239,51 @@ def test_the_image_serves_decisions_as_the_chart_runs_it(podman: Podman, contain
     assert "Permission denied" not in output and "Read-only file system" not in output, output[-3000:]
 
 
-def test_the_image_checks_mounted_policies(podman: Podman, image: str, policy_copy: Path) -> None:
-    good = podman("run", "--rm", image, "check", "/etc/policy-engine/policies", check=False)
-    assert good.returncode == 0 and good.stdout.startswith("ok:"), good.stdout + good.stderr
+def test_the_image_alone_denies_every_request(podman: Podman, image: str) -> None:
+    """Without a mounted policy directory: the examples without their TenantSet, whose keys are
+    published, so even an example key is refused."""
+    listed = podman("run", "--rm", "--entrypoint", "ls", image, "/etc/policy-engine/policies").stdout.split()
+    assert "tenants.yaml" not in listed and not any(name.endswith("_test.yaml") for name in listed)
+    assert "routing.yaml" in listed
+    checked = podman("run", "--rm", image, "check", "/etc/policy-engine/policies", check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    request = {
+        "request": {
+            "method": "POST",
+            "path": "/v1/chat/completions",
+            "headers": {"authorization": "Bearer sk-acme-premium-key-0001"},  # an example key
+            "body": CHAT,
+        },
+        "telemetry": {"backends": {"llama-8b-a": {}}},
+    }
+    decided = subprocess.run(
+        ["podman", "run", "--rm", "-i", image, "eval", "/etc/policy-engine/policies", "--json"],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=podman.env,
+        check=False,
+    )
+    decision = json.loads(decided.stdout)
+    assert (decision["allowed"], decision["status"], decision["reason"]) == (False, 401, "invalid_api_key")
 
-    broken = policy_copy / "routing.yaml"
-    broken.write_text(broken.read_text().replace("when:", "when: ((", 1))
+
+def test_the_image_checks_mounted_policies(podman: Podman, image: str, policy_copy: Path) -> None:
     for path in policy_copy.iterdir():
         path.chmod(0o644)  # readable by the image's user
     policy_copy.chmod(0o755)
     mount = f"{policy_copy}:/etc/policy-engine/policies:ro"
-    bad = podman("run", "--rm", "--volume", mount, image, "check", "/etc/policy-engine/policies", check=False)
+    check = ("check", "/etc/policy-engine/policies")
+    good = podman("run", "--rm", "--volume", mount, image, *check, check=False)
+    assert good.returncode == 0 and good.stdout.startswith("ok:"), good.stdout + good.stderr
+    tested = podman(
+        "run", "--rm", "--volume", mount, image, "test", "/etc/policy-engine/policies", check=False
+    )
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+    broken = policy_copy / "routing.yaml"
+    broken.write_text(broken.read_text().replace("when:", "when: ((", 1))
+    bad = podman("run", "--rm", "--volume", mount, image, *check, check=False)
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert "routing.yaml:" in bad.stdout + bad.stderr
