@@ -27,7 +27,11 @@ class Settings(BaseSettings):
     metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(9090, ge=0, le=65535, description="Prometheus /metrics port; 0 = off.")
     workers: int = Field(1, ge=1, le=64, description="Processes sharing the gRPC port (SO_REUSEPORT).")
-    redis_url: str | None = Field(None, description="redis://host:port/db for shared counters; else memory.")
+    redis_url: str | None = Field(
+        None,
+        description="redis://host:port/db (or redis+sentinel://sentinel:26379/GROUP/db) for shared "
+        "counters; else memory.",
+    )
     redis_cluster: bool = Field(
         False, description="redis_url names a node of a Redis Cluster: route each counter to its slot."
     )
@@ -96,9 +100,15 @@ class Settings(BaseSettings):
             # Here rather than in a worker: a URL the store cannot honour stops the start.
             from policy_engine.quota.cluster import seed_endpoint
             from policy_engine.quota.resp import endpoint
+            from policy_engine.quota.sentinel import is_sentinel_url, sentinel_target
 
+            sentinel = is_sentinel_url(self.redis_url)
+            if sentinel and self.redis_cluster:
+                raise ValueError("--redis-cluster takes a node's redis:// URL, not a redis+sentinel:// one")
             try:
-                (seed_endpoint if self.redis_cluster else endpoint)(self.redis_url)
+                (seed_endpoint if self.redis_cluster else sentinel_target if sentinel else endpoint)(
+                    self.redis_url
+                )
             except OSError as error:  # a CA or certificate file that cannot be read
                 # The files' paths, not the URL: it may hold a password.
                 query = urllib.parse.parse_qsl(urllib.parse.urlsplit(self.redis_url).query)

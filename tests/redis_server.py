@@ -65,11 +65,15 @@ def _ping(port: int) -> bool:
 class RedisProcess:
     """One server process on a fixed loopback port; `restart` brings it back on the same port."""
 
-    def __init__(self, binary: str, port: int, extra: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, binary: str, port: int, extra: tuple[str, ...] = (), sentinel_config: str = ""
+    ) -> None:
         self.binary = binary
         self.port = port
         self.extra = extra  # more server arguments, e.g. ("--unixsocket", path)
         self._dir = Path(tempfile.mkdtemp(prefix="pe-redis-"))
+        # A sentinel instead of a server: its configuration (it rewrites the file as it learns).
+        self._sentinel_config = sentinel_config
         self._process: subprocess.Popen[bytes] | None = None
         atexit.register(self.stop)  # a test run that dies early must not leave servers behind
 
@@ -99,6 +103,11 @@ class RedisProcess:
             "--dir", str(self._dir),
             *self.extra,
         ]  # fmt: skip
+        if self._sentinel_config:
+            config = self._dir / "sentinel.conf"
+            if not config.exists():
+                config.write_text(self._sentinel_config)
+            args = [self.binary, str(config), "--sentinel", "--bind", "127.0.0.1", "--port", str(self.port)]
         with open(self._dir / "server.log", "ab") as log:
             # A new session keeps a Ctrl-C in the terminal from reaching the server directly;
             # we stop it ourselves, by PID.
@@ -254,3 +263,77 @@ def _wait(condition: object, what: str) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"redis cluster: timed out waiting for {what}")
         time.sleep(0.05)
+
+
+class SentinelGroup:
+    """A primary, its replicas and the sentinels watching them, as real processes on loopback."""
+
+    def __init__(self, group: str, primary: RedisProcess, replicas: list[RedisProcess]) -> None:
+        self.group = group
+        self.primary = primary
+        self.replicas = replicas
+        self.sentinels: list[RedisProcess] = []
+
+    @property
+    def url(self) -> str:
+        sentinels = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{sentinels}/{self.group}/0"
+
+    def primary_port(self) -> int:
+        """The primary's port as the first sentinel that answers names it."""
+        for sentinel in self.sentinels:
+            with contextlib.suppress(Exception):
+                _, port = command(sentinel.port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.group)  # type: ignore[misc]
+                return int(port)
+        raise RuntimeError("no sentinel answers")
+
+    def close(self) -> None:
+        for process in [*self.sentinels, self.primary, *self.replicas]:
+            process.close()
+
+
+def start_sentinel_group(
+    group: str = "pe-quotas", replicas: int = 1, sentinels: int = 3, down_after_ms: int = 1000
+) -> SentinelGroup:
+    """Start a primary, its replicas (in sync before this returns) and `sentinels` sentinels with
+    a quorum of a majority, failing over after `down_after_ms` without the primary."""
+    primary = start_redis()
+    started = SentinelGroup(group, primary, [])
+    try:
+        for _ in range(replicas):
+            replica = start_redis("--replicaof", "127.0.0.1", str(primary.port))
+            started.replicas.append(replica)
+            _wait(
+                lambda r=replica: command(r.port, "ROLE")[3] == "connected",  # type: ignore[index,misc]
+                f"replica on port {replica.port} to sync with its primary",
+            )
+        config = (
+            f"sentinel monitor {group} 127.0.0.1 {primary.port} {sentinels // 2 + 1}\n"
+            f"sentinel down-after-milliseconds {group} {down_after_ms}\n"
+            f"sentinel failover-timeout {group} {down_after_ms * 5}\n"
+            f"sentinel parallel-syncs {group} 1\n"
+        )
+        binary = find_server_binary()
+        for _ in range(sentinels):
+            sentinel = RedisProcess(binary, free_port(), sentinel_config=config)
+            started.sentinels.append(sentinel)
+            sentinel.start()
+        _wait(
+            lambda: all(
+                int(dict(_pairs(command(s.port, "SENTINEL", "MASTER", group))).get("num-other-sentinels", 0))
+                == sentinels - 1
+                for s in started.sentinels
+            ),
+            "every sentinel to know the others",
+        )
+        return started
+    except BaseException:
+        started.close()
+        raise
+
+
+def _pairs(reply: object) -> list[tuple[str, str]]:
+    if isinstance(reply, dict):
+        return [(str(k), str(v)) for k, v in reply.items()]
+    assert isinstance(reply, list)
+    return [(str(reply[i]), str(reply[i + 1])) for i in range(0, len(reply) - 1, 2)]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from policy_engine.canary.state import COMMANDS, Command, RolloutState
+from policy_engine.quota.sentinel import is_sentinel_url, sentinel_target
 
 
 class StoreError(Exception):
@@ -178,13 +179,15 @@ class RedisStore:
         # the key's commands, and scans every primary for load_all.
         self._redis: Redis | RedisCluster
         try:
-            if cluster:
+            if is_sentinel_url(url):
+                self._redis = _sentinel_primary(url, timeout_s)
+            elif cluster:
                 self._redis = RedisCluster.from_url(
                     url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
                 )
             else:
                 self._redis = Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        except (ValueError, RedisClusterException) as error:
+        except (ValueError, RedisClusterException) as error:  # a ValueError never shows the URL
             raise StoreError(f"canary state in Redis: {error}") from None
 
     def describe(self) -> str:
@@ -262,6 +265,29 @@ class RedisStore:
         await self._redis.aclose()
 
 
+def _sentinel_primary(url: str, timeout_s: float) -> Any:
+    """A redis-py client of the primary that the sentinels of a redis+sentinel:// URL name
+    (read as the quota store reads it: policy_engine/quota/sentinel.py)."""
+    from redis.asyncio.connection import SSLConnection, parse_url
+    from redis.asyncio.sentinel import Sentinel
+
+    target = sentinel_target(url)
+    options: dict[str, Any] = dict(parse_url(target.primary_url))
+    options.pop("host", None)
+    options.pop("port", None)
+    tls = options.pop("connection_class", None) is SSLConnection
+    tls_options = {k: v for k, v in options.items() if k.startswith("ssl_")}
+    timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    sentinel_options: dict[str, Any] = {**timeouts, **({"ssl": True, **tls_options} if tls else {})}
+    if target.sentinel_username:
+        sentinel_options["username"] = target.sentinel_username
+    if target.sentinel_password:
+        sentinel_options["password"] = target.sentinel_password
+    connection: dict[str, Any] = {**timeouts, **options, **({"ssl": True} if tls else {})}
+    sentinel = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_options, **connection)
+    return sentinel.master_for(target.group)
+
+
 def _redacted(url: str) -> str:
     """The URL without its password (in the user part or the query), for messages."""
     parts = urllib.parse.urlsplit(url)
@@ -291,8 +317,8 @@ return 0
 
 
 def open_store(redis_url: str | None, path: Path, *, cluster: bool = False) -> RolloutStore:
-    """Redis when a URL is given (shared by every replica; a Redis Cluster with `cluster`),
-    else the local file."""
+    """Redis when a URL is given (shared by every replica; the primary Sentinel names with a
+    redis+sentinel:// URL; a Redis Cluster with `cluster`), else the local file."""
     if redis_url:
         return RedisStore(redis_url, cluster=cluster)
     if cluster:

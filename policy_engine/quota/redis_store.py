@@ -56,6 +56,7 @@ from policy_engine.quota.memory import (
     window_position,
 )
 from policy_engine.quota.resp import RedisClient, RedisLost, RedisNotSent, RedisReplyError, RespConnection
+from policy_engine.quota.sentinel import RespSentinel, is_sentinel_url
 from policy_engine.quota.store import (
     Admission,
     Algorithm,
@@ -154,8 +155,9 @@ _SCRIPT_SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
 
 
 class RedisStore:
-    """CounterStore on a Redis/Valkey server, over one pipelined connection; or on a Redis
-    Cluster (`cluster`), over one per node, each script call going to its hash tag's slot.
+    """CounterStore on a Redis/Valkey server, over one pipelined connection; on the primary
+    that Sentinel names (a redis+sentinel:// URL); or on a Redis Cluster (`cluster`), over one
+    connection per node, each script call going to its hash tag's slot.
 
     `timeout_s` bounds connecting and each reply. Commands are not retried: a script whose
     reply timed out may have charged, and running it again would charge twice. Every failure
@@ -178,9 +180,13 @@ class RedisStore:
         self._prefix = prefix
         self._clock = clock
         self._cluster = cluster
-        self._redis: RedisClient = (
-            RespCluster(url, timeout_s=timeout_s) if cluster else RespConnection(url, timeout_s=timeout_s)
-        )
+        self._redis: RedisClient
+        if cluster:
+            self._redis = RespCluster(url, timeout_s=timeout_s)
+        elif is_sentinel_url(url):
+            self._redis = RespSentinel(url, timeout_s=timeout_s)
+        else:
+            self._redis = RespConnection(url, timeout_s=timeout_s)
 
     async def admit(self, demands: Sequence[Demand]) -> Admission:
         validate_demands(demands)

@@ -15,7 +15,15 @@ import pytest
 from policy_engine.demo.backend import BackendServer
 from tests.e2e.conftest import FREE, PRO
 from tests.e2e.harness import EnvoyProcess, ServiceProcess, start_envoy, start_service
-from tests.redis_server import RedisClusterNodes, RedisProcess, command, start_cluster, start_redis
+from tests.redis_server import (
+    RedisClusterNodes,
+    RedisProcess,
+    SentinelGroup,
+    command,
+    start_cluster,
+    start_redis,
+    start_sentinel_group,
+)
 
 POLICIES = Path(__file__).resolve().parent / "redis_policies"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -47,6 +55,18 @@ def cluster() -> Iterator[RedisClusterNodes]:
 def cluster_replicas(cluster: RedisClusterNodes) -> Iterator[Replicas]:
     # The URL names the last primary: most counters' slots are elsewhere.
     yield from _replicas(cluster.primaries[-1].url, cluster=True)
+
+
+@pytest.fixture(scope="module")
+def sentinel_group() -> Iterator[SentinelGroup]:
+    started = start_sentinel_group()
+    yield started
+    started.close()
+
+
+@pytest.fixture
+def sentinel_replicas(sentinel_group: SentinelGroup) -> Iterator[Replicas]:
+    yield from _replicas(sentinel_group.url)
 
 
 def _replicas(url: str, *, cluster: bool = False) -> Iterator[Replicas]:

@@ -226,3 +226,18 @@ def test_dashboards_are_included_from_the_chart_directory() -> None:
     assert sorted(configmap["data"]) == files
     for name in files:
         json.loads(configmap["data"][name])
+
+
+@pytest.mark.parametrize(
+    ("url", "accepted"),
+    [
+        ("redis://redis.data:6379/0", True),
+        ("rediss://redis.data:6380/0", True),
+        ("redis+sentinel://sentinel.data:26379/quotas/0", True),
+        ("rediss+sentinel://sentinel.data:26379/quotas/0", True),
+        ("http://redis.data:6379", False),
+    ],
+)
+def test_the_redis_url_schemes_the_service_takes_are_accepted(url: str, accepted: bool) -> None:
+    result = helm("template", "pe", str(CHART), "--set", "redis.enabled=true", "--set", f"redis.url={url}")
+    assert (result.returncode == 0) == accepted, result.stderr

@@ -206,3 +206,14 @@ def test_canary_commands_need_a_redis_url_for_a_cluster() -> None:
     result = run("canary", "status", "--redis-cluster")
     assert result.returncode == 1
     assert "--redis-cluster needs --redis-url" in result.stderr
+
+
+def test_serve_rejects_a_sentinel_url_it_cannot_use() -> None:
+    for args, reason in [
+        (["--redis-url", "redis+sentinel://:s3cret@s1/quotas/x"], "is a number"),
+        (["--redis-url", "redis+sentinel://:s3cret@s1/quotas", "--redis-cluster"], "not a redis+sentinel"),
+    ]:
+        result = run("serve", "--policies", str(POLICIES), "--port", "0", "--metrics-port", "0", *args)
+        assert result.returncode == 2, result.stderr
+        assert reason in result.stderr
+        assert "s3cret" not in result.stderr + result.stdout
