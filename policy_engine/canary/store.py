@@ -178,16 +178,18 @@ class RedisStore:
         # Each rollout is one key, so a cluster needs nothing else of the store: redis-py routes
         # the key's commands, and scans every primary for load_all.
         self._redis: Redis | RedisCluster
+        self._sentinel: Any = None  # redis-py's Sentinel client, whose connections close apart
         try:
             if is_sentinel_url(url):
-                self._redis = _sentinel_primary(url, timeout_s)
+                self._sentinel, self._redis = _sentinel_primary(url, timeout_s)
             elif cluster:
                 self._redis = RedisCluster.from_url(
                     url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
                 )
             else:
                 self._redis = Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        except (ValueError, RedisClusterException) as error:  # a ValueError never shows the URL
+        # None of these show the URL (it may hold a password). OSError: a TLS file unreadable.
+        except (ValueError, OSError, RedisClusterException) as error:
             raise StoreError(f"canary state in Redis: {error}") from None
 
     def describe(self) -> str:
@@ -262,12 +264,16 @@ class RedisStore:
         return bool(taken)
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        try:
+            await self._redis.aclose()
+        finally:
+            if self._sentinel is not None:
+                await self._sentinel.aclose()
 
 
-def _sentinel_primary(url: str, timeout_s: float) -> Any:
-    """A redis-py client of the primary that the sentinels of a redis+sentinel:// URL name
-    (read as the quota store reads it: policy_engine/quota/sentinel.py)."""
+def _sentinel_primary(url: str, timeout_s: float) -> tuple[Any, Any]:
+    """redis-py's Sentinel client for a redis+sentinel:// URL (read as the quota store reads
+    it: policy_engine/quota/sentinel.py), and its client of the primary the sentinels name."""
     from redis.asyncio.connection import SSLConnection, parse_url
     from redis.asyncio.sentinel import Sentinel
 
@@ -285,7 +291,7 @@ def _sentinel_primary(url: str, timeout_s: float) -> Any:
         sentinel_options["password"] = target.sentinel_password
     connection: dict[str, Any] = {**timeouts, **options, **({"ssl": True} if tls else {})}
     sentinel = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_options, **connection)
-    return sentinel.master_for(target.group)
+    return sentinel, sentinel.master_for(target.group)
 
 
 def _redacted(url: str) -> str:
@@ -296,7 +302,7 @@ def _redacted(url: str) -> str:
         netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
     query = urllib.parse.urlencode(
         [
-            (name, "***" if name.lower() == "password" else value)
+            (name, "***" if name.lower().endswith("password") else value)
             for name, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
         ],
         safe="*/",

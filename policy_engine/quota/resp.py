@@ -245,6 +245,12 @@ class RespConnection:
         return reply
 
     @property
+    def broken(self) -> bool:
+        """Whether the connection was made and has been lost, aborted or closed since (a late
+        reply alone leaves it open: the calls behind it still get theirs)."""
+        return self._closed or (self._connection is not None and not self._connection.open)
+
+    @property
     def idle(self) -> bool:
         """Whether no command waits for its reply and no caller for a connection."""
         connecting = self._connecting is not None and not self._connecting.done()

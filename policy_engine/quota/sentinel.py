@@ -11,11 +11,13 @@ them one. The primary's address is asked of the sentinels, in the URL's order, o
 the answer is checked (`ROLE` must say master: a sentinel that has not yet seen a failover names
 the old primary), and every command then goes to it over one pipelined connection
 (policy_engine/quota/resp.py, with its timeouts and stall detection). It is asked again:
-- when a call to the primary fails (refused, lost, stalled): the call fails (it may have run),
-  and the next call asks the sentinels, which name the promoted replica once the failover is
-  done;
-- when the primary answers READONLY (it was demoted: the old primary back as a replica): the
-  command wrote nothing there, so it is sent once more, to the primary the sentinels name now.
+- when the connection to the primary breaks (refused, lost, dropped as stalled): the call fails
+  (it may have run), and the next call asks the sentinels, which name the promoted replica once
+  the failover is done. A late reply alone fails its own call only, as on any connection;
+- when the primary answers READONLY (it was demoted: the old primary back as a replica), or
+  LOADING or MASTERDOWN (it cannot serve yet): the command did not run or wrote nothing (the
+  scripts fail at their first write), so it is sent once more, to the primary the sentinels
+  name now. The old connection is closed once the commands already on it are answered.
 While no primary can be found, calls fail at once with the last error for MIN_ASK_INTERVAL_S,
 instead of each asking every sentinel again.
 """
@@ -45,6 +47,9 @@ log = logging.getLogger("policy_engine.quota")
 SCHEMES = {"redis+sentinel": "redis", "rediss+sentinel": "rediss"}
 SENTINEL_PORT = 26379
 MIN_ASK_INTERVAL_S = 0.25
+# Replies that mean the command did not run, or wrote nothing, on a node that is no primary now.
+_NOT_PRIMARY = ("READONLY", "LOADING", "MASTERDOWN")
+RETIRE_WAIT_S = 5.0  # the longest a retired connection is kept for the replies still due on it
 _SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
 
 Address = tuple[str, int]
@@ -93,9 +98,11 @@ def sentinel_target(url: str) -> SentinelTarget:
     if not path or len(path) > 2:
         raise ValueError("a Sentinel URL's path is /GROUP or /GROUP/DB (the name sentinels monitor)")
     group, db = path[0], path[1] if len(path) == 2 else "0"
-    if not db.isdigit():
+    if not (db.isascii() and db.isdigit()):
         raise ValueError(f"the database of a Sentinel URL is a number, not {db!r}")
     query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    if any(name == "db" for name, _ in query):
+        raise ValueError("a Sentinel URL gives its database in the path (/GROUP/DB), not as ?db=")
     options = {name: value for name, value in query if name in _SENTINEL_OPTIONS}
     rest = urllib.parse.urlencode([(name, value) for name, value in query if name not in _SENTINEL_OPTIONS])
     credentials = f"{userinfo}@" if userinfo else ""
@@ -119,8 +126,10 @@ def _address(text: str) -> Address:
         host, colon, port = text.rpartition(":")
         if not colon:
             host, port = text, str(SENTINEL_PORT)
-    if not host or not port.isdigit():
-        raise ValueError(f"a sentinel is host[:port], not {text!r}")
+    if not host or (":" in host and not text.startswith("[")) or not (port.isascii() and port.isdigit()):
+        raise ValueError(f"a sentinel is host[:port] or [IPv6]:port, not {text!r}")
+    if not 0 < int(port) <= 65535:
+        raise ValueError(f"a sentinel's port is 1-65535, not {port}")
     return urllib.parse.unquote(host), int(port)
 
 
@@ -152,13 +161,15 @@ class RespSentinel:
             try:
                 return await connection.call(*args)
             except RedisReplyError as error:
-                # A demoted primary refuses the first write, and every write of the scripts
-                # comes after their reads: nothing was written, so the command may go again.
-                if "READONLY" not in str(error) or attempt == 2:
+                # A demoted primary refuses the first write, which aborts a script before it
+                # has written anything (Redis 6 reports it inside an ERR, hence "in").
+                message = str(error)
+                if attempt == 2 or not any(reason in message for reason in _NOT_PRIMARY):
                     raise
                 self._forget(connection)
             except (RedisNotSent, RedisLost):
-                self._forget(connection)
+                if connection.broken:
+                    self._forget(connection)
                 raise
         raise AssertionError("unreachable")
 
@@ -175,18 +186,32 @@ class RespSentinel:
                 await primary[1].close()
             for connection in self._sentinels.values():
                 await connection.close()
+            closing = list(self._closing)
+            for task in closing:
+                task.cancel()  # stop waiting for replies: close now
+            await asyncio.gather(*closing, return_exceptions=True)
 
     def _forget(self, connection: RespConnection) -> None:
-        """The primary failed: the next call asks the sentinels again."""
+        """The primary failed or is one no more: the next call asks the sentinels again."""
         if self._primary is not None and self._primary[1] is connection:
             self._primary = None
             self._close_soon(connection)
 
     def _close_soon(self, connection: RespConnection) -> None:
-        """Close in the background: a caller must not wait for it."""
-        closing = asyncio.get_running_loop().create_task(connection.close())
+        """Close in the background once the commands already sent have their replies (their
+        callers get their own answers, READONLY included, and resend): a caller must not wait."""
+        closing = asyncio.get_running_loop().create_task(self._retire(connection))
         self._closing.add(closing)
         closing.add_done_callback(self._closing.discard)
+
+    @staticmethod
+    async def _retire(connection: RespConnection) -> None:
+        try:
+            deadline = asyncio.get_running_loop().time() + RETIRE_WAIT_S
+            while not connection.idle and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)
+        finally:
+            await connection.close()
 
     async def _current(self) -> RespConnection:
         if self._closed:
@@ -258,6 +283,9 @@ class RespSentinel:
                 await connection.close()
                 failures.append(f"{where} names {address[0]}:{address[1]}, which failed: {error}")
                 continue
+            except BaseException:  # cancelled (closing): the socket must not leak
+                await connection.close()
+                raise
             if not isinstance(role, list) or not role or role[0] not in (b"master", "master"):
                 await connection.close()
                 # Not yet told of a failover: another sentinel may have been.

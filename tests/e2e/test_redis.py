@@ -123,11 +123,10 @@ async def burst(url: str, headers: dict[str, str], count: int) -> Counter[int]:
     return Counter(r.status_code for r in responses)
 
 
-@pytest.mark.parametrize("store", ["server", "cluster"])
+@pytest.mark.parametrize("store", ["server", "cluster", "sentinel"])
 def test_two_replicas_enforce_one_limit_exactly(store: str, request: pytest.FixtureRequest) -> None:
-    envoy, services, backend = request.getfixturevalue(
-        "replicas" if store == "server" else "cluster_replicas"
-    )
+    fixture = {"server": "replicas", "cluster": "cluster_replicas", "sentinel": "sentinel_replicas"}[store]
+    envoy, services, backend = request.getfixturevalue(fixture)
     statuses = asyncio.run(burst(envoy.url, FREE, 200))
     assert statuses == Counter({200: 50, 429: 150})
     assert backend.requests == 50

@@ -15,6 +15,10 @@ from policy_engine.canary.store import RedisStore, StoreError, _redacted, open_s
         ("redis://redis/0?password=s3cret&socket_timeout=1", "redis://redis/0?password=***&socket_timeout=1"),
         ("unix:///run/redis.sock?db=1&password=s3cret", "unix:///run/redis.sock?db=1&password=***"),
         ("redis://redis:6379/0", "redis://redis:6379/0"),
+        (
+            "redis+sentinel://:s3cret@s1:26379/g/0?sentinel_password=s3cret",
+            "redis+sentinel://:***@s1:26379/g/0?sentinel_password=***",
+        ),
     ],
 )
 def test_a_redis_url_is_shown_without_its_password(url: str, shown: str) -> None:

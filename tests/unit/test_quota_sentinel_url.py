@@ -40,6 +40,11 @@ def test_sentinels_may_have_credentials_of_their_own_and_tls() -> None:
         ("redis+sentinel://s1/quotas/x", "is a number"),
         ("redis+sentinel://s1:port/quotas", "host[:port]"),
         ("redis+sentinel://s1/quotas?bogus=1", "not supported by the quota store: bogus"),
+        ("redis+sentinel://s1/quotas/1?db=3", "in the path"),
+        ("redis+sentinel://s1/quotas/\uff11", "is a number"),
+        ("redis+sentinel://s1:263790/quotas", "1-65535"),
+        ("redis+sentinel://s1:0/quotas", "1-65535"),
+        ("redis+sentinel://::1/quotas", "[IPv6]:port"),
     ],
 )
 def test_a_sentinel_url_this_client_cannot_use_is_refused(url: str, message: str) -> None:
