@@ -44,7 +44,7 @@ from policy_engine.policy.compiler import load_bundle
 from policy_engine.policy.reload import BundleHolder, ReloadResult
 from policy_engine.quota.memory import MemoryStore
 from policy_engine.quota.service import QuotaService
-from policy_engine.quota.store import CounterStore
+from policy_engine.quota.store import CounterStore, StoreUnavailable
 from policy_engine.telemetry.access_log import AccessLogService
 from policy_engine.telemetry.hub import BackendSpec, TelemetryHub
 from policy_engine.telemetry.metrics import MultiprocessTelemetry, TelemetryCollector
@@ -58,6 +58,25 @@ SERVICE_NAMES = (
     als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name,
 )
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+async def _probe_store(store: CounterStore, timeout_s: float) -> None:
+    """One read of the shared counter store before serving, so that the first requests do not
+    pay for connecting (nor, on a cluster, for the slot map; with Sentinel, for asking the
+    sentinels), and a store that cannot be reached is reported at start. Never fatal: while it
+    is down each quota policy's on_error decides, and the client connects once it is back."""
+    started = time.perf_counter()
+    try:
+        # A zero charge reads and writes nothing; a few timeouts leave room to connect.
+        async with asyncio.timeout(max(1.0, 4 * timeout_s)):
+            await store.usage("start-probe", "start-probe", 60.0, "fixed")
+    except (StoreUnavailable, TimeoutError) as error:
+        log.warning(
+            "quota store unreachable at start (%s); until it is back each quota policy's on_error decides",
+            error or "no answer",
+        )
+        return
+    log.info("quota store reachable (%.1f ms)", (time.perf_counter() - started) * 1000)
 
 
 def _store(settings: Settings) -> CounterStore:
@@ -225,6 +244,8 @@ async def serve(settings: Settings, worker: int = 0) -> None:
     port = _listen(server, settings)
     if port == 0:
         raise OSError(f"cannot listen on {settings.host}:{settings.port}: address in use or not permitted")
+    if settings.redis_url:
+        await _probe_store(store, settings.redis_timeout_s)
     if scraper.targets:
         # One round of scrapes before serving: decisions made before any telemetry arrived
         # would find every scraped backend stale and answer 503.

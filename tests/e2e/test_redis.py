@@ -127,6 +127,9 @@ async def burst(url: str, headers: dict[str, str], count: int) -> Counter[int]:
 def test_two_replicas_enforce_one_limit_exactly(store: str, request: pytest.FixtureRequest) -> None:
     fixture = {"server": "replicas", "cluster": "cluster_replicas", "sentinel": "sentinel_replicas"}[store]
     envoy, services, backend = request.getfixturevalue(fixture)
+    # Each service read the store once before serving: connected (and, on a cluster, its slot
+    # map read; through Sentinel, its primary found) before the first request.
+    assert all("quota store reachable" in s.output() for s in services)
     statuses = asyncio.run(burst(envoy.url, FREE, 200))
     assert statuses == Counter({200: 50, 429: 150})
     assert backend.requests == 50
@@ -193,3 +196,19 @@ def test_tokens_are_charged_on_a_redis_cluster(
     found = charged()
     assert sum(found.values()) == reported, (found, reported)
     assert len(found) == 1  # one node holds the tenant's counters
+
+
+def test_a_store_unreachable_at_start_is_reported_and_the_service_serves() -> None:
+    from tests.redis_server import free_port
+
+    service = start_service(
+        POLICIES,
+        backends=["model-a"],
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        extra_args=["--no-reload"],
+    )
+    try:
+        assert "quota store unreachable at start" in service.output()
+        assert service.process.poll() is None
+    finally:
+        service.stop()
