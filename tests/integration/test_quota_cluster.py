@@ -14,11 +14,10 @@ import pytest
 from policy_engine.canary.state import RolloutState
 from policy_engine.canary.store import RedisStore as RolloutRedisStore
 from policy_engine.quota.cluster import MIN_REFRESH_INTERVAL_S, RespCluster, key_slot
-from policy_engine.quota.memory import MemoryStore
 from policy_engine.quota.redis_store import RedisStore, _key_tag
 from policy_engine.quota.resp import RedisLost, RespConnection
 from policy_engine.quota.store import Demand, StoreUnavailable
-from tests.integration.test_quota_redis import ALL_SCENARIOS, T0, FakeClock, Outcome, play
+from tests.integration.test_quota_redis import ALL_SCENARIOS, T0, FakeClock, assert_agrees_with_memory
 from tests.redis_server import RedisClusterNodes, RedisProcess, command, start_cluster
 
 FAILOVER_BOUND_S = 30.0  # the cluster's own failover (node timeout 1 s, election), not ours
@@ -80,20 +79,9 @@ def keys_of(node: RedisProcess, prefix: str) -> list[str]:
 def test_a_cluster_store_and_the_memory_store_agree(
     cluster: RedisClusterNodes, prefix: str, name: str
 ) -> None:
-    steps = ALL_SCENARIOS[name]
-
-    async def scenario() -> tuple[list[Outcome], list[Outcome]]:
-        memory_clock, redis_clock = FakeClock(T0 + 13.7), FakeClock(T0 + 13.7)
-        memory = MemoryStore(clock=memory_clock)
-        store = RedisStore(cluster.url, prefix=prefix, timeout_s=2.0, cluster=True, clock=redis_clock)
-        try:
-            return await play(memory, memory_clock, steps), await play(store, redis_clock, steps)
-        finally:
-            await store.close()
-
-    expected, actual = asyncio.run(scenario())
-    for index, (want, got) in enumerate(zip(expected, actual, strict=True)):
-        assert got == want, f"step {index}: {steps[index]}"
+    assert_agrees_with_memory(
+        lambda clock: RedisStore(cluster.url, prefix=prefix, timeout_s=2.0, cluster=True, clock=clock), name
+    )
 
 
 def test_each_counter_lives_on_the_node_that_owns_its_slot(cluster: RedisClusterNodes, prefix: str) -> None:

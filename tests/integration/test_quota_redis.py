@@ -11,7 +11,7 @@ import math
 import random
 import re
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import pytest
@@ -265,15 +265,16 @@ def random_scenario(seed: int, steps: int = 120) -> list[Step]:
 ALL_SCENARIOS = {**SCENARIOS, **{f"random-{seed}": random_scenario(seed) for seed in range(8)}}
 
 
-@pytest.mark.parametrize("name", list(ALL_SCENARIOS))
-def test_redis_and_memory_stores_agree(server: RedisProcess, prefix: str, name: str) -> None:
+def assert_agrees_with_memory(make_store: Callable[[FakeClock], RedisStore], name: str) -> None:
+    """Play a scenario on a MemoryStore and on the store `make_store` makes on the clock given:
+    every step's outcome must be the same."""
     steps = ALL_SCENARIOS[name]
 
     async def scenario() -> tuple[list[Outcome], list[Outcome]]:
         # Start mid-bucket (and off any float-friendly value) so boundaries fall inside the run.
         memory_clock, redis_clock = FakeClock(T0 + 13.7), FakeClock(T0 + 13.7)
         memory = MemoryStore(clock=memory_clock)
-        store = RedisStore(server.url, prefix=prefix, timeout_s=2.0, clock=redis_clock)
+        store = make_store(redis_clock)
         try:
             return await play(memory, memory_clock, steps), await play(store, redis_clock, steps)
         finally:
@@ -282,6 +283,13 @@ def test_redis_and_memory_stores_agree(server: RedisProcess, prefix: str, name: 
     expected, actual = asyncio.run(scenario())
     for index, (want, got) in enumerate(zip(expected, actual, strict=True)):
         assert got == want, f"step {index}: {steps[index]}"
+
+
+@pytest.mark.parametrize("name", list(ALL_SCENARIOS))
+def test_redis_and_memory_stores_agree(server: RedisProcess, prefix: str, name: str) -> None:
+    assert_agrees_with_memory(
+        lambda clock: RedisStore(server.url, prefix=prefix, timeout_s=2.0, clock=clock), name
+    )
 
 
 def played_on_redis(server: RedisProcess, prefix: str, name: str, start: float = T0) -> list[Outcome]:

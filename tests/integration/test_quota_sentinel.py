@@ -14,11 +14,10 @@ import pytest
 
 from policy_engine.canary.state import RolloutState
 from policy_engine.canary.store import RedisStore as RolloutRedisStore
-from policy_engine.quota.memory import MemoryStore
 from policy_engine.quota.redis_store import RedisStore
 from policy_engine.quota.sentinel import MIN_ASK_INTERVAL_S
 from policy_engine.quota.store import Demand, StoreUnavailable
-from tests.integration.test_quota_redis import ALL_SCENARIOS, T0, FakeClock, Outcome, play
+from tests.integration.test_quota_redis import ALL_SCENARIOS, T0, FakeClock, assert_agrees_with_memory
 from tests.redis_server import SentinelGroup, command, free_port, start_sentinel_group
 
 FAILOVER_BOUND_S = 30.0  # the sentinels' own failover (1 s down-after, election), not ours
@@ -54,20 +53,9 @@ def one(tag: str = "acme") -> Demand:
 
 @pytest.mark.parametrize("name", list(ALL_SCENARIOS)[:6])
 def test_a_sentinel_store_and_the_memory_store_agree(group: SentinelGroup, prefix: str, name: str) -> None:
-    steps = ALL_SCENARIOS[name]
-
-    async def scenario() -> tuple[list[Outcome], list[Outcome]]:
-        memory_clock, redis_clock = FakeClock(T0 + 13.7), FakeClock(T0 + 13.7)
-        memory = MemoryStore(clock=memory_clock)
-        store = RedisStore(group.url, prefix=prefix, timeout_s=2.0, clock=redis_clock)
-        try:
-            return await play(memory, memory_clock, steps), await play(store, redis_clock, steps)
-        finally:
-            await store.close()
-
-    expected, actual = asyncio.run(scenario())
-    for index, (want, got) in enumerate(zip(expected, actual, strict=True)):
-        assert got == want, f"step {index}: {steps[index]}"
+    assert_agrees_with_memory(
+        lambda clock: RedisStore(group.url, prefix=prefix, timeout_s=2.0, clock=clock), name
+    )
 
 
 def test_counters_are_written_to_the_primary(group: SentinelGroup, prefix: str) -> None:
