@@ -27,6 +27,7 @@ import dataclasses
 import logging
 from typing import Any
 
+from policy_engine.quota.discovery import Discovery
 from policy_engine.quota.resp import (
     Arg,
     Endpoint,
@@ -120,10 +121,7 @@ class RespCluster:
         self._timeout_s = timeout_s
         self._nodes: dict[Address, RespConnection] = {}
         self._owners: list[Address | None] | None = None
-        self._refresh: asyncio.Task[None] | None = None
-        self._refreshed_at = float("-inf")
-        self._map_error: str | None = None  # why the last reading failed
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._map = Discovery(self._read_map, name="redis cluster", min_interval_s=MIN_REFRESH_INTERVAL_S)
         self._closed = False
 
     async def call(self, *args: Arg, key: str | None = None) -> Any:
@@ -153,28 +151,24 @@ class RespCluster:
                     else:
                         if self._owners is not None:
                             self._owners[moved_slot] = target
-                        self._read_map_soon()
+                        self._map.start_soon()
                 elif message.startswith("TRYAGAIN"):
                     await asyncio.sleep(TRYAGAIN_PAUSE_S)
                 else:
                     if message.startswith("CLUSTERDOWN"):
-                        self._read_map_soon()
+                        self._map.start_soon()
                     raise
             except (RedisNotSent, RedisLost):
                 # The node may be gone for good: the cluster will promote a replica in its place.
-                self._read_map_soon()
+                self._map.start_soon()
                 raise
         raise RedisNotSent(f"slot {slot} still redirected after {MAX_REDIRECTS} redirections: {last}")
 
     async def close(self) -> None:
         self._closed = True
-        refresh, self._refresh = self._refresh, None
         nodes, self._nodes = self._nodes, {}
         try:
-            if refresh is not None and not refresh.done() and self._loop is asyncio.get_running_loop():
-                refresh.cancel()
-                # Its outcome is of no interest now; a cancellation of this caller propagates.
-                await asyncio.gather(refresh, return_exceptions=True)
+            await self._map.close()
         finally:
             for connection in nodes.values():
                 await connection.close()
@@ -190,89 +184,30 @@ class RespCluster:
         return connection
 
     async def _owner(self, slot: int) -> Address:
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            # First use, or a new event loop (tests, embedding): a reading left on the old one
-            # can never finish here. The node connections see to their own loops.
-            self._loop, self._refresh = loop, None
         if self._owners is None:
-            await self._first_map()
+            await self._map.result()
         assert self._owners is not None
         owner = self._owners[slot]
         if owner is None:
-            self._read_map_soon()
+            self._map.start_soon()
             raise RedisNotSent(f"no node of the cluster serves slot {slot}")
         return owner
 
-    async def _first_map(self) -> None:
-        """Wait for the slot map; while the cluster cannot be reached, calls fail at once with
-        the last reading's error instead of each trying every node again."""
-        reading = self._refresh
-        if reading is None or reading.done():
-            if self._map_error is not None and not self._may_read():
-                raise RedisUnreachable(self._map_error)
-            reading = self._read_map()
-        # Shielded: a caller that gives up does not end the reading the others wait on.
-        try:
-            await asyncio.shield(reading)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if reading.cancelled() and task is not None and not task.cancelling():
-                raise RedisUnreachable("the connection was closed while reading the slot map") from None
-            raise
-
-    def _may_read(self) -> bool:
-        """Whether the slot map may be read again: not a moment after the last reading."""
-        return asyncio.get_running_loop().time() - self._refreshed_at >= MIN_REFRESH_INTERVAL_S
-
-    def _read_map_soon(self) -> None:
-        """Read the slot map again in the background, unless it was read a moment ago."""
-        if not self._closed and self._may_read():
-            self._read_map()
-
-    def _read_map(self) -> asyncio.Task[None]:
-        """The reading of the slot map under way, or a new one."""
-        if self._closed:
-            raise RedisUnreachable("the connection was closed")
-        if self._refresh is None or self._refresh.done():
-            self._refresh = asyncio.get_running_loop().create_task(self._read_map_now())
-            self._refresh.add_done_callback(self._read)
-        return self._refresh
-
-    def _read(self, reading: asyncio.Task[None]) -> None:
-        if reading.cancelled():  # closed: nothing was learnt
-            return
-        # Retrieving the error also keeps asyncio from reporting it when no caller waited.
-        error = reading.exception()
-        message = str(error) if error is not None else None
-        if message is not None and self._map_error is None:  # once per outage, not per reading
-            log.warning("redis cluster: %s", message)
-        elif message is None and self._map_error is not None:
-            log.info("redis cluster: slot map read again")
-        self._map_error = message
-
-    async def _read_map_now(self) -> None:
+    async def _read_map(self) -> None:
         """The slot map from the first node that answers: the known ones, then the URL's."""
-        loop = asyncio.get_running_loop()
-        self._refreshed_at = loop.time()
         known = {owner for owner in self._owners or () if owner is not None}
         candidates = [*sorted(known), (self._seed.host, self._seed.port)]
         failures: list[str] = []
-        try:
-            for address in dict.fromkeys(candidates):
-                try:
-                    reply = await self._node(address).call("CLUSTER", "SLOTS")
-                    owners = slot_map(reply, address[0])
-                except (RedisNotSent, RedisLost, RedisReplyError, ValueError) as error:
-                    failures.append(f"{address[0]}:{address[1]}: {error}")
-                    continue
-                self._owners = owners
-                await self._forget_others({owner for owner in owners if owner is not None} | {address})
-                return
-        finally:
-            # From the end too: a reading that took longer than the interval still holds off the
-            # next one for the interval.
-            self._refreshed_at = loop.time()
+        for address in dict.fromkeys(candidates):
+            try:
+                reply = await self._node(address).call("CLUSTER", "SLOTS")
+                owners = slot_map(reply, address[0])
+            except (RedisNotSent, RedisLost, RedisReplyError, ValueError) as error:
+                failures.append(f"{address[0]}:{address[1]}: {error}")
+                continue
+            self._owners = owners
+            await self._forget_others({owner for owner in owners if owner is not None} | {address})
+            return
         raise RedisUnreachable("cannot read the cluster's slot map: " + "; ".join(failures))
 
     async def _forget_others(self, keep: set[Address]) -> None:

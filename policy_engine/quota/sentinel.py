@@ -31,6 +31,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
+from policy_engine.quota.discovery import Discovery
 from policy_engine.quota.resp import (
     Arg,
     Endpoint,
@@ -147,10 +148,9 @@ class RespSentinel:
             for address in self._target.sentinels
         }
         self._primary: tuple[Address, RespConnection] | None = None
-        self._finding: asyncio.Task[tuple[Address, RespConnection]] | None = None
-        self._found_at = float("-inf")
-        self._find_error: str | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._search = Discovery(
+            self._find, name="redis sentinel", min_interval_s=MIN_ASK_INTERVAL_S, found=self._found
+        )
         self._closing: set[asyncio.Task[None]] = set()  # connections closed in the background
         self._closed = False
 
@@ -175,12 +175,9 @@ class RespSentinel:
 
     async def close(self) -> None:
         self._closed = True
-        finding, self._finding = self._finding, None
         primary, self._primary = self._primary, None
         try:
-            if finding is not None and not finding.done() and self._loop is asyncio.get_running_loop():
-                finding.cancel()
-                await asyncio.gather(finding, return_exceptions=True)
+            await self._search.close()
         finally:
             if primary is not None:
                 await primary[1].close()
@@ -216,45 +213,20 @@ class RespSentinel:
     async def _current(self) -> RespConnection:
         if self._closed:
             raise RedisUnreachable("the connection was closed")
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            # First use, or a new event loop: a search left on the old one never finishes here.
-            self._loop, self._finding, self._primary = loop, None, None
         if self._primary is not None:
+            # (On a new event loop too: the connection makes itself again there.)
             return self._primary[1]
-        finding = self._finding
-        if finding is None or finding.done():
-            if self._find_error is not None and loop.time() - self._found_at < MIN_ASK_INTERVAL_S:
-                raise RedisUnreachable(self._find_error)
-            finding = self._finding = loop.create_task(self._find())
-            finding.add_done_callback(self._found)
-        try:
-            # Shielded: a caller that gives up does not end the search the others wait on.
-            _, connection = await asyncio.shield(finding)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if finding.cancelled() and task is not None and not task.cancelling():
-                raise RedisUnreachable("the connection was closed while asking the sentinels") from None
-            raise
+        _, connection = await self._search.result()
         return connection
 
-    def _found(self, finding: asyncio.Task[tuple[Address, RespConnection]]) -> None:
-        self._found_at = asyncio.get_running_loop().time()
-        if finding.cancelled():
+    def _found(self, found: tuple[Address, RespConnection]) -> None:
+        address, connection = found
+        if self._closed:
+            self._close_soon(connection)
             return
-        error = finding.exception()
-        message = str(error) if error is not None else None
-        if message is not None and self._find_error is None:  # once per outage
-            log.warning("redis sentinel: %s", message)
-        elif message is None:
-            if self._closed or finding is not self._finding:
-                self._close_soon(finding.result()[1])
-                return
-            address, connection = finding.result()
-            if self._find_error is not None or self._primary is None:
-                log.info("redis sentinel: primary of %s at %s:%d", self._target.group, *address)
-            self._primary = (address, connection)
-        self._find_error = message
+        if self._primary is None or self._primary[0] != address:
+            log.info("redis sentinel: primary of %s at %s:%d", self._target.group, *address)
+        self._primary = found
 
     async def _find(self) -> tuple[Address, RespConnection]:
         """The primary the first answering sentinel names, once it says it is one."""

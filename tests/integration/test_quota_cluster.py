@@ -461,7 +461,7 @@ def test_a_stale_slot_map_is_corrected_by_the_redirection(cluster: RedisClusterN
             await client.call("GET", key, key=key)  # reads the real map
             assert client._owners is not None
             client._owners[slot] = ("127.0.0.1", wrong.port)
-            client._refreshed_at = float("inf")  # no reading of the map would fix it
+            client._map._ended_at = float("inf")  # no reading of the map would fix it
             reply = await client.call("SET", key, "v", key=key)
             return reply, client._owners[slot]
         finally:

@@ -143,13 +143,13 @@ def test_a_late_reply_fails_its_call_alone(group: SentinelGroup, prefix: str) ->
         store = RedisStore(group.url, prefix=prefix, timeout_s=0.2, clock=still())
         try:
             await store.admit([one()])
-            found_at = store._redis._found_at  # type: ignore[attr-defined]
+            found_at = store._redis._search._ended_at  # type: ignore[attr-defined]
             command(group.primary.port, "CLIENT", "PAUSE", "600", "WRITE")
             with pytest.raises(StoreUnavailable, match="no reply within"):
                 await store.admit([one()])
             await asyncio.sleep(0.6)
             used = (await store.admit([one()])).states[0].used
-            return found_at, store._redis._found_at, used  # type: ignore[attr-defined]
+            return found_at, store._redis._search._ended_at, used  # type: ignore[attr-defined]
         finally:
             await store.close()
 
@@ -188,7 +188,7 @@ def test_unreachable_sentinels_fail_calls_at_once_for_a_moment(prefix: str) -> N
                 with pytest.raises(StoreUnavailable) as failed:
                     await store.admit([one()])
                 errors.append(str(failed.value))
-                asked_at.append(store._redis._found_at)  # type: ignore[attr-defined]
+                asked_at.append(store._redis._search._ended_at)  # type: ignore[attr-defined]
             return errors, asked_at
         finally:
             await store.close()
