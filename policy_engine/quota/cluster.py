@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import binascii
 import dataclasses
-import logging
 from typing import Any
 
 from policy_engine.quota.discovery import Discovery
@@ -38,8 +37,6 @@ from policy_engine.quota.resp import (
     RespConnection,
     endpoint,
 )
-
-log = logging.getLogger("policy_engine.quota")
 
 SLOTS = 16384
 MAX_REDIRECTS = 5
@@ -121,7 +118,12 @@ class RespCluster:
         self._timeout_s = timeout_s
         self._nodes: dict[Address, RespConnection] = {}
         self._owners: list[Address | None] | None = None
-        self._map = Discovery(self._read_map, name="redis cluster", min_interval_s=MIN_REFRESH_INTERVAL_S)
+        self._map = Discovery(
+            self._read_map,
+            name="redis cluster",
+            doing="reading the slot map",
+            min_interval_s=MIN_REFRESH_INTERVAL_S,
+        )
         self._closed = False
 
     async def call(self, *args: Arg, key: str | None = None) -> Any:

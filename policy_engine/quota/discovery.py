@@ -29,15 +29,21 @@ class Discovery(Generic[T]):
         search: Callable[[], Coroutine[Any, Any, T]],
         *,
         name: str,
+        doing: str,
         min_interval_s: float,
         found: Callable[[T], None] = lambda _: None,
+        discard: Callable[[T], None] = lambda _: None,
     ) -> None:
-        """`search` finds; `found` takes each successful result as the search ends, before any
-        waiter resumes (after close too: a result holding a connection is its to close);
-        `name` prefixes the log lines ("redis cluster")."""
+        """`search` finds; `found` takes each successful result as its search ends, before any
+        waiter resumes; `discard` takes the result of a search that ended after close or was
+        left behind on another event loop (a result holding a connection is its to close).
+        `name` prefixes the log lines ("redis cluster"); `doing` says what a search does, for
+        messages ("reading the slot map")."""
         self._search = search
         self._found = found
+        self._discard = discard
         self._name = name
+        self._doing = doing
         self._min_interval_s = min_interval_s
         self._task: asyncio.Task[T] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -59,7 +65,7 @@ class Discovery(Generic[T]):
         except asyncio.CancelledError:
             caller = asyncio.current_task()
             if task.cancelled() and caller is not None and not caller.cancelling():
-                raise RedisUnreachable(f"{self._name}: closed during the search") from None
+                raise RedisUnreachable(f"the connection was closed while {self._doing}") from None
             raise
 
     def start(self) -> asyncio.Task[T]:
@@ -80,33 +86,41 @@ class Discovery(Generic[T]):
     async def close(self) -> None:
         self._closed = True
         task, self._task = self._running(), None
-        if task is not None:
+        if task is not None and not task.done():
             task.cancel()
             # Its outcome is of no interest now; a cancellation of this caller propagates.
             await asyncio.gather(task, return_exceptions=True)
 
     def _running(self) -> asyncio.Task[T] | None:
+        """The current search, until its end is handled (`_ended` clears it): a caller coming
+        between its last step and that must wait for it, not start another."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             self._loop, self._task = loop, None
-        task = self._task
-        return task if task is not None and not task.done() else None
+        return self._task
 
     def _recent(self) -> bool:
         return asyncio.get_running_loop().time() - self._ended_at < self._min_interval_s
 
     def _ended(self, task: asyncio.Task[T]) -> None:
-        self._ended_at = asyncio.get_running_loop().time()
+        current = task is self._task
+        if current:
+            self._task = None
+            self._ended_at = asyncio.get_running_loop().time()
         if task.cancelled():  # closed: nothing was learnt
             return
         # Retrieving the error also keeps asyncio from reporting it when no caller waited.
         error = task.exception()
+        if not current or self._closed:
+            if error is None:
+                self._discard(task.result())
+            return
         if error is not None:
             if self._error is None:  # once per outage, not per search
                 log.warning("%s: %s", self._name, error)
             self._error = str(error)
             return
         if self._error is not None:
-            log.info("%s: found again", self._name)
+            log.info("%s: %s worked again", self._name, self._doing)
         self._error = None
         self._found(task.result())

@@ -149,7 +149,12 @@ class RespSentinel:
         }
         self._primary: tuple[Address, RespConnection] | None = None
         self._search = Discovery(
-            self._find, name="redis sentinel", min_interval_s=MIN_ASK_INTERVAL_S, found=self._found
+            self._find,
+            name="redis sentinel",
+            doing="asking the sentinels",
+            min_interval_s=MIN_ASK_INTERVAL_S,
+            found=self._found,
+            discard=lambda found: self._close_soon(found[1]),
         )
         self._closing: set[asyncio.Task[None]] = set()  # connections closed in the background
         self._closed = False
@@ -220,13 +225,12 @@ class RespSentinel:
         return connection
 
     def _found(self, found: tuple[Address, RespConnection]) -> None:
-        address, connection = found
-        if self._closed:
-            self._close_soon(connection)
-            return
-        if self._primary is None or self._primary[0] != address:
+        address, _ = found
+        previous, self._primary = self._primary, found
+        if previous is not None:  # (a search starts only without one; kept safe all the same)
+            self._close_soon(previous[1])
+        if previous is None or previous[0] != address:
             log.info("redis sentinel: primary of %s at %s:%d", self._target.group, *address)
-        self._primary = found
 
     async def _find(self) -> tuple[Address, RespConnection]:
         """The primary the first answering sentinel names, once it says it is one."""
