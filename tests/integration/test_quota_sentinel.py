@@ -18,7 +18,14 @@ from policy_engine.quota.redis_store import RedisStore
 from policy_engine.quota.sentinel import MIN_ASK_INTERVAL_S
 from policy_engine.quota.store import Demand, StoreUnavailable
 from tests.integration.test_quota_redis import ALL_SCENARIOS, T0, FakeClock, assert_agrees_with_memory
-from tests.redis_server import SentinelGroup, command, free_port, start_sentinel_group
+from tests.redis_server import (
+    RedisProcess,
+    SentinelGroup,
+    command,
+    find_server_binary,
+    free_port,
+    start_sentinel_group,
+)
 
 FAILOVER_BOUND_S = 30.0  # the sentinels' own failover (1 s down-after, election), not ours
 
@@ -171,6 +178,34 @@ def test_a_group_the_sentinels_do_not_know_is_named_in_the_error(group: Sentinel
             await store.close()
 
     assert "knows no group named 'no-such-group'" in asyncio.run(scenario())
+
+
+def test_a_node_named_by_a_sentinel_that_is_no_primary_is_not_used(group: SentinelGroup, prefix: str) -> None:
+    """A sentinel that names a replica (one not yet told of a failover; here one configured to
+    watch the replica): the store checks the node's role and does not send it the scripts."""
+    replica = group.replicas[0]
+    config = (
+        f"sentinel monitor stale 127.0.0.1 {replica.port} 1\nsentinel down-after-milliseconds stale 60000\n"
+    )
+    sentinel = RedisProcess(find_server_binary(), free_port(), sentinel_config=config)
+    sentinel.start()
+    try:
+
+        async def scenario() -> str:
+            store = RedisStore(
+                f"redis+sentinel://127.0.0.1:{sentinel.port}/stale/0", prefix=prefix, clock=still()
+            )
+            try:
+                with pytest.raises(StoreUnavailable) as failed:
+                    await store.admit([one()])
+                return str(failed.value)
+            finally:
+                await store.close()
+
+        message = asyncio.run(scenario())
+    finally:
+        sentinel.close()
+    assert f"names 127.0.0.1:{replica.port}, which is not a primary" in message
 
 
 def test_unreachable_sentinels_fail_calls_at_once_for_a_moment(prefix: str) -> None:
