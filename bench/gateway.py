@@ -22,8 +22,9 @@ after each response, as in production, at the cost of a C++ upstream. Rows:
   rate-limit filter with --charging rate_limit) with 1 and 2 workers, asked over gRPC and over
   HTTP (`serve --http-port`, `envoy-config --policy-http`), with token usage read by Lua and by
   Envoy's native filters (`envoy-config --usage-extraction`), with quotas in memory or, with
-  --stores redis, in a Redis server started here (its CPU per request is printed after the
-  table); with --baseline DIR, each policy-engine row also with the service of another checkout
+  --stores redis / redis-cluster / redis-sentinel, in a Redis server, a cluster of 3 primaries or
+  a primary with a replica and 3 sentinels started here (the servers' CPU per request is printed
+  after the table); with --baseline DIR, each policy-engine row also with the service of another checkout
   (`git worktree add DIR COMMIT`), side by side.
 Three loads:
 - saturation: wrk with N connections as fast as possible → requests/s, and the CPU time each
@@ -52,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -68,7 +70,7 @@ from tests.e2e.harness import (  # noqa: E402
     stop_process,
     wait_until,
 )
-from tests.redis_server import RedisProcess, start_redis  # noqa: E402
+from tests.redis_server import start_cluster, start_redis, start_sentinel_group  # noqa: E402
 
 BACKENDS = ["llama-70b-h100-a", "llama-70b-h100-b", "llama-70b-a100-a", "llama-70b-a100-b"]
 BODY = json.dumps(
@@ -113,7 +115,7 @@ class Setup:
 
     name: str
     url: str
-    pids: dict[str, int]  # the processes whose CPU time is counted
+    pids: dict[str, tuple[int, ...]]  # the processes whose CPU time is counted, by what they are
     service: ServiceProcess | None = None  # a policy-engine setup
     saturation: dict[str, float] = field(default_factory=dict)
     warm: dict[str, float] = field(default_factory=dict)
@@ -234,6 +236,31 @@ def start_envoy(
     return process
 
 
+@dataclass
+class Store:
+    """Redis processes started for the policy-engine rows' counters."""
+
+    url: str
+    pids: tuple[int, ...]  # the servers whose CPU is counted (not the sentinels)
+    close: Callable[[], None]
+
+
+def start_stores(kinds: list[str]) -> dict[str, Store]:
+    stores: dict[str, Store] = {}
+    if "redis" in kinds:
+        server = start_redis()
+        stores["redis"] = Store(server.url, (server.pid or 0,), server.close)
+    if "redis-cluster" in kinds:
+        cluster = start_cluster(primaries=3)
+        primaries = tuple(n.pid or 0 for n in cluster.primaries)
+        stores["redis-cluster"] = Store(cluster.url, primaries, cluster.close)
+    if "redis-sentinel" in kinds:
+        group = start_sentinel_group()
+        servers = (group.primary.pid or 0, *(r.pid or 0 for r in group.replicas))
+        stores["redis-sentinel"] = Store(group.url, servers, group.close)
+    return stores
+
+
 def tree_cpu(pid: int) -> float:
     """CPU seconds (user + system) used so far by a process and all its descendants."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -256,13 +283,19 @@ def tree_cpu(pid: int) -> float:
 
 
 def measured(
-    url: str, duration: int, connections: int, script: Path, pids: dict[str, int], threads: int = 2
+    url: str,
+    duration: int,
+    connections: int,
+    script: Path,
+    pids: dict[str, tuple[int, ...]],
+    threads: int = 2,
 ) -> dict[str, float]:
-    """A wrk run with the CPU each named process tree used per request."""
-    before = {name: tree_cpu(pid) for name, pid in pids.items()}
+    """A wrk run with the CPU each named group of process trees used per request."""
+    before = {name: sum(tree_cpu(pid) for pid in group) for name, group in pids.items()}
     result = wrk(url, duration, connections, script, threads=threads)
-    for name, pid in pids.items():
-        result[f"{name}_cpu_us"] = (tree_cpu(pid) - before[name]) / max(result["requests"], 1) * 1e6
+    for name, group in pids.items():
+        used = sum(tree_cpu(pid) for pid in group) - before[name]
+        result[f"{name}_cpu_us"] = used / max(result["requests"], 1) * 1e6
     return result
 
 
@@ -330,10 +363,11 @@ def main() -> None:
     parser.add_argument(
         "--stores",
         nargs="+",
-        choices=["memory", "redis"],
+        choices=["memory", "redis", "redis-cluster", "redis-sentinel"],
         default=["memory"],
-        help="quota counters of the policy-engine rows: in memory, or in a Redis server this script "
-        "starts on a free loopback port (its CPU is printed after the table)",
+        help="quota counters of the policy-engine rows: in memory, or in Redis this script starts on "
+        "loopback: one server, a cluster of 3 primaries, or a primary with a replica and 3 sentinels "
+        "(the servers' CPU is printed after the table)",
     )
     parser.add_argument(
         "--baseline",
@@ -382,7 +416,7 @@ def main() -> None:
         f"load before={os.getloadavg()[0]:.2f}"
     )
     setups: list[Setup] = []
-    redis: RedisProcess | None = None
+    servers: dict[str, Store] = {}
     processes: list[subprocess.Popen[bytes]] = []
     services: list[ServiceProcess] = []
 
@@ -403,7 +437,7 @@ def main() -> None:
         processes.append(alone)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         answering(url, "envoy alone")
-        setups.append(Setup("Envoy alone", url, {"envoy": alone.pid}))
+        setups.append(Setup("Envoy alone", url, {"envoy": (alone.pid,)}))
 
         noop_port = free_port()
         noop_envoy = start_envoy(noop_envoy_config(noop_port), workdir, "noop-cpp", 1)
@@ -422,7 +456,7 @@ def main() -> None:
             Setup(
                 "Envoy + no-op C++ (Envoy) HTTP ext_authz",
                 url,
-                {"envoy": envoy.pid, "service": noop_envoy.pid},
+                {"envoy": (envoy.pid,), "service": (noop_envoy.pid,)},
             )
         )
 
@@ -460,10 +494,10 @@ def main() -> None:
             processes.append(envoy)
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
             answering(url, "envoy with the no-op ext_authz")
-            pids = {"envoy": envoy.pid, "service": noop.pid}
+            noop_pids: dict[str, tuple[int, ...]] = {"envoy": (envoy.pid,), "service": (noop.pid,)}
             label = "the gateway's Envoy configuration" if gateway else "ext_authz only"
             what = f"Python HTTP spending {busy:.0f} µs of CPU" if busy else f"no-op Python {transport}"
-            setups.append(Setup(f"Envoy ({label}) + {what} ext_authz", url, pids))
+            setups.append(Setup(f"Envoy ({label}) + {what} ext_authz", url, noop_pids))
         # The example policies with the premium token budget out of reach: a fast run would
         # otherwise spend it (each request reserves its estimate) and measure cheap 429s.
         policies = workdir / "policies"
@@ -481,8 +515,7 @@ def main() -> None:
             for charging in args.charging
             for store in args.stores
         ]
-        if "redis" in args.stores:
-            redis = start_redis()
+        servers.update(start_stores(args.stores))
         code_versions: list[Path | None] = (
             [None] if args.baseline is None else [args.baseline.resolve(), None]
         )
@@ -509,7 +542,9 @@ def main() -> None:
         ):
             http_port = free_port() if transport == "http" else None
             extra = ["--no-reload", *(["--http-port", str(http_port)] if http_port else [])]
-            redis_url = redis.url if redis is not None and store == "redis" else None
+            redis_url = servers[store].url if store in servers else None
+            if store == "redis-cluster":
+                extra.append("--redis-cluster")
             service = start_service(
                 policies,
                 backends=BACKENDS,
@@ -544,15 +579,19 @@ def main() -> None:
                 sys.exit(f"the gateway does not answer 200: {answer.stdout[:500]}\n{logs}")
             plural = "s" if workers > 1 else ""
             charged_by = charging.replace("_", "-")
-            quotas_in = ", quotas in Redis" if store == "redis" else ""
+            quotas_in = {
+                "redis": ", quotas in Redis",
+                "redis-cluster": ", quotas in a Redis Cluster of 3 primaries",
+                "redis-sentinel": ", quotas in Redis through Sentinel",
+            }.get(store, "")
             label = (
                 f"{transport} ({workers} worker{plural}, {usage} usage, charged by {charged_by}{quotas_in})"
             )
             if code is not None:
                 label += f", baseline {baseline_commit}"
-            pids = {"envoy": envoy.pid, "service": service.process.pid}
-            if redis is not None and store == "redis" and redis.pid is not None:
-                pids["redis"] = redis.pid
+            pids: dict[str, tuple[int, ...]] = {"envoy": (envoy.pid,), "service": (service.process.pid,)}
+            if store in servers:
+                pids["redis"] = servers[store].pids
             setups.append(Setup(f"Envoy + policy-engine, {label}", url, pids, service))
         time.sleep(1)
 
@@ -583,8 +622,8 @@ def main() -> None:
             service.stop()
         for process in processes:
             stop_process(process)
-        if redis is not None:
-            redis.close()
+        for server in servers.values():
+            server.close()
 
     print(
         f"\nsaturation: wrk -t2 -c{args.connections} -d{args.duration}s; "
