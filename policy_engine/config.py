@@ -97,24 +97,16 @@ class Settings(BaseSettings):
         if self.redis_cluster and not self.redis_url:
             raise ValueError("--redis-cluster needs --redis-url (any node of the cluster)")
         if self.redis_url:
-            # Here rather than in a worker: a URL the store cannot honour stops the start.
-            from policy_engine.quota.cluster import seed_endpoint
-            from policy_engine.quota.resp import endpoint
-            from policy_engine.quota.sentinel import is_sentinel_url, sentinel_target
+            # Here rather than in a worker: a URL the store cannot honour stops the start. The
+            # client connects on its first call only: making one checks the URL and its files.
+            from policy_engine.quota.redis_store import redis_client
 
-            sentinel = is_sentinel_url(self.redis_url)
-            if sentinel and self.redis_cluster:
-                raise ValueError("--redis-cluster takes a node's redis:// URL, not a redis+sentinel:// one")
             try:
-                (seed_endpoint if self.redis_cluster else sentinel_target if sentinel else endpoint)(
-                    self.redis_url
-                )
+                redis_client(self.redis_url, cluster=self.redis_cluster, timeout_s=self.redis_timeout_s)
             except OSError as error:  # a CA or certificate file that cannot be read
                 # The files' paths, not the URL: it may hold a password.
                 query = urllib.parse.parse_qsl(urllib.parse.urlsplit(self.redis_url).query)
-                files = ", ".join(
-                    f"{k}={v}" for k, v in query if k.startswith("ssl_") and k != "ssl_cert_reqs"
-                )
+                files = ", ".join(f"{k}={v}" for k, v in query if k in _TLS_FILE_OPTIONS)
                 raise ValueError(
                     f"redis URL: cannot read its TLS files ({files}): {error.strerror or error}"
                 ) from None

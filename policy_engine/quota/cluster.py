@@ -28,6 +28,7 @@ from typing import Any
 
 from policy_engine.quota.discovery import Discovery
 from policy_engine.quota.resp import (
+    Address,
     Arg,
     Endpoint,
     RedisLost,
@@ -43,8 +44,6 @@ MAX_REDIRECTS = 5
 TRYAGAIN_PAUSE_S = 0.005
 # A burst of failures on a dead node reads the map once per interval, not once per call.
 MIN_REFRESH_INTERVAL_S = 0.25
-
-Address = tuple[str, int]
 
 
 def key_slot(key: str) -> int:

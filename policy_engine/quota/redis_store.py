@@ -180,13 +180,7 @@ class RedisStore:
         self._prefix = prefix
         self._clock = clock
         self._cluster = cluster
-        self._redis: RedisClient
-        if cluster:
-            self._redis = RespCluster(url, timeout_s=timeout_s)
-        elif is_sentinel_url(url):
-            self._redis = RespSentinel(url, timeout_s=timeout_s)
-        else:
-            self._redis = RespConnection(url, timeout_s=timeout_s)
+        self._redis = redis_client(url, cluster=cluster, timeout_s=timeout_s)
 
     async def admit(self, demands: Sequence[Demand]) -> Admission:
         validate_demands(demands)
@@ -384,6 +378,19 @@ class RedisStore:
             raise StoreUnavailable(f"redis quota store: unexpected script reply {reply!r}") from exc
         buckets = [(values[i], values[i + 1]) for i in range(1, len(values), 2)]
         return values[0] == 1, buckets
+
+
+def redis_client(url: str, *, cluster: bool, timeout_s: float) -> RedisClient:
+    """The client a URL calls for: a cluster's (`cluster`), Sentinel's (redis+sentinel://) or
+    one server's. It connects on its first call; a ValueError (an OSError for a TLS file that
+    cannot be read) for what it cannot honour, so that settings are checked by making one."""
+    if is_sentinel_url(url):
+        if cluster:
+            raise ValueError("--redis-cluster takes a node's redis:// URL, not a redis+sentinel:// one")
+        return RespSentinel(url, timeout_s=timeout_s)
+    if cluster:
+        return RespCluster(url, timeout_s=timeout_s)
+    return RespConnection(url, timeout_s=timeout_s)
 
 
 def _never_sent(error: BaseException | None) -> bool:

@@ -39,6 +39,7 @@ import hiredis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 
 Arg = str | bytes | int | float
+Address = tuple[str, int]  # a server's host and port
 
 STALL_TIMEOUTS = 4
 MIN_STALL_S = 1.0

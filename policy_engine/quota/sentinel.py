@@ -33,6 +33,7 @@ from typing import Any
 
 from policy_engine.quota.discovery import Discovery
 from policy_engine.quota.resp import (
+    Address,
     Arg,
     Endpoint,
     RedisLost,
@@ -52,8 +53,6 @@ MIN_ASK_INTERVAL_S = 0.25
 _NOT_PRIMARY = ("READONLY", "LOADING", "MASTERDOWN")
 RETIRE_WAIT_S = 5.0  # the longest a retired connection is kept for the replies still due on it
 _SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
-
-Address = tuple[str, int]
 
 
 def is_sentinel_url(url: str) -> bool:
