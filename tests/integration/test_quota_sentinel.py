@@ -165,8 +165,8 @@ def test_a_late_reply_fails_its_call_alone(group: SentinelGroup, prefix: str) ->
     assert used == 2  # the late call was counted when the server took it: it may have run
 
 
-def test_a_group_the_sentinels_do_not_know_is_named_in_the_error(group: SentinelGroup, prefix: str) -> None:
-    url = group.url.replace(f"/{group.group}/", "/no-such-group/")
+def refusal(url: str, prefix: str) -> str:
+    """What an admission through `url` fails with (it must fail)."""
 
     async def scenario() -> str:
         store = RedisStore(url, prefix=prefix, timeout_s=2.0, clock=still())
@@ -177,7 +177,12 @@ def test_a_group_the_sentinels_do_not_know_is_named_in_the_error(group: Sentinel
         finally:
             await store.close()
 
-    assert "knows no group named 'no-such-group'" in asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_a_group_the_sentinels_do_not_know_is_named_in_the_error(group: SentinelGroup, prefix: str) -> None:
+    url = group.url.replace(f"/{group.group}/", "/no-such-group/")
+    assert "knows no group named 'no-such-group'" in refusal(url, prefix)
 
 
 def test_a_node_named_by_a_sentinel_that_is_no_primary_is_not_used(group: SentinelGroup, prefix: str) -> None:
@@ -190,19 +195,7 @@ def test_a_node_named_by_a_sentinel_that_is_no_primary_is_not_used(group: Sentin
     sentinel = RedisProcess(find_server_binary(), free_port(), sentinel_config=config)
     sentinel.start()
     try:
-
-        async def scenario() -> str:
-            store = RedisStore(
-                f"redis+sentinel://127.0.0.1:{sentinel.port}/stale/0", prefix=prefix, clock=still()
-            )
-            try:
-                with pytest.raises(StoreUnavailable) as failed:
-                    await store.admit([one()])
-                return str(failed.value)
-            finally:
-                await store.close()
-
-        message = asyncio.run(scenario())
+        message = refusal(f"redis+sentinel://127.0.0.1:{sentinel.port}/stale/0", prefix)
     finally:
         sentinel.close()
     assert f"names 127.0.0.1:{replica.port}, which is not a primary" in message
