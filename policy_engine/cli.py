@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import json
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from policy_engine import __version__
 from policy_engine.decide.decision import Decision
 from policy_engine.decide.pipeline import Pipeline
 from policy_engine.decide.tenants import hash_key
+from policy_engine.envoy.options import CHARGING_HELP, Charging, UsageReader
 from policy_engine.policy.bundle import Bundle
 from policy_engine.policy.compiler import BundleError, load_bundle
 from policy_engine.policy.schema import json_schema
@@ -455,16 +455,6 @@ def serve(
         raise typer.Exit(1) from None
 
 
-class UsageReader(enum.StrEnum):
-    lua = "lua"
-    native = "native"
-
-
-class Charging(enum.StrEnum):
-    access_log = "access-log"
-    rate_limit = "rate-limit"
-
-
 @app.command("envoy-config")
 def envoy_config(
     listen_port: Annotated[int, typer.Option(help="Port of the gateway listener.")] = 10000,
@@ -496,10 +486,7 @@ def envoy_config(
     ] = UsageReader.lua,
     charging: Annotated[
         Charging,
-        typer.Option(
-            help="How the usage is charged after the response: from the access-log stream the "
-            "service receives anyway (no call per request), or by one rate-limit call per response.",
-        ),
+        typer.Option(help=CHARGING_HELP),
     ] = Charging.access_log,
 ) -> None:
     """Print an Envoy bootstrap: ext_authz with the body, token charging, routes on x-pe-route."""
@@ -533,7 +520,7 @@ def envoy_config(
         authz_transport="http" if policy_http else "grpc",
         policy_http=upstream(policy_http, "--policy-http") if policy_http else None,
         usage_extraction="native" if usage_extraction is UsageReader.native else "lua",
-        charging="rate_limit" if charging is Charging.rate_limit else "access_log",
+        charging=charging.config,
     )
     if config.usage_extraction == "native" and config.charging == "rate_limit":
         # The rate-limit charge reads the metadata as Envoy wrote it, and Envoy's filters cannot

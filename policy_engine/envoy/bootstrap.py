@@ -25,9 +25,12 @@ _HCM_TYPE = (
 )
 RATE_LIMIT_DOMAIN = "policy-engine"
 AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
-# The access-log custom tag that asks the service to charge the entry's usage.
-CHARGE_TAG = "pe_charge"
-CHARGE_TAG_VALUE = "access_log"
+# The dynamic metadata that asks the service to charge an access-log entry's usage, set on
+# every request by the `charge_tag_filter` (metadata, not an access-log custom tag, because an
+# Istio access-log provider cannot add tags but logs all of a request's dynamic metadata).
+CHARGE_NAMESPACE = "policy_engine.charge"
+CHARGE_KEY = "via"
+CHARGE_VALUE = "access_log"
 # Usage field of the backend's `usage` object charged against each token kind.
 USAGE_FIELDS = {
     "input_tokens": "prompt_tokens",
@@ -48,6 +51,8 @@ USAGE_FIELDS = {
 #   with 500 instead of passing uncharged. They cannot add, so the service adds up what they
 #   store when it charges from the access log (`reported_usage`).
 UsageExtraction = Literal["native", "lua"]
+# How the usage is charged after the response (`GatewayConfig.charging`).
+ChargingPath = Literal["access_log", "rate_limit"]
 # Any spelling of the JSON media type, parameters included (the filter's plain list is exact).
 USAGE_JSON_TYPE = r"(?i)application/json\s*(;.*)?"
 # The largest SSE event the native reader parses; a larger one is skipped (Envoy's default 8 KiB
@@ -165,7 +170,7 @@ class GatewayConfig:
     # How the usage is charged after the response: from the access-log entries the service
     # receives anyway (no call per request, policy_engine.envoy.usage_charge), or by one
     # rate-limit call per response (`apply_on_stream_done`), as an Istio mesh does.
-    charging: Literal["access_log", "rate_limit"] = "access_log"
+    charging: ChargingPath = "access_log"
 
     def __post_init__(self) -> None:
         if self.charging not in ("access_log", "rate_limit"):
@@ -211,12 +216,6 @@ def grpc_access_log(config: GatewayConfig) -> dict[str, Any]:
                 "transport_api_version": "V3",
                 "grpc_service": {"envoy_grpc": {"cluster_name": POLICY_CLUSTER}},
                 "buffer_flush_interval": f"{config.access_log_flush_s}s",
-                # Tells the service to charge the usage this entry reports (see GatewayConfig).
-                **(
-                    {"custom_tags": [{"tag": CHARGE_TAG, "literal": {"value": CHARGE_TAG_VALUE}}]}
-                    if config.charging == "access_log"
-                    else {}
-                ),
             },
             # Lets the service tell streamed answers (time to first token) from JSON ones.
             "additional_response_headers_to_log": ["content-type"],
@@ -390,6 +389,24 @@ def ratelimit_filter(cluster: str = POLICY_CLUSTER) -> dict[str, Any]:
     }
 
 
+def charge_tag_filter() -> dict[str, Any]:
+    """Marks each request for charging from its access-log entry (`CHARGE_NAMESPACE`): the
+    service charges only marked entries, so an Envoy charging through the rate-limit service,
+    which has no such filter, is never charged twice."""
+    return {
+        "name": "envoy.filters.http.set_metadata",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.set_metadata.v3.Config",
+            "metadata": [{"metadata_namespace": CHARGE_NAMESPACE, "value": {CHARGE_KEY: CHARGE_VALUE}}],
+        },
+    }
+
+
+def charging_filter(charging: ChargingPath, cluster: str = POLICY_CLUSTER) -> dict[str, Any]:
+    """The filter that makes the usage charged after the response, one way or the other."""
+    return ratelimit_filter(cluster) if charging == "rate_limit" else charge_tag_filter()
+
+
 def _lua_filter(source: str) -> dict[str, Any]:
     return {
         "name": "envoy.filters.http.lua",
@@ -497,7 +514,7 @@ def gateway_http_filters(config: GatewayConfig) -> list[dict[str, Any]]:
     return [
         *([strip_filter()] if config.authz_transport == "http" else []),
         ext_authz_filter(config),
-        *([ratelimit_filter()] if config.charging == "rate_limit" else []),
+        charging_filter(config.charging),
         *usage_filters(config.usage_extraction),
         {
             "name": "envoy.filters.http.router",

@@ -7,13 +7,14 @@ metadata, and the usage the backend reported (`policy_engine.usage`). Charging f
 saves a gRPC call per request, the service's dearest part after the decision itself
 (docs/BENCHMARKS.md); a charge lands within one flush interval of the response.
 
-Only entries tagged `pe_charge: access_log` are charged: an Envoy that charges through the
-rate-limit service (the mesh's EnvoyFilter) streams untagged entries, which must not be charged
-a second time. As on the rate-limit path, a response without usage (an aborted stream, a stream
-without `include_usage`) charges nothing and keeps its reservation. A reported 0 is charged (it
-returns the reservation), and so is a request that never reached a backend (no healthy one, a
-refused connection: no tokens can have been spent), which the rate-limit path cannot do: there
-a `hits_addend` of 0 means "check only".
+Only entries whose dynamic metadata carries `policy_engine.charge: {via: access_log}` (the
+gateway's set_metadata filter, in the bootstrap and in the mesh's EnvoyFilter alike) are
+charged: an Envoy that charges through the rate-limit service has no such filter, and its
+entries must not be charged a second time. As on the rate-limit path, a response without usage
+(an aborted stream, a stream without `include_usage`) charges nothing and keeps its reservation.
+A reported 0 is charged (it returns the reservation), and so is a request that never reached a
+backend (no healthy one, a refused connection: no tokens can have been spent), which the
+rate-limit path cannot do: there a `hits_addend` of 0 means "check only".
 """
 
 from __future__ import annotations
@@ -24,7 +25,13 @@ from typing import Any
 from envoy.data.accesslog.v3 import accesslog_pb2
 
 from policy_engine.decide.quota import METADATA_KEYS
-from policy_engine.envoy.bootstrap import AUTHZ_NAMESPACE, CHARGE_TAG, CHARGE_TAG_VALUE, USAGE_FIELDS
+from policy_engine.envoy.bootstrap import (
+    AUTHZ_NAMESPACE,
+    CHARGE_KEY,
+    CHARGE_NAMESPACE,
+    CHARGE_VALUE,
+    USAGE_FIELDS,
+)
 from policy_engine.envoy.ratelimit import MAX_HITS
 from policy_engine.quota.service import UsageReport
 from policy_engine.telemetry.access_log import USAGE_NAMESPACE, reported_usage
@@ -34,14 +41,17 @@ _FINAL_TYPES = frozenset({accesslog_pb2.AccessLogType.NotSet, accesslog_pb2.Acce
 
 def usage_charges(common: Any) -> list[UsageReport]:
     """(counters JSON, tokens, kind) for each token kind an access-log entry's
-    `AccessLogCommon` asks to charge; none unless the entry is tagged for charging."""
-    if common.custom_tags.get(CHARGE_TAG) != CHARGE_TAG_VALUE:
+    `AccessLogCommon` asks to charge; none unless the entry is marked for charging."""
+    namespaces = common.metadata.filter_metadata
+    if CHARGE_NAMESPACE not in namespaces:
+        return []
+    mark = namespaces[CHARGE_NAMESPACE].fields.get(CHARGE_KEY)
+    if mark is None or mark.string_value != CHARGE_VALUE:
         return []
     # One charge per request: only its final downstream entry, never a periodic or an
     # upstream one (should the logger ever be configured to send those too).
     if common.intermediate_log_entry or common.access_log_type not in _FINAL_TYPES:
         return []
-    namespaces = common.metadata.filter_metadata
     if AUTHZ_NAMESPACE not in namespaces:
         return []
     counters = namespaces[AUTHZ_NAMESPACE].fields

@@ -45,17 +45,19 @@ def test_printed_config_is_the_tested_one_and_valid(tmp_path: object) -> None:
             "typed_config"
         ]["http_filters"]
     ]
-    # Usage is charged from the access log: no rate-limit call per request.
+    # Usage is charged from the access log: no rate-limit call per request, each request marked
+    # for charging in its dynamic metadata, which the access-log entry carries.
     assert filters == [
         "envoy.filters.http.ext_authz",
+        "envoy.filters.http.set_metadata",
         "envoy.filters.http.lua",
         "envoy.filters.http.router",
     ]
     manager = printed["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    (mark,) = manager["http_filters"][1]["typed_config"]["metadata"]
+    assert mark == {"metadata_namespace": "policy_engine.charge", "value": {"via": "access_log"}}
     (log,) = manager["access_log"]
-    assert log["typed_config"]["common_config"]["custom_tags"] == [
-        {"tag": "pe_charge", "literal": {"value": "access_log"}}
-    ]
+    assert log["name"] == "envoy.access_loggers.http_grpc"
     authz = printed["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
         "http_filters"
     ][0]["typed_config"]
@@ -117,6 +119,7 @@ def test_rate_limit_charging_config_is_the_tested_one_and_valid(tmp_path: object
         tmp_path, ["--charging", "rate-limit"], GatewayConfig(listen_address="0.0.0.0", charging="rate_limit")
     )
     manager = printed["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    assert "envoy.filters.http.ratelimit" in [f["name"] for f in manager["http_filters"]]
-    # Untagged entries: the service must not charge them a second time.
-    assert "custom_tags" not in manager["access_log"][0]["typed_config"]["common_config"]
+    names = [f["name"] for f in manager["http_filters"]]
+    assert "envoy.filters.http.ratelimit" in names
+    # Unmarked entries: the service must not charge them a second time.
+    assert "envoy.filters.http.set_metadata" not in names

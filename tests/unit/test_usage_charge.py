@@ -1,5 +1,5 @@
 """Token usage charged from access-log entries (the default charging path), and only from
-entries tagged for it."""
+entries marked for it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,13 @@ import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2_grpc
 
-from policy_engine.envoy.bootstrap import AUTHZ_NAMESPACE, CHARGE_TAG, CHARGE_TAG_VALUE, usage_filters
+from policy_engine.envoy.bootstrap import (
+    AUTHZ_NAMESPACE,
+    CHARGE_KEY,
+    CHARGE_NAMESPACE,
+    CHARGE_VALUE,
+    usage_filters,
+)
 from policy_engine.envoy.usage_charge import UsageCharger, usage_charges
 from policy_engine.telemetry import access_log
 from policy_engine.telemetry.access_log import OPENAI_PROMPT, PROMPT_PARTS, AccessLogService
@@ -24,13 +30,18 @@ from tests.unit.test_telemetry_access_log import FakeClock, entry, message, serv
 COUNTERS = json.dumps([["tokens|free|day|total_tokens|acme", 30]])
 
 
+def mark(common: Any, value: str = CHARGE_VALUE) -> None:
+    """What the gateway's set_metadata filter puts in every request's dynamic metadata."""
+    common.metadata.filter_metadata[CHARGE_NAMESPACE].update({CHARGE_KEY: value})
+
+
 def charged_entry(
     usage: dict[str, Any] | None = None, tagged: bool = True, counters: dict[str, Any] | None = None
 ) -> Any:
     log = entry(usage=usage if usage is not None else {"total_tokens": 41})
     common = log.common_properties
     if tagged:
-        common.custom_tags[CHARGE_TAG] = CHARGE_TAG_VALUE
+        mark(common)
     common.metadata.filter_metadata[AUTHZ_NAMESPACE].update(
         counters if counters is not None else {"pe_total_tokens": COUNTERS}
     )
@@ -107,8 +118,15 @@ def test_the_native_readers_store_every_part_the_charge_adds_up() -> None:
 
 
 def test_what_is_not_charged() -> None:
-    # Charged through the rate-limit service instead (the mesh's Envoy tags nothing).
+    # Charged through the rate-limit service instead (that Envoy marks nothing).
     assert usage_charges(charged_entry(tagged=False).common_properties) == []
+    # A mark with another value, or the key in another namespace, is not a mark.
+    odd = charged_entry(tagged=False)
+    mark(odd.common_properties, "rate_limit")
+    assert usage_charges(odd.common_properties) == []
+    elsewhere = charged_entry(tagged=False)
+    elsewhere.common_properties.metadata.filter_metadata[AUTHZ_NAMESPACE].update({CHARGE_KEY: CHARGE_VALUE})
+    assert usage_charges(elsewhere.common_properties) == []
     # No usage reported (an aborted stream): the reservation stays.
     assert usage_charges(charged_entry(usage={}).common_properties) == []
     # No counters: the decision charged nothing to this request.
@@ -132,7 +150,7 @@ def test_a_request_that_never_reached_a_backend_returns_its_reservation() -> Non
         log = entry(status=503, sent_ms=sent_ms, first_rx_ms=None, last_rx_ms=None, flags=flags)
         common = log.common_properties
         common.upstream_request_attempt_count = attempts
-        common.custom_tags[CHARGE_TAG] = CHARGE_TAG_VALUE
+        mark(common)
         common.metadata.filter_metadata[AUTHZ_NAMESPACE].update({"pe_total_tokens": COUNTERS})
         return log.common_properties
 
