@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,8 +12,10 @@ import typer
 import yaml
 from rich.console import Console
 
+from policy_engine.envoy.bootstrap import GatewayConfig
+from policy_engine.envoy.options import CHARGING_HELP, Charging
 from policy_engine.mesh.crds import CRD_PATH_ENV, CrdFileNotFoundError, load_crds
-from policy_engine.mesh.envoyfilter import CONTEXTS, MeshTarget, envoy_filter, patches_file
+from policy_engine.mesh.envoyfilter import CONTEXTS, PATCH_FILES, MeshTarget, envoy_filter, patches_file
 from policy_engine.mesh.providers import ServiceAddress, mesh_config, providers_file, validate_mesh_config
 
 mesh_app = typer.Typer(
@@ -23,8 +26,8 @@ mesh_app = typer.Typer(
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
-CHART_FILES = {
-    "envoyfilter-patches.json": patches_file,
+CHART_FILES: dict[str, Callable[[], str]] = {
+    **{name: partial(patches_file, charging) for name, charging in PATCH_FILES.values()},
     "extension-providers.json": providers_file,
 }
 
@@ -73,8 +76,15 @@ def envoyfilter_command(
         list[str] | None, typer.Option("--selector", help="LABEL=VALUE of the gateway pods (repeat).")
     ] = None,
     context: Annotated[str, typer.Option(help=f"Patch context: {', '.join(CONTEXTS)}.")] = "GATEWAY",
+    charging: Annotated[
+        Charging,
+        typer.Option(
+            help=CHARGING_HELP + " Charging from the access log needs the gateway's access log "
+            "sent to the service (the Telemetry resource of mesh/ or of the chart)."
+        ),
+    ] = Charging.access_log,
 ) -> None:
-    """Print the EnvoyFilter: rate-limit token charging, usage extraction, route cache clearing."""
+    """Print the EnvoyFilter: token charging, usage extraction, route cache clearing."""
     labels = []
     for item in selector if selector is not None else ["istio=ingressgateway"]:
         key, sep, value = item.partition("=")
@@ -85,7 +95,7 @@ def envoyfilter_command(
     address = _address(service, "--service")
     target = MeshTarget(name, namespace, tuple(labels), context, address.host, int(address.port))
     try:
-        resource = envoy_filter(target)
+        resource = envoy_filter(target, GatewayConfig(charging=charging.config))
     except ValueError as error:
         err.print(str(error))
         raise typer.Exit(2) from None

@@ -7,13 +7,18 @@ CUSTOM AuthorizationPolicy); the rest of the chain comes from the builders in
 - a MERGE into Istio's ext_authz filter setting `clear_route_cache`, because routes match the
   `x-pe-route` header the service adds (the provider's `clearRouteCache` is accepted by Istio's
   MeshConfig, but some Istio versions do not pass it on to Envoy);
-- the rate-limit filter with the token-charging entries (`apply_on_stream_done`);
+- the filter that makes the usage charged after the response: by default the set_metadata
+  filter that marks each request for charging from the gateway's access-log stream, which the
+  Telemetry resource sends to the service anyway (no call per request); or, with
+  `charging="rate_limit"`, the rate-limit filter with the token-charging entries
+  (`apply_on_stream_done`), a gRPC call per response;
 - the filter that reads the backend's reported usage from JSON and SSE responses (Lua, unless
   the config asks for Envoy's native filters, which an Istio proxy older than Envoy 1.38
   lacks: an unknown filter type makes the proxy reject the whole listener).
 
-The chart includes the patches from a JSON file with placeholders (`PLACEHOLDERS`) it fills
-from its values; `envoy_filter` renders a complete resource the same way.
+The chart includes the patches from a JSON file per charging path (`PATCH_FILES`), with
+placeholders (`PLACEHOLDERS`) it fills from its values; `envoy_filter` renders a complete
+resource the same way.
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from policy_engine.envoy.bootstrap import (
+    ChargingPath,
     GatewayConfig,
+    charging_filter,
     ext_authz_filter,
-    ratelimit_filter,
     usage_filters,
 )
 
@@ -56,10 +62,7 @@ def envoy_filter_patches(
     context: str = CONTEXT_PLACEHOLDER,
 ) -> list[dict[str, Any]]:
     """`spec.configPatches`, in the order Envoy must run the filters (each before the router)."""
-    # The mesh charges through the rate-limit service: Istio's access-log provider carries no
-    # charging tag (policy_engine.envoy.usage_charge), so the filter is inserted whatever
-    # `config.charging` says.
-    gateway = config if config is not None else GatewayConfig(charging="rate_limit")
+    gateway = config if config is not None else GatewayConfig()
     authz = ext_authz_filter(gateway)["typed_config"]
     route_cache = {"@type": authz["@type"], "clear_route_cache": authz["clear_route_cache"]}
     return [
@@ -71,7 +74,7 @@ def envoy_filter_patches(
         {
             "applyTo": "HTTP_FILTER",
             "match": _http_filter_match(context, ROUTER),
-            "patch": {"operation": "INSERT_BEFORE", "value": ratelimit_filter(cluster)},
+            "patch": {"operation": "INSERT_BEFORE", "value": charging_filter(gateway.charging, cluster)},
         },
         *(
             {
@@ -84,9 +87,17 @@ def envoy_filter_patches(
     ]
 
 
-def patches_file() -> str:
-    """The chart's `files/envoyfilter-patches.json`: the patches with placeholders."""
-    return json.dumps(envoy_filter_patches(), indent=2, sort_keys=False) + "\n"
+# The chart's patch files, with placeholders, by `istio.tokenCharging`.
+PATCH_FILES: dict[str, tuple[str, ChargingPath]] = {
+    "accessLog": ("envoyfilter-patches.json", "access_log"),
+    "rateLimit": ("envoyfilter-patches-ratelimit.json", "rate_limit"),
+}
+
+
+def patches_file(charging: ChargingPath = "access_log") -> str:
+    """A chart file of `PATCH_FILES`: the patches with placeholders."""
+    patches = envoy_filter_patches(GatewayConfig(charging=charging))
+    return json.dumps(patches, indent=2, sort_keys=False) + "\n"
 
 
 @dataclass(frozen=True)

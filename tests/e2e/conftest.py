@@ -3,12 +3,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from policy_engine.demo.backend import BackendServer
 from policy_engine.envoy.bootstrap import Upstream
+from policy_engine.mesh.envoyfilter import envoy_filter_patches
+from policy_engine.mesh.providers import ServiceAddress, extension_providers
 from tests.e2e.harness import EnvoyProcess, ServiceProcess, free_port, start_envoy, start_service
+from tests.mesh.istio_gateway import ISTIO_CLUSTER, istio_gateway
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "policies"
 TOKEN_POLICIES = Path(__file__).resolve().parent / "policies"
@@ -96,18 +100,28 @@ def copied_gateway(
     gw.stop()
 
 
-TOKEN_VARIANTS = {
+def as_istio_gateway(document: dict[str, Any]) -> dict[str, Any]:
+    """The mesh's chain as istiod assembles it (tests/mesh/istio_gateway.py): Istio's ext_authz,
+    the EnvoyFilter's patches (charging from the access log) and the access log of the
+    `envoyHttpAls` provider, which carries no tag and flushes at Envoy's default 1 s."""
+    (provider,) = [p for p in extension_providers(ServiceAddress("pe", 9001)) if "envoyHttpAls" in p]
+    return istio_gateway(document, envoy_filter_patches(cluster=ISTIO_CLUSTER, context="GATEWAY"), provider)
+
+
+TOKEN_VARIANTS: dict[str, dict[str, object]] = {
     "native": {"usage_extraction": "native"},
     "ratelimit": {"charging": "rate_limit"},
+    "istio": {"assemble": as_istio_gateway},
 }
 
 
-@pytest.fixture(params=[*TRANSPORTS, "grpc-native", "grpc-ratelimit"])
+@pytest.fixture(params=[*TRANSPORTS, "grpc-native", "grpc-ratelimit", "grpc-istio"])
 def token_gateway(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Gateway]:
     """Small token budgets (tests/e2e/policies, copied so a test may edit them); once with each
     ext_authz transport (the charge rides on the metadata either answer carries), once with the
-    usage read by Envoy's native json_to_metadata and sse_to_metadata instead of Lua, and once
-    charged by a rate-limit call per response instead of from the access log (the mesh's way)."""
+    usage read by Envoy's native json_to_metadata and sse_to_metadata instead of Lua, once
+    charged by a rate-limit call per response instead of from the access log, and once through
+    the mesh's filter chain and access log, assembled as istiod would."""
     transport, _, variant = request.param.partition("-")
     options = dict(TOKEN_VARIANTS[variant]) if variant else {}
     yield from copied_gateway(tmp_path, transport=transport, envoy_options=options)

@@ -15,9 +15,10 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import yaml
@@ -185,7 +186,14 @@ class EnvoyProcess:
         return stop_process(self.process)
 
 
-def start_envoy(policy_port: int, backends: Mapping[str, int], **options: object) -> EnvoyProcess:
+def start_envoy(
+    policy_port: int,
+    backends: Mapping[str, int],
+    assemble: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    **options: object,
+) -> EnvoyProcess:
+    """An Envoy running the bootstrap of `options` (GatewayConfig fields), or what `assemble`
+    makes of that bootstrap (the mesh's chain, as istiod would build it)."""
     config = GatewayConfig(
         listen_port=0,
         admin_port=0,
@@ -195,7 +203,7 @@ def start_envoy(policy_port: int, backends: Mapping[str, int], **options: object
     )
     workdir = Path(tempfile.mkdtemp(prefix="pe-envoy-"))
     config_file = workdir / "envoy.yaml"
-    document = bootstrap(config)
+    document = bootstrap(config) if assemble is None else assemble(bootstrap(config))
     config_file.write_text(yaml.safe_dump(document, sort_keys=False))
     admin_file = workdir / "admin"
     log = workdir / "envoy.log"

@@ -9,49 +9,47 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from policy_engine.envoy.bootstrap import (
-    POLICY_CLUSTER,
     GatewayConfig,
     Upstream,
     bootstrap,
     ext_authz_filter,
 )
 from policy_engine.mesh.cli import CHART_FILES
-from policy_engine.mesh.envoyfilter import MeshTarget, envoy_filter, istio_cluster
-from policy_engine.mesh.providers import ServiceAddress, mesh_config, validate_mesh_config
+from policy_engine.mesh.envoyfilter import EXT_AUTHZ, MeshTarget, envoy_filter
+from policy_engine.mesh.providers import (
+    ServiceAddress,
+    extension_providers,
+    mesh_config,
+    validate_mesh_config,
+)
 from tests.e2e.harness import envoy_binary
-from tests.mesh.rendering import CHART, MESH, by_kind, load_manifests, render
+from tests.mesh.istio_gateway import ISTIO_CLUSTER, istio_gateway, retarget
+from tests.mesh.rendering import CHART, MESH, by_kind, helm, load_manifests, render
 
 GATEWAY = GatewayConfig(backends={"llama-8b-a": Upstream("127.0.0.1", 8001)})
-ISTIO_CLUSTER = istio_cluster("pe-policy-engine.policy-engine.svc.cluster.local", 9001)
 
 
-def e2e_filters() -> list[dict[str, Any]]:
-    """The HTTP filters of the bootstrap the end-to-end tests run when Envoy charges through the
-    rate-limit service, as the mesh does (token_gateway[grpc-ratelimit])."""
-    config = dataclasses.replace(GATEWAY, charging="rate_limit")
+# The chart's istio.tokenCharging values and the GatewayConfig.charging each stands for.
+CHARGING = {"accessLog": "access_log", "rateLimit": "rate_limit"}
+
+
+def e2e_filters(charging: str = "access_log") -> list[dict[str, Any]]:
+    """The HTTP filters of the bootstrap the end-to-end tests run (token_gateway[grpc] charges
+    from the access log, token_gateway[grpc-ratelimit] through the rate-limit service)."""
+    config = dataclasses.replace(GATEWAY, charging=charging)  # type: ignore[arg-type]
     listener = bootstrap(config)["static_resources"]["listeners"][0]
     manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
     return list(manager["http_filters"])
 
 
-def retarget(value: Any, cluster: str) -> Any:
-    """A copy of `value` with every reference to the policy cluster renamed (Istio names clusters
-    by service)."""
-    if isinstance(value, dict):
-        return {
-            k: cluster if k == "cluster_name" and v == POLICY_CLUSTER else retarget(v, cluster)
-            for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [retarget(v, cluster) for v in value]
-    return value
-
-
-def chart_envoy_filter() -> dict[str, Any]:
-    (resource,) = by_kind(render("--set", "istio.enabled=true"), "EnvoyFilter")
+def chart_envoy_filter(charging: str = "accessLog") -> dict[str, Any]:
+    (resource,) = by_kind(
+        render("--set", "istio.enabled=true", "--set", f"istio.tokenCharging={charging}"), "EnvoyFilter"
+    )
     return resource
 
 
@@ -63,24 +61,46 @@ def test_the_chart_files_are_generated_from_the_builders() -> None:
         )
 
 
-def test_the_chart_envoy_filter_inserts_the_e2e_filters_before_the_router() -> None:
-    patches = chart_envoy_filter()["spec"]["configPatches"]
+@pytest.mark.parametrize("charging", CHARGING)
+def test_the_chart_envoy_filter_inserts_the_e2e_filters_before_the_router(charging: str) -> None:
+    patches = chart_envoy_filter(charging)["spec"]["configPatches"]
     inserted = [p["patch"]["value"] for p in patches if p["patch"]["operation"] == "INSERT_BEFORE"]
     assert all(
         p["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == "envoy.filters.http.router"
         for p in patches
         if p["patch"]["operation"] == "INSERT_BEFORE"
     )
-    by_name = {f["name"]: f for f in e2e_filters()}
-    expected = [
-        retarget(by_name[n], ISTIO_CLUSTER)
-        for n in ("envoy.filters.http.ratelimit", "envoy.filters.http.lua")
-    ]
-    assert inserted == expected
-    # the token charge: after the stream, hits from the usage the Lua filter stored
-    entries = inserted[0]["typed_config"]["rate_limits"]
-    assert entries and all(e["apply_on_stream_done"] for e in entries)
-    assert all("policy_engine.usage" in e["hits_addend"]["format"] for e in entries)
+    # Every filter of the e2e chain between ext_authz and the router, in order.
+    chain = [f for f in e2e_filters(CHARGING[charging]) if f["name"] != EXT_AUTHZ][:-1]
+    assert inserted == [retarget(f, ISTIO_CLUSTER) for f in chain]
+    if charging == "rateLimit":
+        # the token charge: after the stream, hits from the usage the Lua filter stored
+        assert inserted[0]["name"] == "envoy.filters.http.ratelimit"
+        entries = inserted[0]["typed_config"]["rate_limits"]
+        assert entries and all(e["apply_on_stream_done"] for e in entries)
+        assert all("policy_engine.usage" in e["hits_addend"]["format"] for e in entries)
+    else:
+        # each request marked for charging from the access-log stream, no call per response
+        assert [f["name"] for f in inserted] == ["envoy.filters.http.set_metadata", "envoy.filters.http.lua"]
+        assert "envoy.filters.http.ratelimit" not in json.dumps(patches)
+
+
+def test_charging_from_the_access_log_needs_the_chart_telemetry() -> None:
+    """Without the Telemetry resource the gateway's access log never reaches the service, and no
+    token would be charged: the chart refuses, and says what to set."""
+    refused = helm(
+        "template", "pe", str(CHART), "-n", "policy-engine",
+        "--set", "istio.enabled=true", "--set", "istio.telemetry.enabled=false",
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert "istio.tokenCharging=rateLimit" in refused.stderr and "istio.telemetry.enabled" in refused.stderr
+    documents = render(
+        "--set", "istio.enabled=true", "--set", "istio.telemetry.enabled=false",
+        "--set", "istio.tokenCharging=rateLimit",
+    )  # fmt: skip
+    (resource,) = by_kind(documents, "EnvoyFilter")
+    assert "envoy.filters.http.ratelimit" in json.dumps(resource)
+    assert by_kind(documents, "Telemetry") == []
 
 
 def test_the_route_cache_merge_matches_the_e2e_ext_authz() -> None:
@@ -103,6 +123,8 @@ def test_the_chart_fills_context_and_cluster_from_values() -> None:
             "istio.patchContext=SIDECAR_INBOUND",
             "--set",
             "service.grpcPort=7000",
+            "--set",
+            "istio.tokenCharging=rateLimit",  # the patch that names the service's cluster
         ),
         "EnvoyFilter",
     )
@@ -132,22 +154,18 @@ def test_a_malformed_mesh_config_is_rejected() -> None:
     assert any(e.startswith("meshConfig.extensionProviders.1.envoyHttpAls.clearRouteCache:") for e in errors)
 
 
-def test_envoy_accepts_the_chart_filter_chain(tmp_path: Path) -> None:
+@pytest.mark.parametrize("charging", CHARGING)
+def test_envoy_accepts_the_chart_filter_chain(tmp_path: Path, charging: str) -> None:
     """The gateway's chain as Istio assembles it (its ext_authz, then the EnvoyFilter's inserts
     with the MERGE applied, then the router), checked by Envoy itself with --mode validate."""
-    config = bootstrap(GATEWAY)
+    (provider,) = [p for p in extension_providers(ServiceAddress("pe", 9001)) if "envoyHttpAls" in p]
+    patches = chart_envoy_filter(charging)["spec"]["configPatches"]
+    config = istio_gateway(bootstrap(GATEWAY), patches, provider)
     manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    patches = chart_envoy_filter()["spec"]["configPatches"]
-    authz = retarget(ext_authz_filter(GATEWAY), ISTIO_CLUSTER)
-    authz["typed_config"]["clear_route_cache"] = False  # as Istio may emit it; the MERGE fixes it
-    for patch in patches:
-        if patch["patch"]["operation"] == "MERGE":
-            authz["typed_config"].update(patch["patch"]["value"]["typed_config"])
-    inserted = [p["patch"]["value"] for p in patches if p["patch"]["operation"] == "INSERT_BEFORE"]
-    manager["http_filters"] = [authz, *inserted, manager["http_filters"][-1]]
-    clusters = config["static_resources"]["clusters"]
-    policy = next(c for c in clusters if c["name"] == POLICY_CLUSTER)
-    policy["name"] = policy["load_assignment"]["cluster_name"] = ISTIO_CLUSTER
+    authz = manager["http_filters"][0]
+    assert manager["access_log"][0]["typed_config"]["common_config"]["grpc_service"] == {
+        "envoy_grpc": {"cluster_name": ISTIO_CLUSTER}
+    }
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
     result = subprocess.run(
@@ -170,7 +188,7 @@ def test_a_native_usage_envoy_filter_inserts_both_native_readers_in_order() -> N
         if p["patch"]["operation"] == "INSERT_BEFORE"
     ]
     assert inserted == [
-        "envoy.filters.http.ratelimit",
+        "envoy.filters.http.set_metadata",
         "envoy.filters.http.json_to_metadata",
         "envoy.filters.http.sse_to_metadata",
     ]
