@@ -42,12 +42,9 @@ _FINAL_TYPES = frozenset({accesslog_pb2.AccessLogType.NotSet, accesslog_pb2.Acce
 def usage_charges(common: Any) -> list[UsageReport]:
     """(counters JSON, tokens, kind) for each token kind an access-log entry's
     `AccessLogCommon` asks to charge; none unless the entry is marked for charging."""
+    if not marked(common):
+        return []
     namespaces = common.metadata.filter_metadata
-    if CHARGE_NAMESPACE not in namespaces:
-        return []
-    mark = namespaces[CHARGE_NAMESPACE].fields.get(CHARGE_KEY)
-    if mark is None or mark.string_value != CHARGE_VALUE:
-        return []
     # One charge per request: only its final downstream entry, never a periodic or an
     # upstream one (should the logger ever be configured to send those too).
     if common.intermediate_log_entry or common.access_log_type not in _FINAL_TYPES:
@@ -70,6 +67,22 @@ def usage_charges(common: Any) -> list[UsageReport]:
         for kind, entries in reserved.items()
         if USAGE_FIELDS[kind] in usage
     ]
+
+
+# The access-log custom tag that marked entries for charging before the mark moved into dynamic
+# metadata: a gateway still running a bootstrap generated then keeps being charged while it is
+# upgraded. To be dropped after the next release.
+LEGACY_CHARGE_TAG = ("pe_charge", "access_log")
+
+
+def marked(common: Any) -> bool:
+    """Whether the entry asks to be charged: the gateway's mark, or the earlier tag."""
+    namespaces = common.metadata.filter_metadata
+    if CHARGE_NAMESPACE in namespaces:
+        mark = namespaces[CHARGE_NAMESPACE].fields.get(CHARGE_KEY)
+        return mark is not None and mark.string_value == CHARGE_VALUE
+    tag, value = LEGACY_CHARGE_TAG
+    return bool(common.custom_tags.get(tag) == value)
 
 
 def never_reached(common: Any) -> bool:

@@ -36,11 +36,11 @@ def mark(common: Any, value: str = CHARGE_VALUE) -> None:
 
 
 def charged_entry(
-    usage: dict[str, Any] | None = None, tagged: bool = True, counters: dict[str, Any] | None = None
+    usage: dict[str, Any] | None = None, marked: bool = True, counters: dict[str, Any] | None = None
 ) -> Any:
     log = entry(usage=usage if usage is not None else {"total_tokens": 41})
     common = log.common_properties
-    if tagged:
+    if marked:
         mark(common)
     common.metadata.filter_metadata[AUTHZ_NAMESPACE].update(
         counters if counters is not None else {"pe_total_tokens": COUNTERS}
@@ -62,7 +62,7 @@ async def streamed(
         await server.stop(None)
 
 
-def test_a_tagged_entry_charges_each_reported_kind() -> None:
+def test_a_marked_entry_charges_each_reported_kind() -> None:
     log = charged_entry(
         usage={"prompt_tokens": 11, "completion_tokens": 30, "total_tokens": 41},
         counters={"pe_total_tokens": COUNTERS, "pe_output_tokens": "[]", "pe_input_tokens": "[]"},
@@ -119,14 +119,29 @@ def test_the_native_readers_store_every_part_the_charge_adds_up() -> None:
 
 def test_what_is_not_charged() -> None:
     # Charged through the rate-limit service instead (that Envoy marks nothing).
-    assert usage_charges(charged_entry(tagged=False).common_properties) == []
+    assert usage_charges(charged_entry(marked=False).common_properties) == []
     # A mark with another value, or the key in another namespace, is not a mark.
-    odd = charged_entry(tagged=False)
+    odd = charged_entry(marked=False)
     mark(odd.common_properties, "rate_limit")
     assert usage_charges(odd.common_properties) == []
-    elsewhere = charged_entry(tagged=False)
+    elsewhere = charged_entry(marked=False)
     elsewhere.common_properties.metadata.filter_metadata[AUTHZ_NAMESPACE].update({CHARGE_KEY: CHARGE_VALUE})
     assert usage_charges(elsewhere.common_properties) == []
+    # The mark decides when present: the earlier tag beside a mark saying otherwise charges nothing.
+    both = charged_entry(marked=False)
+    mark(both.common_properties, "rate_limit")
+    both.common_properties.custom_tags["pe_charge"] = "access_log"
+    assert usage_charges(both.common_properties) == []
+
+
+def test_an_entry_tagged_the_earlier_way_is_still_charged() -> None:
+    """A gateway still running a bootstrap generated before the mark (the logger's custom tag
+    `pe_charge: access_log`) keeps being charged while it is upgraded."""
+    log = charged_entry(marked=False)
+    log.common_properties.custom_tags["pe_charge"] = "access_log"
+    assert usage_charges(log.common_properties) == [(COUNTERS, 41, "total_tokens")]
+    log.common_properties.custom_tags["pe_charge"] = "rate_limit"
+    assert usage_charges(log.common_properties) == []
     # No usage reported (an aborted stream): the reservation stays.
     assert usage_charges(charged_entry(usage={}).common_properties) == []
     # No counters: the decision charged nothing to this request.
@@ -170,7 +185,7 @@ def test_a_request_that_never_reached_a_backend_returns_its_reservation() -> Non
     assert usage_charges(unanswered(("upstream_connection_failure",), attempts=2)) == []
 
 
-def test_the_stream_charges_tagged_entries_and_survives_a_failing_charge() -> None:
+def test_the_stream_charges_marked_entries_and_survives_a_failing_charge() -> None:
     calls: list[tuple[str, int, str]] = []
 
     async def charge_reports(reports: Sequence[tuple[str, int, str]]) -> int:
@@ -182,7 +197,7 @@ def test_the_stream_charges_tagged_entries_and_survives_a_failing_charge() -> No
     hub = TelemetryHub(["a"], clock=FakeClock())
     service = AccessLogService(hub, charge=UsageCharger(charge_reports).charge)
     messages = [
-        message(charged_entry(usage={"total_tokens": 13}), charged_entry(tagged=False)),
+        message(charged_entry(usage={"total_tokens": 13}), charged_entry(marked=False)),
         message(charged_entry(usage={"total_tokens": 41})),
     ]
 
