@@ -61,7 +61,8 @@ def envoy_filter_patches(
     cluster: str = CLUSTER_PLACEHOLDER,
     context: str = CONTEXT_PLACEHOLDER,
 ) -> list[dict[str, Any]]:
-    """`spec.configPatches`, in the order Envoy must run the filters (each before the router)."""
+    """`spec.configPatches`, in the order Envoy must run the filters: the charging filter right
+    after ext_authz, the usage readers right before the router."""
     gateway = config if config is not None else GatewayConfig()
     authz = ext_authz_filter(gateway)["typed_config"]
     route_cache = {"@type": authz["@type"], "clear_route_cache": authz["clear_route_cache"]}
@@ -72,9 +73,12 @@ def envoy_filter_patches(
             "patch": {"operation": "MERGE", "value": {"name": EXT_AUTHZ, "typed_config": route_cache}},
         },
         {
+            # Right after ext_authz, as in the bootstrap: a request that Istio's own later
+            # filters answer (an AuthorizationPolicy's RBAC, a VirtualService fault) is then
+            # still marked, and its reservation comes back (it reached no backend).
             "applyTo": "HTTP_FILTER",
-            "match": _http_filter_match(context, ROUTER),
-            "patch": {"operation": "INSERT_BEFORE", "value": charging_filter(gateway.charging, cluster)},
+            "match": _http_filter_match(context, EXT_AUTHZ),
+            "patch": {"operation": "INSERT_AFTER", "value": charging_filter(gateway.charging, cluster)},
         },
         *(
             {

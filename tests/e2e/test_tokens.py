@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import re
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.e2e.conftest import FREE, PRO, Gateway
+from tests.e2e.conftest import FREE, PRO, TOKEN_VARIANTS, Gateway, copied_gateway
+from tests.mesh.istio_gateway import FAULT_ABORT_HEADER, RBAC_DENY_HEADER
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -166,9 +168,11 @@ def test_a_request_no_backend_received_returns_its_reservation(token_gateway: Ga
         backend.stop()
     body = {**CHAT, "max_tokens": 50}
     url = f"{token_gateway.url}/v1/chat/completions"
-    if "envoy.filters.http.ratelimit" in json.dumps(token_gateway.envoy.config):
-        # Charged by rate-limit calls, where a hits_addend of 0 only checks: the reservations
-        # stay, as docs/operations.md says.
+    config = json.dumps(token_gateway.envoy.config)
+    if "envoy.filters.http.ratelimit" in config or "retry_policy" in config:
+        # Charged by rate-limit calls, where a hits_addend of 0 only checks; or retried, as a
+        # mesh retries refused connections, after which the access log cannot tell whether an
+        # earlier attempt reached a backend: the reservations stay, as docs/operations.md says.
         statuses = [httpx.post(url, json=body, headers=FREE).status_code for _ in range(3)]
         assert statuses == [503, 503, 429]
         return
@@ -179,3 +183,26 @@ def test_a_request_no_backend_received_returns_its_reservation(token_gateway: Ga
             assert time.monotonic() < deadline, "the reservation was never returned"
             time.sleep(0.05)
     assert httpx.post(url, json=body, headers=FREE).status_code == 503  # not 429
+
+
+@pytest.mark.parametrize(("header", "status"), [(RBAC_DENY_HEADER, 403), (FAULT_ABORT_HEADER, 503)])
+def test_a_request_the_mesh_answers_after_the_check_returns_its_reservation(
+    tmp_path: Path, header: str, status: int
+) -> None:
+    """In the mesh's chain (assembled as istiod would), Istio's RBAC and fault filters run after
+    ext_authz: a request they answer was admitted, with its estimate reserved, but reached no
+    backend. The charging mark comes right after ext_authz, so its entry is still charged, with
+    nothing, and the reservation comes back; marked any later, two such requests would fill the
+    free budget (2 x 51 of 100) and the third would get 429."""
+    for gw in copied_gateway(tmp_path, envoy_options=dict(TOKEN_VARIANTS["istio"])):
+        url = f"{gw.url}/v1/chat/completions"
+        body = {**CHAT, "max_tokens": 50}
+        for n in (1, 2):
+            assert httpx.post(url, json=body, headers={**FREE, header: "1"}).status_code == status
+            deadline = time.monotonic() + 10
+            while _store_charges(gw) < n:
+                assert time.monotonic() < deadline, "the reservation was never returned"
+                time.sleep(0.05)
+        for backend in gw.backends.values():
+            backend.behaviour.completion_tokens = 40
+        assert httpx.post(url, json=body, headers=FREE).status_code == 200

@@ -13,13 +13,14 @@ import pytest
 import yaml
 
 from policy_engine.envoy.bootstrap import (
+    ChargingPath,
     GatewayConfig,
     Upstream,
     bootstrap,
     ext_authz_filter,
 )
 from policy_engine.mesh.cli import CHART_FILES
-from policy_engine.mesh.envoyfilter import EXT_AUTHZ, MeshTarget, envoy_filter
+from policy_engine.mesh.envoyfilter import EXT_AUTHZ, PATCH_FILES, ROUTER, MeshTarget, envoy_filter
 from policy_engine.mesh.providers import (
     ServiceAddress,
     extension_providers,
@@ -27,20 +28,20 @@ from policy_engine.mesh.providers import (
     validate_mesh_config,
 )
 from tests.e2e.harness import envoy_binary
-from tests.mesh.istio_gateway import ISTIO_CLUSTER, istio_gateway, retarget
+from tests.mesh.istio_gateway import ISTIO_CLUSTER, apply_patches, istio_gateway, retarget
 from tests.mesh.rendering import CHART, MESH, by_kind, helm, load_manifests, render
 
 GATEWAY = GatewayConfig(backends={"llama-8b-a": Upstream("127.0.0.1", 8001)})
 
 
 # The chart's istio.tokenCharging values and the GatewayConfig.charging each stands for.
-CHARGING = {"accessLog": "access_log", "rateLimit": "rate_limit"}
+CHARGING: dict[str, ChargingPath] = {value: charging for value, (_, charging) in PATCH_FILES.items()}
 
 
-def e2e_filters(charging: str = "access_log") -> list[dict[str, Any]]:
+def e2e_filters(charging: ChargingPath = "access_log") -> list[dict[str, Any]]:
     """The HTTP filters of the bootstrap the end-to-end tests run (token_gateway[grpc] charges
     from the access log, token_gateway[grpc-ratelimit] through the rate-limit service)."""
-    config = dataclasses.replace(GATEWAY, charging=charging)  # type: ignore[arg-type]
+    config = dataclasses.replace(GATEWAY, charging=charging)
     listener = bootstrap(config)["static_resources"]["listeners"][0]
     manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
     return list(manager["http_filters"])
@@ -62,27 +63,30 @@ def test_the_chart_files_are_generated_from_the_builders() -> None:
 
 
 @pytest.mark.parametrize("charging", CHARGING)
-def test_the_chart_envoy_filter_inserts_the_e2e_filters_before_the_router(charging: str) -> None:
+def test_the_chart_envoy_filter_makes_istios_chain_the_e2e_chain(charging: str) -> None:
+    """The chart's patches applied to the chain istiod makes (ext_authz, router) give the chain
+    the end-to-end tests run, filter for filter."""
     patches = chart_envoy_filter(charging)["spec"]["configPatches"]
-    inserted = [p["patch"]["value"] for p in patches if p["patch"]["operation"] == "INSERT_BEFORE"]
-    assert all(
-        p["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == "envoy.filters.http.router"
-        for p in patches
-        if p["patch"]["operation"] == "INSERT_BEFORE"
-    )
-    # Every filter of the e2e chain between ext_authz and the router, in order.
-    chain = [f for f in e2e_filters(CHARGING[charging]) if f["name"] != EXT_AUTHZ][:-1]
-    assert inserted == [retarget(f, ISTIO_CLUSTER) for f in chain]
+    e2e = [retarget(f, ISTIO_CLUSTER) for f in e2e_filters(CHARGING[charging])]
+    authz = copy.deepcopy(e2e[0])
+    authz["typed_config"]["clear_route_cache"] = False
+    assert apply_patches([authz, e2e[-1]], patches) == e2e
+    names = [f["name"] for f in e2e]
     if charging == "rateLimit":
+        assert names == [EXT_AUTHZ, "envoy.filters.http.ratelimit", "envoy.filters.http.lua", ROUTER]
         # the token charge: after the stream, hits from the usage the Lua filter stored
-        assert inserted[0]["name"] == "envoy.filters.http.ratelimit"
-        entries = inserted[0]["typed_config"]["rate_limits"]
+        entries = e2e[1]["typed_config"]["rate_limits"]
         assert entries and all(e["apply_on_stream_done"] for e in entries)
         assert all("policy_engine.usage" in e["hits_addend"]["format"] for e in entries)
     else:
         # each request marked for charging from the access-log stream, no call per response
-        assert [f["name"] for f in inserted] == ["envoy.filters.http.set_metadata", "envoy.filters.http.lua"]
+        assert names == [EXT_AUTHZ, "envoy.filters.http.set_metadata", "envoy.filters.http.lua", ROUTER]
         assert "envoy.filters.http.ratelimit" not in json.dumps(patches)
+    # The charging filter goes right after ext_authz (before Istio's RBAC and fault filters,
+    # whose local answers must still be marked), the usage readers right before the router.
+    (charge,) = [p for p in patches if p["patch"]["value"]["name"] == names[1]]
+    assert charge["patch"]["operation"] == "INSERT_AFTER"
+    assert charge["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == EXT_AUTHZ
 
 
 def test_charging_from_the_access_log_needs_the_chart_telemetry() -> None:
@@ -182,13 +186,12 @@ def test_envoy_accepts_the_chart_filter_chain(tmp_path: Path, charging: str) -> 
 def test_a_native_usage_envoy_filter_inserts_both_native_readers_in_order() -> None:
     """The mesh keeps Lua by default; asked for Envoy's native readers it inserts both."""
     native = envoy_filter(MeshTarget(), GatewayConfig(usage_extraction="native"))
-    inserted = [
-        p["patch"]["value"]["name"]
-        for p in native["spec"]["configPatches"]
-        if p["patch"]["operation"] == "INSERT_BEFORE"
-    ]
-    assert inserted == [
+    authz = {"name": EXT_AUTHZ, "typed_config": {}}
+    chain = apply_patches([authz, {"name": ROUTER}], native["spec"]["configPatches"])
+    assert [f["name"] for f in chain] == [
+        EXT_AUTHZ,
         "envoy.filters.http.set_metadata",
         "envoy.filters.http.json_to_metadata",
         "envoy.filters.http.sse_to_metadata",
+        ROUTER,
     ]
