@@ -26,7 +26,7 @@ _HCM_TYPE = (
 RATE_LIMIT_DOMAIN = "policy-engine"
 AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 # The dynamic metadata that asks the service to charge an access-log entry's usage, set on
-# every request by the `charge_tag_filter` (metadata, not an access-log custom tag, because an
+# every request by the `charge_mark_filter` (metadata, not an access-log custom tag, because an
 # Istio access-log provider cannot add tags but logs all of a request's dynamic metadata).
 CHARGE_NAMESPACE = "policy_engine.charge"
 CHARGE_KEY = "via"
@@ -169,7 +169,8 @@ class GatewayConfig:
     usage_extraction: UsageExtraction = "lua"
     # How the usage is charged after the response: from the access-log entries the service
     # receives anyway (no call per request, policy_engine.envoy.usage_charge), or by one
-    # rate-limit call per response (`apply_on_stream_done`), as an Istio mesh does.
+    # rate-limit call per response (`apply_on_stream_done`). The mesh's EnvoyFilter offers both
+    # (policy_engine.mesh.envoyfilter).
     charging: ChargingPath = "access_log"
 
     def __post_init__(self) -> None:
@@ -389,7 +390,7 @@ def ratelimit_filter(cluster: str = POLICY_CLUSTER) -> dict[str, Any]:
     }
 
 
-def charge_tag_filter() -> dict[str, Any]:
+def charge_mark_filter() -> dict[str, Any]:
     """Marks each request for charging from its access-log entry (`CHARGE_NAMESPACE`): the
     service charges only marked entries, so an Envoy charging through the rate-limit service,
     which has no such filter, is never charged twice."""
@@ -404,7 +405,7 @@ def charge_tag_filter() -> dict[str, Any]:
 
 def charging_filter(charging: ChargingPath, cluster: str = POLICY_CLUSTER) -> dict[str, Any]:
     """The filter that makes the usage charged after the response, one way or the other."""
-    return ratelimit_filter(cluster) if charging == "rate_limit" else charge_tag_filter()
+    return ratelimit_filter(cluster) if charging == "rate_limit" else charge_mark_filter()
 
 
 def _lua_filter(source: str) -> dict[str, Any]:

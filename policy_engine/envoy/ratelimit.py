@@ -1,10 +1,11 @@
 """envoy.service.ratelimit.v3.RateLimitService: token usage charged after the response.
 
 Quotas are checked and charged in the ext_authz Check call (one gRPC call per request). An
-Envoy configured with `charging="rate_limit"` (the mesh's) calls this service only at the end of
-a stream, with the usage the backend reported as `hits_addend` and, in the descriptor, the
-counters and reservations that Check returned as dynamic metadata; the standalone gateway
-charges from its access log instead (policy_engine.envoy.usage_charge). Descriptors this
+Envoy configured with `charging="rate_limit"` (`envoy-config --charging rate-limit`, the chart's
+`istio.tokenCharging=rateLimit`) calls this service only at the end of a stream, with the usage
+the backend reported as `hits_addend` and, in the descriptor, the counters and reservations that
+Check returned as dynamic metadata; by default the gateway charges from its access log instead
+(policy_engine.envoy.usage_charge). Descriptors this
 service does not know are answered OK.
 """
 

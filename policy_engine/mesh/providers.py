@@ -3,7 +3,8 @@
 A chart cannot set mesh config (it belongs to the Istio installation), so these entries are
 printed for the operator to merge into istiod's values: ext_authz over gRPC (request body,
 `clearRouteCache`, timeout, fail mode and the error status taken from the same builder as the
-Envoy bootstrap), the gRPC access log that feeds live telemetry, and an OpenTelemetry tracer.
+Envoy bootstrap), the gRPC access log that feeds live telemetry and carries the token charges
+(unless the gateway charges through the rate-limit service), and an OpenTelemetry tracer.
 
 No Istio CRD covers MeshConfig, so `MeshConfigSnippet` checks the shape of what is printed:
 the fields of Istio's `istio.mesh.v1alpha1.MeshConfig.ExtensionProvider` messages that are
