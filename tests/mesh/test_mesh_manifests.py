@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from policy_engine.decide.quota import RATE_LIMIT_HEADERS
+from policy_engine.envoy.bootstrap import GatewayConfig, Upstream, bootstrap
 from policy_engine.mesh.crds import CrdSchemas
 from policy_engine.policy.compiler import load_bundle
 from tests.conftest import POLICIES
@@ -82,6 +84,26 @@ def test_every_routed_backend_is_a_backend_of_the_routing_policy_and_has_a_subse
             target = destination["destination"]
             assert (target["host"], target["subset"]) in subsets, target
     assert routed >= 4
+
+
+def test_every_route_to_a_backend_strips_what_the_gateways_own_routes_strip() -> None:
+    """As the routes of `envoy-config` do: the client's accept-encoding (a compressed answer hides
+    its usage from the usage reader), and the backend's own x-ratelimit-* answer headers, which
+    would reach the client beside the tenant's that the service adds."""
+    (model_route,) = [
+        r
+        for r in bootstrap(GatewayConfig(backends={"m": Upstream("127.0.0.1", 1)}))["static_resources"][
+            "listeners"
+        ][0]["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+        if "cluster" in r.get("route", {})
+    ]
+    routes = [h for h in virtual_service()["spec"]["http"] if h.get("route")]
+    assert len(routes) >= 5
+    for http in routes:
+        headers = http["headers"]
+        assert headers["request"]["remove"] == model_route["request_headers_to_remove"], http["name"]
+        assert set(headers["response"]["remove"]) == set(RATE_LIMIT_HEADERS), http["name"]
+    assert set(model_route["response_headers_to_remove"]) == set(RATE_LIMIT_HEADERS)
 
 
 def test_the_rollout_route_splits_between_the_canary_policys_backends() -> None:
