@@ -16,7 +16,7 @@ from policy_engine import __version__
 from policy_engine.decide.decision import Decision
 from policy_engine.decide.pipeline import Pipeline
 from policy_engine.decide.tenants import hash_key
-from policy_engine.envoy.options import CHARGING_HELP, Charging, UsageReader
+from policy_engine.envoy.options import CHARGING_HELP, USAGE_HELP, Charging, UsageReader, combination_warning
 from policy_engine.policy.bundle import Bundle
 from policy_engine.policy.compiler import BundleError, load_bundle
 from policy_engine.policy.schema import json_schema
@@ -478,11 +478,7 @@ def envoy_config(
     ] = None,
     usage_extraction: Annotated[
         UsageReader,
-        typer.Option(
-            help="How Envoy reads the backend's token usage: 'lua' scans answers of any size as "
-            "they pass; 'native' (Envoy's json_to_metadata and sse_to_metadata, Envoy 1.38+) costs "
-            "Envoy less CPU but fails JSON answers over its 1 MiB buffer with 500.",
-        ),
+        typer.Option(help=USAGE_HELP),
     ] = UsageReader.lua,
     charging: Annotated[
         Charging,
@@ -519,17 +515,11 @@ def envoy_config(
         otlp_endpoint=upstream(otlp_endpoint, "--otlp-endpoint") if otlp_endpoint else None,
         authz_transport="http" if policy_http else "grpc",
         policy_http=upstream(policy_http, "--policy-http") if policy_http else None,
-        usage_extraction="native" if usage_extraction is UsageReader.native else "lua",
+        usage_extraction=usage_extraction.config,
         charging=charging.config,
     )
-    if config.usage_extraction == "native" and config.charging == "rate_limit":
-        # The rate-limit charge reads the metadata as Envoy wrote it, and Envoy's filters cannot
-        # add: only the service, charging from the access log, completes what they store.
-        err.print(
-            "warning: with --usage-extraction native, --charging rate-limit charges an "
-            "Anthropic-style prompt without its cached tokens, and no total where the backend "
-            "reports none (the reservation stays); --usage-extraction lua has neither gap"
-        )
+    if (warning := combination_warning(config)) is not None:
+        err.print(f"warning: {warning}", markup=False)
     sys.stdout.write(yaml.safe_dump(bootstrap(config), sort_keys=False))
 
 

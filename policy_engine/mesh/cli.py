@@ -13,7 +13,7 @@ import yaml
 from rich.console import Console
 
 from policy_engine.envoy.bootstrap import GatewayConfig
-from policy_engine.envoy.options import CHARGING_HELP, Charging
+from policy_engine.envoy.options import CHARGING_HELP, USAGE_HELP, Charging, UsageReader, combination_warning
 from policy_engine.mesh.crds import CRD_PATH_ENV, CrdFileNotFoundError, load_crds
 from policy_engine.mesh.envoyfilter import CONTEXTS, PATCH_FILES, MeshTarget, envoy_filter, patches_file
 from policy_engine.mesh.providers import ServiceAddress, mesh_config, providers_file, validate_mesh_config
@@ -83,6 +83,10 @@ def envoyfilter_command(
             "sent to the service (the Telemetry resource of mesh/ or of the chart)."
         ),
     ] = Charging.access_log,
+    usage_extraction: Annotated[
+        UsageReader,
+        typer.Option(help=USAGE_HELP + " An Istio proxy without these filters rejects the whole listener."),
+    ] = UsageReader.lua,
 ) -> None:
     """Print the EnvoyFilter: token charging, usage extraction, route cache clearing."""
     labels = []
@@ -95,7 +99,10 @@ def envoyfilter_command(
     address = _address(service, "--service")
     target = MeshTarget(name, namespace, tuple(labels), context, address.host, int(address.port))
     try:
-        resource = envoy_filter(target, GatewayConfig(charging=charging.config))
+        config = GatewayConfig(charging=charging.config, usage_extraction=usage_extraction.config)
+        resource = envoy_filter(target, config)
+        if (warning := combination_warning(config)) is not None:
+            err.print(f"warning: {warning}", markup=False)
     except ValueError as error:
         err.print(str(error))
         raise typer.Exit(2) from None

@@ -190,6 +190,26 @@ def test_envoy_config_warns_of_native_readers_with_rate_limit_charging() -> None
         assert quiet.returncode == 0 and "warning" not in quiet.stderr, arguments
 
 
+def test_the_mesh_envoy_filter_takes_the_gateways_charging_and_usage_choices() -> None:
+    import yaml
+
+    from policy_engine.envoy.bootstrap import GatewayConfig
+    from policy_engine.mesh.envoyfilter import MeshTarget, envoy_filter
+
+    printed = run("mesh-config", "envoyfilter", "--charging", "rate-limit", "--usage-extraction", "native")
+    assert printed.returncode == 0, printed.stderr
+    expected = envoy_filter(MeshTarget(), GatewayConfig(charging="rate_limit", usage_extraction="native"))
+    assert yaml.safe_load(printed.stdout) == expected
+    assert "warning: with --usage-extraction native, --charging rate-limit" in printed.stderr
+    default = run("mesh-config", "envoyfilter")
+    assert default.returncode == 0 and "warning" not in default.stderr
+    assert yaml.safe_load(default.stdout) == envoy_filter(MeshTarget())
+    assert "envoy.filters.http.set_metadata" in default.stdout
+    assert "envoy.filters.http.ratelimit" not in default.stdout
+    refused = run("mesh-config", "envoyfilter", "--charging", "per-request")
+    assert refused.returncode == 2 and "access-log" in refused.stderr
+
+
 def test_serve_rejects_a_redis_url_the_store_cannot_use_without_showing_its_password() -> None:
     for args, reason in [
         (["--redis-url", "redis://user:s3cret@127.0.0.1:1/0?foo=1"], "not supported by the quota store: foo"),
