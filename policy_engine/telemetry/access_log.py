@@ -86,13 +86,29 @@ _FINAL_TYPES = frozenset(
 )
 
 
-def strip_prefix(prefix: str = BACKEND_CLUSTER_PREFIX) -> Callable[[str], str | None]:
-    """Cluster name → backend name for clusters named `<prefix><backend>`, else None."""
+# The clusters Istio makes for a service's port and subset: `outbound|PORT|SUBSET|HOST`.
+_ISTIO_DIRECTIONS = ("outbound", "inbound")
 
-    def backend(cluster: str) -> str | None:
-        return cluster[len(prefix) :] if cluster.startswith(prefix) and len(cluster) > len(prefix) else None
 
-    return backend
+def backend_name(cluster: str, route: str) -> str | None:
+    """The backend an access-log entry is about, or None.
+
+    From the cluster Envoy picked: `backend-NAME` in `envoy-config`'s bootstrap, or, in an Istio
+    mesh, `outbound|PORT|SUBSET|HOST`, where the DestinationRule subset names the backend (as in
+    mesh/). Without a cluster (no healthy host: Envoy fills it only once a host was picked), or
+    with an Istio cluster without a subset, from the route's name: `backend-NAME` in the
+    bootstrap, or the VirtualService route's name in a mesh (mesh/ names each route after its
+    backend). A name the telemetry hub does not know is counted there and otherwise ignored."""
+    if cluster.startswith(BACKEND_CLUSTER_PREFIX) and len(cluster) > len(BACKEND_CLUSTER_PREFIX):
+        return cluster[len(BACKEND_CLUSTER_PREFIX) :]
+    parts = cluster.split("|")
+    if len(parts) == 4 and parts[0] in _ISTIO_DIRECTIONS and parts[2]:
+        return parts[2]
+    if cluster and len(parts) != 4:
+        return None  # a cluster of another naming scheme: not a backend policy-engine routes to
+    if route.startswith(BACKEND_CLUSTER_PREFIX):
+        return route[len(BACKEND_CLUSTER_PREFIX) :] or None
+    return route or None
 
 
 def _ms(message: Any, name: str) -> float | None:
@@ -141,16 +157,15 @@ def _tokens(common: Any) -> tuple[int, int, int]:
     return count("prompt_tokens"), count("completion_tokens"), count("total_tokens")
 
 
-def parse_entry(
-    entry: Any, backend_of: Callable[[str], str | None] | None = None
-) -> RequestObservation | None:
+BackendOf = Callable[[str, str], str | None]
+
+
+def parse_entry(entry: Any, backend_of: BackendOf = backend_name) -> RequestObservation | None:
     """One `HTTPAccessLogEntry` → an observation, or None if it says nothing about a backend."""
     common = entry.common_properties
     if common.intermediate_log_entry or common.access_log_type not in _FINAL_TYPES:
         return None
-    # Envoy fills upstream_cluster only once a host was picked; `no_healthy_upstream` has none,
-    # so the route's name (when routes are named like their clusters) stands in.
-    backend = (backend_of or strip_prefix())(common.upstream_cluster or common.route_name)
+    backend = backend_of(common.upstream_cluster, common.route_name)
     if backend is None:
         return None
     flags = common.response_flags
@@ -213,14 +228,14 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
     def __init__(
         self,
         hub: TelemetryHub,
-        backend_of: Callable[[str], str | None] | None = None,
+        backend_of: BackendOf = backend_name,
         charge: Callable[[Sequence[Any]], Awaitable[int]] | None = None,
     ) -> None:
         """`charge`: called with the `AccessLogCommon`s of up to ENTRIES_PER_TURN entries at a
         time, after the telemetry took them (token usage charged from the log,
         policy_engine.envoy.usage_charge); a failure counts all of them as failed."""
         self._hub = hub
-        self._backend_of = backend_of or strip_prefix()
+        self._backend_of = backend_of
         self._charge = charge
         self._charging: set[asyncio.Future[None]] = set()
         self.counters = IngestCounters()

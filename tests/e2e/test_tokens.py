@@ -206,3 +206,26 @@ def test_a_request_the_mesh_answers_after_the_check_returns_its_reservation(
         for backend in gw.backends.values():
             backend.behaviour.completion_tokens = 40
         assert httpx.post(url, json=body, headers=FREE).status_code == 200
+
+
+def test_the_mesh_access_log_is_attributed_to_backends_by_istios_cluster_names(tmp_path: Path) -> None:
+    """Istio names a backend's cluster `outbound|PORT|SUBSET|HOST` and its route after the
+    VirtualService's; the service reads the backend from the subset, so live telemetry (latency,
+    errors, the canary's counts) works behind an Istio gateway as behind envoy-config's."""
+    for gw in copied_gateway(tmp_path, envoy_options=dict(TOKEN_VARIANTS["istio"])):
+        assert "outbound|8000|model-a|" in json.dumps(gw.envoy.config)
+        url = f"{gw.url}/v1/chat/completions"
+        for _ in range(3):
+            assert httpx.post(url, json=CHAT, headers=FREE).status_code == 200
+        deadline = time.monotonic() + 10
+        while _backend_requests(gw) < 3:
+            assert time.monotonic() < deadline, gw.service.metrics()
+            time.sleep(0.1)
+        unknown = r'^pe_telemetry_access_log_entries_total{outcome="unknown_backend"} [1-9]'
+        assert not re.search(unknown, gw.service.metrics(), re.M)
+
+
+def _backend_requests(gateway: Gateway) -> float:
+    pattern = r'^pe_telemetry_backend_requests_total{backend="model-[ab]"} ([0-9.e+]+)$'
+    found = re.findall(pattern, gateway.service.metrics(), re.M)
+    return sum(float(v) for v in found)

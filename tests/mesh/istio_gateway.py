@@ -9,7 +9,8 @@ the assembly follows Istio's generator for the parts policy-engine relies on, no
 - the EnvoyFilter's MERGE, INSERT_AFTER and INSERT_BEFORE patches applied to that chain;
 - Istio's default retry policy on every route (two retries on connection failures and refused
   streams);
-- clusters named by service;
+- clusters named by service and subset (`outbound|PORT|SUBSET|HOST`, a subset per backend) and
+  routes named after their backends, as mesh/'s DestinationRules and VirtualService name them;
 - the access log of the `envoyHttpAls` provider (pilot's buildHTTPGrpcAccessLogHelper: log name,
   headers, Istio's filter-state objects, Envoy's default buffering, no custom tags).
 """
@@ -21,6 +22,7 @@ from typing import Any
 
 from policy_engine.envoy.bootstrap import POLICY_CLUSTER
 from policy_engine.mesh.envoyfilter import EXT_AUTHZ, ROUTER, istio_cluster
+from policy_engine.telemetry.access_log import BACKEND_CLUSTER_PREFIX
 
 ISTIO_CLUSTER = istio_cluster("pe-policy-engine.policy-engine.svc.cluster.local", 9001)
 # The filter-state objects Istio (1.24 and later) asks an HTTP gRPC access log to carry.
@@ -45,6 +47,11 @@ def retarget(value: Any, cluster: str) -> Any:
     if isinstance(value, list):
         return [retarget(v, cluster) for v in value]
     return value
+
+
+def istio_subset_cluster(backend: str) -> str:
+    """Istio's cluster for a DestinationRule subset named after the backend, as in mesh/."""
+    return f"outbound|8000|{backend}|{backend}.models.svc.cluster.local"
 
 
 def istio_access_log(provider: dict[str, Any], cluster: str) -> dict[str, Any]:
@@ -144,8 +151,8 @@ def istio_gateway(
     """`document`, a bootstrap of `policy_engine.envoy.bootstrap`, with its HTTP filter chain
     replaced by Istio's (ext_authz with `clear_route_cache` off, as Istio may emit it, RBAC,
     fault, router) with the EnvoyFilter's patches applied; Istio's retry policy on its routes;
-    the policy cluster renamed as Istio names it; and, given the `envoyHttpAls` provider, the
-    access log istiod makes of it."""
+    the policy and backend clusters and the routes named as Istio names them; and, given the
+    `envoyHttpAls` provider, the access log istiod makes of it."""
     config = copy.deepcopy(document)
     manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     filters = {f["name"]: f for f in manager["http_filters"]}
@@ -153,10 +160,18 @@ def istio_gateway(
     authz["typed_config"]["clear_route_cache"] = False
     istio_chain = [authz, istio_rbac(), istio_fault(), filters[ROUTER]]
     manager["http_filters"] = apply_patches(istio_chain, patches)
+    backends: dict[str, str] = {}  # the bootstrap's backend cluster -> Istio's
     for host in manager["route_config"]["virtual_hosts"]:
         for route in host["routes"]:
             if "cluster" in route.get("route", {}):
+                name = route["route"]["cluster"].removeprefix(BACKEND_CLUSTER_PREFIX)
+                backends[route["route"]["cluster"]] = istio_subset_cluster(name)
+                route["name"] = name  # the VirtualService route's name, as in mesh/
+                route["route"]["cluster"] = backends[route["route"]["cluster"]]
                 route["route"]["retry_policy"] = copy.deepcopy(ISTIO_RETRY_POLICY)
+    for upstream in config["static_resources"]["clusters"]:
+        if upstream["name"] in backends:
+            upstream["name"] = upstream["load_assignment"]["cluster_name"] = backends[upstream["name"]]
     if access_log_provider is not None:
         manager["access_log"] = [istio_access_log(access_log_provider, cluster)]
     config = retarget(config, cluster)

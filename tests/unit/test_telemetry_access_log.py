@@ -11,7 +11,7 @@ import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from policy_engine.telemetry.access_log import METHOD, AccessLogService, parse_entry
+from policy_engine.telemetry.access_log import METHOD, AccessLogService, backend_name, parse_entry
 from policy_engine.telemetry.hub import TelemetryHub
 
 
@@ -125,6 +125,34 @@ def test_parse_failures() -> None:
     assert timeout.latency_ms == pytest.approx(15000.0)  # the hung backend's time, from the downstream end
     server_error = parse_entry(entry(status=500))
     assert server_error is not None and server_error.failed and not server_error.connect_failure
+
+
+HOST = "llama-8b.models.svc.cluster.local"
+
+
+@pytest.mark.parametrize(
+    ("cluster", "route", "backend"),
+    [
+        ("backend-llama-8b-a", "", "llama-8b-a"),  # envoy-config's bootstrap
+        (f"outbound|8000|llama-8b-a|{HOST}", "x", "llama-8b-a"),  # Istio: the subset names it
+        (f"outbound|8000||{HOST}", "llama-8b-a", "llama-8b-a"),  # no subset: the route names it
+        ("inbound|8000|v1|", "", "v1"),
+        ("", "backend-llama-8b-a", "llama-8b-a"),  # no host picked, in the bootstrap
+        ("", "llama-8b-a", "llama-8b-a"),  # no host picked, in a mesh: the VirtualService route
+        ("", "", None),
+        ("backend-", "", None),
+        ("policy-engine", "backend-a", None),  # another scheme's cluster is not a backend
+        (f"outbound|8000||{HOST}", "", None),
+    ],
+)
+def test_the_backend_of_an_entry_from_its_cluster_or_route(
+    cluster: str, route: str, backend: str | None
+) -> None:
+    assert backend_name(cluster, route) == backend
+    log = entry(cluster=cluster)
+    log.common_properties.route_name = route
+    observation = parse_entry(log)
+    assert (observation.backend if observation is not None else None) == backend
 
 
 def test_parse_ignores_what_is_not_about_a_backend() -> None:
@@ -246,7 +274,7 @@ def test_undecodable_messages_do_not_end_the_stream() -> None:
 
 def test_an_unreadable_entry_is_skipped() -> None:
     hub = TelemetryHub(["a"], clock=FakeClock())
-    service = AccessLogService(hub, backend_of=lambda cluster: 1 / 0)  # type: ignore[arg-type,return-value]
+    service = AccessLogService(hub, backend_of=lambda cluster, route: 1 / 0)  # type: ignore[arg-type,return-value]
     assert service.ingest(message(entry(), entry())) == 0
     assert service.counters.malformed == 2
     assert service.ingest(object()) == 0  # not even a message
