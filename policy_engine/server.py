@@ -40,6 +40,7 @@ from policy_engine.envoy.authz import AuthorizationService
 from policy_engine.envoy.http_authz import serve_http, unforwarded_headers
 from policy_engine.envoy.ratelimit import RateLimitService
 from policy_engine.envoy.usage_charge import UsageCharger
+from policy_engine.policy.bundle import Bundle
 from policy_engine.policy.compiler import load_bundle
 from policy_engine.policy.reload import BundleHolder, ReloadResult
 from policy_engine.quota.memory import MemoryStore
@@ -106,6 +107,17 @@ class BackendEntry(BaseModel):
 class BackendsFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     backends: list[BackendEntry]
+
+
+def unknown_backends(bundle: Bundle, hub: TelemetryHub) -> list[str]:
+    """Backends the routing policies name (candidates and fallbacks) that `hub` was not given."""
+    named = {
+        name
+        for policy in bundle.routing
+        for route in policy.routes
+        for name in (*route.candidates, *route.fallback)
+    }
+    return sorted(name for name in named if not hub.knows(name))
 
 
 def backend_specs(entries: list[str], file: Path | None = None) -> list[BackendSpec]:
@@ -194,10 +206,26 @@ async def serve(settings: Settings, worker: int = 0) -> None:
                     ", ".join(dropped),
                 )
 
+    def warn_unknown_backends() -> None:
+        # Checked per bundle like the headers above: a route whose backends the service was not
+        # given never routes (they count as stale), and nothing else would say why.
+        version = holder.pipeline.bundle.version
+        if worker == 0 and version not in warned_backends:
+            warned_backends.add(version)
+            unknown = unknown_backends(holder.pipeline.bundle, hub)
+            if unknown:
+                log.warning(
+                    "the routing policies name backends this service was not given (--backend, "
+                    "--backends-file; the chart's `backends`): %s; they count as stale, so routes "
+                    "that need them answer 503 no_backend_available",
+                    ", ".join(unknown),
+                )
+
     def reloaded(result: ReloadResult) -> None:
         metrics.reloaded(result.ok, result.version, time.time())
         if result.ok:
             warn_unforwarded()
+            warn_unknown_backends()
 
     holder = BundleHolder(settings.policies, on_reload=reloaded)
     warn_unforwarded()
@@ -210,6 +238,8 @@ async def serve(settings: Settings, worker: int = 0) -> None:
         stale_after_s=settings.stale_after_s,
         half_life_s=settings.half_life_s,
     )
+    warned_backends: set[str] = set()  # bundle versions already checked
+    warn_unknown_backends()
     scraper = MetricsScraper(hub, interval_s=settings.scrape_interval_s)
     store = _store(settings)
     quota = QuotaService(store, lambda: holder.pipeline.bundle, metrics)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import re
+import shutil
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
 
-from tests.e2e.conftest import PRO, Gateway
+from tests.e2e.conftest import PRO, TOKEN_POLICIES, Gateway
+from tests.e2e.harness import start_service, wait_until
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -74,3 +77,20 @@ def test_policy_change_during_traffic(reload_gateway: Gateway) -> None:
     assert set(statuses) == {200}, statuses  # not a single failed request
     log = reload_gateway.service.output()
     assert re.search(r"policy\.yaml:\d+:\d+: access/known: undefined field 'authenticatd'", log), log
+
+
+def test_routes_to_backends_the_service_was_not_given_are_reported(tmp_path: Path) -> None:
+    """A backend the service was not given counts as stale, so a route that needs it answers 503:
+    the log says which, at start and after a reload that names another."""
+    policies = tmp_path / "policies"
+    shutil.copytree(TOKEN_POLICIES, policies)
+    service = start_service(policies, backends=["model-a"])
+    try:
+        wait_until(lambda: "backends this service was not given" in service.output(), 20, "the warning")
+        (line,) = [x for x in service.output().splitlines() if "backends this service was not given" in x]
+        assert "model-b;" in line and "model-a" not in line
+        policy = policies / "policy.yaml"
+        policy.write_text(policy.read_text().replace("[model-a, model-b]", "[model-a, model-z]"))
+        wait_until(lambda: "model-z;" in service.output(), 20, "the warning after the reload")
+    finally:
+        service.stop()

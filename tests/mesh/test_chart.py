@@ -17,6 +17,7 @@ import yaml
 from policy_engine.mesh.crds import CrdSchemas
 from policy_engine.mesh.providers import validate_mesh_config
 from policy_engine.policy.compiler import load_bundle
+from policy_engine.server import backend_specs
 from tests.conftest import POLICIES
 from tests.mesh.rendering import CHART, VALUES, by_kind, helm, render, validate_object
 
@@ -171,6 +172,9 @@ def test_redis_without_a_url_or_secret_fails_clearly() -> None:
         ("istio.patchContext=GATEWAYS", "istio.patchContext: istio.patchContext must be one of"),
         ("redis.url=http://redis:6379", "redis.url: Does not match pattern"),
         ("replicas=3", "Additional property replicas is not allowed"),
+        ("backends[0].url=http://x", "Additional property url is not allowed"),
+        ("backends[0].capacity=8", "name is required"),
+        ("backends[0].name=a,backends[0].metrics_url=x:8000", "metrics_url: Does not match pattern"),
     ],
 )
 def test_values_schema_rejects_bad_values(setting: str, message: str) -> None:
@@ -241,3 +245,48 @@ def test_dashboards_are_included_from_the_chart_directory() -> None:
 def test_the_redis_url_schemes_the_service_takes_are_accepted(url: str, accepted: bool) -> None:
     result = helm("template", "pe", str(CHART), "--set", "redis.enabled=true", "--set", f"redis.url={url}")
     assert (result.returncode == 0) == accepted, result.stderr
+
+
+def test_the_backends_reach_the_service_as_its_backends_file(tmp_path: Path) -> None:
+    """`backends` becomes the file `--backends-file` reads, mounted where PE_BACKENDS_FILE says;
+    a change restarts the pods (the file is read at start)."""
+    objects = render(*VALUE_SETS["everything"])
+    (configmap,) = [o for o in by_kind(objects, "ConfigMap") if o["metadata"]["name"].endswith("-backends")]
+    main = container(objects)
+    env = {e["name"]: e.get("value") for e in main["env"]}
+    (mount,) = [m for m in main["volumeMounts"] if m["name"] == "backends"]
+    assert env["PE_BACKENDS_FILE"] == f"{mount['mountPath']}/backends.yaml"
+    path = tmp_path / "backends.yaml"
+    path.write_text(configmap["data"]["backends.yaml"])
+    specs = {spec.name: spec for spec in backend_specs([], path)}
+    assert specs["llama-8b-a"].capacity == 64 and specs["llama-8b-a"].region == "eu"
+    assert specs["llama-8b-a"].metrics_url == "http://llama-8b-a.models:8000/metrics"
+    assert specs["llama-8b-b"].passive and specs["llama-8b-b"].labels == {"gpu": "a100"}
+
+    def checksum(*extra: str) -> str:
+        (deployment,) = by_kind(render(*VALUE_SETS["everything"], *extra), "Deployment")
+        return str(deployment["spec"]["template"]["metadata"]["annotations"]["checksum/settings"])
+
+    assert checksum() != checksum("--set", "backends[1].capacity=4")
+    # Without backends: no file, no setting.
+    defaults = render()
+    assert not [o for o in by_kind(defaults, "ConfigMap") if o["metadata"]["name"].endswith("-backends")]
+    assert "PE_BACKENDS_FILE" not in {e["name"] for e in container(defaults)["env"]}
+
+
+def test_a_redis_url_without_redis_enabled_fails_clearly() -> None:
+    result = helm("template", "pe", str(CHART), "--set", "redis.url=redis://redis:6379/0")
+    assert result.returncode != 0
+    assert "redis.url is set but redis.enabled is false" in result.stderr
+
+
+def test_a_stopping_pod_serves_through_its_pre_stop_sleep_then_drains() -> None:
+    main = container(render())
+    assert main["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+    env = {e["name"]: e.get("value") for e in main["env"]}
+    assert env["PE_GRACE_S"] == "20"  # 30 s of grace: 5 asleep, 20 draining, 5 to exit
+    assert env["PE_WORKERS"] == "1"
+    without = container(render("--set", "preStopSleepSeconds=0"))
+    assert "lifecycle" not in without
+    short = helm("template", "pe", str(CHART), "--set", "terminationGracePeriodSeconds=12")
+    assert short.returncode != 0 and "at least preStopSleepSeconds + 10" in short.stderr
