@@ -290,3 +290,12 @@ def test_a_stopping_pod_serves_through_its_pre_stop_sleep_then_drains() -> None:
     assert "lifecycle" not in without
     short = helm("template", "pe", str(CHART), "--set", "terminationGracePeriodSeconds=12")
     assert short.returncode != 0 and "at least preStopSleepSeconds + 10" in short.stderr
+
+
+def test_the_authorization_policy_matches_each_host_with_any_port() -> None:
+    """The gateway routes `Host: name:443` like `name`; an AuthorizationPolicy matches exactly."""
+    hosts = "istio.hosts={models.example.com,b.example.com:8443}"
+    objects = render("--set", "istio.enabled=true", "--set", hosts)
+    (policy,) = by_kind(objects, "AuthorizationPolicy")
+    (operation,) = [o["operation"] for rule in policy["spec"]["rules"] for o in rule["to"]]
+    assert operation["hosts"] == ["models.example.com", "models.example.com:*", "b.example.com:8443"]

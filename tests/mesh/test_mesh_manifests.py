@@ -106,6 +106,25 @@ def test_every_route_to_a_backend_strips_what_the_gateways_own_routes_strip() ->
     assert set(model_route["response_headers_to_remove"]) == set(RATE_LIMIT_HEADERS)
 
 
+def test_no_route_reaches_a_backend_without_a_decision() -> None:
+    """Every route to a backend matches only paths the CUSTOM AuthorizationPolicy sends to
+    policy-engine, whose answer removes a client's own x-pe-* headers; and the policy matches its
+    hosts with any port too, as the gateway routes them. Otherwise a client could name its own
+    backend in x-pe-route on another path, or with `Host: name:443`."""
+    policies = by_kind(all_manifests(), "AuthorizationPolicy")
+    (policy,) = [p for p in policies if p["spec"]["action"] == "CUSTOM"]
+    (operation,) = [o["operation"] for rule in policy["spec"]["rules"] for o in rule["to"]]
+    decided = [path.removesuffix("*") for path in operation["paths"] if path.endswith("/*")]
+    assert decided == ["/v1/"]
+    for http in virtual_service()["spec"]["http"]:
+        if not http.get("route"):
+            continue
+        for match in http["match"]:
+            assert any(match["uri"]["prefix"].startswith(prefix) for prefix in decided), http["name"]
+    for host in virtual_service()["spec"]["hosts"]:
+        assert {host, f"{host}:*"} <= set(operation["hosts"])
+
+
 def test_the_rollout_route_splits_between_the_canary_policys_backends() -> None:
     (canary,) = load_bundle(POLICIES).canary
     rollout = next(r for r in virtual_service()["spec"]["http"] if r["name"] == "llama-70b-rollout")
