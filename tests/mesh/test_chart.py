@@ -299,3 +299,33 @@ def test_the_authorization_policy_matches_each_host_with_any_port() -> None:
     (policy,) = by_kind(objects, "AuthorizationPolicy")
     (operation,) = [o["operation"] for rule in policy["spec"]["rules"] for o in rule["to"]]
     assert operation["hosts"] == ["models.example.com", "models.example.com:*", "b.example.com:8443"]
+
+
+def test_a_gateway_elsewhere_is_selected_everywhere_and_may_call_the_service() -> None:
+    """A gateway of another namespace and labels: the Istio objects select it by exactly the
+    labels given (Helm would merge a default map with them), and the NetworkPolicy admits it."""
+    objects = render(
+        "--set", "istio.enabled=true", "--set", "istio.gatewayNamespace=ai-gateway",
+        "--set-json", 'istio.gatewaySelector={"app":"ai-gw"}',
+    )  # fmt: skip
+    for kind in ("AuthorizationPolicy", "Telemetry"):
+        (resource,) = by_kind(objects, kind)
+        assert resource["spec"]["selector"] == {"matchLabels": {"app": "ai-gw"}}, kind
+        assert resource["metadata"]["namespace"] == "ai-gateway"
+    (envoy_filter,) = by_kind(objects, "EnvoyFilter")
+    assert envoy_filter["spec"]["workloadSelector"] == {"labels": {"app": "ai-gw"}}
+    (policy,) = by_kind(objects, "NetworkPolicy")
+    grpc = policy["spec"]["ingress"][0]
+    assert grpc["from"] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ai-gateway"}},
+            "podSelector": {"matchLabels": {"app": "ai-gw"}},
+        }
+    ]
+    # The defaults: Istio's ingress gateway; and a list given replaces the derived peer.
+    (default,) = by_kind(render(), "NetworkPolicy")
+    (peer,) = default["spec"]["ingress"][0]["from"]
+    assert peer["podSelector"] == {"matchLabels": {"istio": "ingressgateway"}}
+    anywhere = 'networkPolicy.grpcFrom=[{"namespaceSelector":{}}]'
+    (anyone,) = by_kind(render("--set-json", anywhere), "NetworkPolicy")
+    assert anyone["spec"]["ingress"][0]["from"] == [{"namespaceSelector": {}}]

@@ -71,3 +71,9 @@ meshConfig:
   extensionProviders:
     {{- $json | nindent 4 }}
 {{- end -}}
+
+{{/* The gateway pods' labels: istio.gatewaySelector, or Istio's default ingress gateway. A
+default in values.yaml would be merged with the user's map by Helm, not replaced by it. */}}
+{{- define "pe.gatewaySelector" -}}
+{{- toYaml (default (dict "istio" "ingressgateway") .Values.istio.gatewaySelector) -}}
+{{- end -}}
