@@ -163,7 +163,16 @@ def evaluate(
     import yaml
 
     bundle = _load(directory)
-    text = sys.stdin.read() if str(input_file) == "-" else input_file.read_text(encoding="utf-8")
+    try:
+        if str(input_file) == "-":
+            if sys.stdin.isatty():
+                err.print("reading the input from standard input (end with Ctrl-D; -i FILE reads a file)")
+            text = sys.stdin.read()
+        else:
+            text = input_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        err.print(f"cannot read the input {input_file}: {error}", markup=False)
+        raise typer.Exit(2) from None
     try:
         decision_input = DecisionInput.model_validate(yaml.safe_load(text) or {})
     except (ValidationError, yaml.YAMLError) as error:
@@ -174,6 +183,11 @@ def evaluate(
         out.print_json(json.dumps(decision.to_dict(), default=str))
     else:
         _explain(decision)
+    if decision.reason == "no_backend_available" and not decision_input.telemetry.backends:
+        err.print(
+            "note: the input gives no telemetry, so every backend counts as stale; describe the "
+            "backends under telemetry.backends (docs/authoring.md, the input of a test)"
+        )
 
 
 @app.command()
@@ -457,14 +471,18 @@ def serve(
 
 @app.command("envoy-config")
 def envoy_config(
-    listen_port: Annotated[int, typer.Option(help="Port of the gateway listener.")] = 10000,
+    listen_port: Annotated[int, typer.Option(min=1, max=65535, help="Port of the gateway listener.")] = 10000,
     listen_address: Annotated[str, typer.Option(help="Address of the gateway listener.")] = "0.0.0.0",
-    admin_port: Annotated[int, typer.Option(help="Envoy admin port (bound to 127.0.0.1).")] = 9901,
+    admin_port: Annotated[
+        int, typer.Option(min=0, max=65535, help="Envoy admin port (bound to 127.0.0.1; 0: any free one).")
+    ] = 9901,
     policy: Annotated[str, typer.Option(help="host:port of policy-engine's gRPC port.")] = "127.0.0.1:9001",
     backend: Annotated[
         list[str] | None, typer.Option("--backend", help="NAME=HOST:PORT of a model backend (repeat).")
     ] = None,
-    authz_timeout: Annotated[float, typer.Option(help="Seconds Envoy waits for a decision.")] = 1.0,
+    authz_timeout: Annotated[
+        float, typer.Option(min=0.001, max=3600, help="Seconds Envoy waits for a decision.")
+    ] = 1.0,
     fail_open: Annotated[bool, typer.Option(help="Let requests through when the service is down.")] = False,
     otlp_endpoint: Annotated[
         str | None, typer.Option(help="HOST:PORT of an OTLP/gRPC collector: Envoy traces every request.")
@@ -492,8 +510,8 @@ def envoy_config(
 
     def upstream(text: str, what: str) -> Upstream:
         host, _, port = text.rpartition(":")
-        if not host or not port.isdigit():
-            err.print(f"{what} must be HOST:PORT, not {text!r}")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            err.print(f"{what} must be HOST:PORT with a port from 1 to 65535, not {text!r}")
             raise typer.Exit(2)
         return Upstream(host, int(port))
 

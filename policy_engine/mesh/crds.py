@@ -63,6 +63,10 @@ def candidate_paths() -> list[Path]:
 
 
 def find_crd_file() -> Path:
+    named = os.environ.get(CRD_PATH_ENV)
+    if named and not Path(named).is_file():
+        # Named but missing: never fall back to another file than the one asked for.
+        raise CrdFileNotFoundError(f"{CRD_PATH_ENV} names {named}, which is not a file")
     paths = candidate_paths()
     for path in paths:
         if path.is_file():

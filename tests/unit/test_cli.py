@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -99,6 +100,28 @@ def test_eval_explains_a_decision(tmp_path: Path) -> None:
     assert json.loads(decision["body"])["error"]["code"] == "rate_limit_exceeded"
     text = run("eval", str(POLICIES), "--input", str(path))
     assert "DENY 429" in text.stdout and "free-requests" in text.stdout
+
+
+def test_eval_says_why_it_cannot_read_its_input(tmp_path: Path) -> None:
+    binary = tmp_path / "input.yaml"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    for path in ("/nonexistent/input.yaml", str(tmp_path), str(binary)):
+        result = run("eval", "-i", path, str(POLICIES))
+        assert result.returncode == 2, (path, result.stderr)
+        assert f"cannot read the input {path}" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_eval_explains_a_decision_without_telemetry(tmp_path: Path) -> None:
+    """Without telemetry every backend is stale: the routed request is refused, and eval says why."""
+    body = {"model": "llama-3-8b-instruct", "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"authorization": "Bearer sk-hobby-free-key-0003"}
+    chat = {"method": "POST", "path": "/v1/chat/completions", "headers": headers, "body": body}
+    request = {"request": chat}
+    path = tmp_path / "input.json"
+    path.write_text(json.dumps(request))
+    result = run("eval", "-i", str(path), str(POLICIES))
+    assert "no_backend_available" in result.stdout, result.stdout + result.stderr
+    assert "the input gives no telemetry" in result.stderr
 
 
 def test_eval_rejects_bad_input(tmp_path: Path) -> None:
@@ -208,6 +231,28 @@ def test_the_mesh_envoy_filter_takes_the_gateways_charging_and_usage_choices() -
     assert "envoy.filters.http.ratelimit" not in default.stdout
     refused = run("mesh-config", "envoyfilter", "--charging", "per-request")
     assert refused.returncode == 2 and "access-log" in refused.stderr
+
+
+def test_envoy_config_refuses_what_envoy_would_reject() -> None:
+    for arguments, message in (
+        (["--backend", "a=h:99999"], "port from 1 to 65535"),
+        (["--policy", "h:0"], "port from 1 to 65535"),
+        (["--listen-port", "70000"], "--listen-port"),
+        (["--authz-timeout", "-1"], "--authz-timeout"),
+    ):
+        result = run("envoy-config", *arguments)
+        assert result.returncode == 2 and message in result.stderr, (arguments, result.stderr)
+
+
+def test_mesh_validate_never_falls_back_from_a_named_crd_file() -> None:
+    result = subprocess.run(
+        [*CLI, "mesh-config", "validate", "mesh/gateway.yaml"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
+        env={**os.environ, "PE_ISTIO_CRDS": "/nonexistent/crd-all.gen.yaml"},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "/nonexistent/crd-all.gen.yaml, which is not a file" in result.stderr
+    assert "valid" not in result.stdout
 
 
 def test_serve_rejects_a_redis_url_the_store_cannot_use_without_showing_its_password() -> None:
