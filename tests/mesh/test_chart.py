@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from policy_engine.audit.tracing import tracer_provider
 from policy_engine.mesh.crds import CrdSchemas
 from policy_engine.mesh.providers import validate_mesh_config
 from policy_engine.policy.compiler import load_bundle
@@ -329,3 +330,18 @@ def test_a_gateway_elsewhere_is_selected_everywhere_and_may_call_the_service() -
     anywhere = 'networkPolicy.grpcFrom=[{"namespaceSelector":{}}]'
     (anyone,) = by_kind(render("--set-json", anywhere), "NetworkPolicy")
     assert anyone["spec"]["ingress"][0]["from"] == [{"namespaceSelector": {}}]
+
+
+def test_tracing_gives_the_service_the_otel_settings_its_tracer_reads() -> None:
+    """The rendered OTEL_* variables make the service's tracer (the real SDK) export over OTLP
+    to the collector of the gateway's spans, unless another endpoint is given."""
+    rendered = container(render("--set", "tracing.enabled=true"))
+    env = {e["name"]: e["value"] for e in rendered["env"] if "value" in e}
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability.svc.cluster.local:4317"
+    provider = tracer_provider(env)
+    assert provider is not None
+    provider.shutdown()
+    elsewhere = render("--set", "tracing.enabled=true", "--set", "tracing.endpoint=http://collector:4317")
+    endpoint = {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://collector:4317"}
+    assert endpoint in container(elsewhere)["env"]
+    assert not [e for e in container(render())["env"] if e["name"].startswith("OTEL_")]
