@@ -345,3 +345,21 @@ def test_tracing_gives_the_service_the_otel_settings_its_tracer_reads() -> None:
     endpoint = {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://collector:4317"}
     assert endpoint in container(elsewhere)["env"]
     assert not [e for e in container(render())["env"] if e["name"].startswith("OTEL_")]
+
+
+def test_prometheus_can_scrape_the_service_under_strict_mtls() -> None:
+    """Two ways, both rendered: the prometheus.io annotations, which Istio's metrics merging
+    turns into a scrape of the sidecar's plain-text port 15020 (admitted by the NetworkPolicy);
+    and, for the ServiceMonitor, the metrics port alone accepting plain text."""
+    objects = render(*VALUE_SETS["everything"])
+    (deployment,) = by_kind(objects, "Deployment")
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "9090"
+    (policy,) = by_kind(objects, "NetworkPolicy")
+    ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert 15020 in ports
+    (peer,) = by_kind(objects, "PeerAuthentication")
+    assert peer["spec"]["portLevelMtls"] == {9090: {"mode": "PERMISSIVE"}}
+    assert "mtls" not in peer["spec"]  # every other port keeps the namespace's mode
+    assert peer["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert by_kind(render(), "PeerAuthentication") == []
