@@ -363,3 +363,17 @@ def test_prometheus_can_scrape_the_service_under_strict_mtls() -> None:
     assert "mtls" not in peer["spec"]  # every other port keeps the namespace's mode
     assert peer["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
     assert by_kind(render(), "PeerAuthentication") == []
+
+
+def test_the_gateway_keeps_the_telemetry_providers_it_is_told_to() -> None:
+    """The chart's Telemetry replaces the gateway's default providers; extra ones are kept."""
+    objects = render(
+        "--set", "istio.enabled=true",
+        "--set-json", 'istio.telemetry.extraAccessLogProviders=["envoy"]',
+        "--set-json", 'istio.telemetry.extraTracingProviders=["zipkin"]',
+    )  # fmt: skip
+    (telemetry,) = by_kind(objects, "Telemetry")
+    (logging,) = telemetry["spec"]["accessLogging"]
+    assert logging["providers"] == [{"name": "policy-engine-als"}, {"name": "envoy"}]
+    (tracing,) = telemetry["spec"]["tracing"]
+    assert tracing["providers"] == [{"name": "policy-engine-otel"}, {"name": "zipkin"}]
