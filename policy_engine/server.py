@@ -110,13 +110,15 @@ class BackendsFile(BaseModel):
 
 
 def unknown_backends(bundle: Bundle, hub: TelemetryHub) -> list[str]:
-    """Backends the routing policies name (candidates and fallbacks) that `hub` was not given."""
+    """Backends the routing policies (candidates and fallbacks) and the rollouts (stable and
+    canary) name that `hub` was not given."""
     named = {
         name
         for policy in bundle.routing
         for route in policy.routes
         for name in (*route.candidates, *route.fallback)
     }
+    named |= {name for rollout in bundle.canary for name in (rollout.stable, rollout.canary)}
     return sorted(name for name in named if not hub.knows(name))
 
 
@@ -215,7 +217,7 @@ async def serve(settings: Settings, worker: int = 0) -> None:
             unknown = unknown_backends(holder.pipeline.bundle, hub)
             if unknown:
                 log.warning(
-                    "the routing policies name backends this service was not given (--backend, "
+                    "the policies name backends this service was not given (--backend, "
                     "--backends-file; the chart's `backends`): %s; they count as stale, so routes "
                     "that need them answer 503 no_backend_available",
                     ", ".join(unknown),

@@ -3,10 +3,12 @@
 Each `HTTPAccessLogEntry` of a request Envoy routed to a backend cluster becomes one
 `RequestObservation`. What is read from the entry (`AccessLogCommon` unless noted):
 
-* backend: `upstream_cluster` minus the `backend-` prefix (the project's bootstrap names backend
-  clusters `backend-<name>`); other clusters and unknown backends are ignored. Envoy sets
+* backend: from `upstream_cluster` (`backend-<name>` in the project's bootstrap; the subset of
+  Istio's `outbound|PORT|SUBSET|HOST`) or, when that names no backend the hub knows, from
+  `route_name` (`backend-<name>`, or a VirtualService route named after its backend). Envoy sets
   `upstream_cluster` only when it picked a host, so without one (`no_healthy_upstream`) the
-  entry's `route_name` is read the same way: name each backend route like its cluster.
+  route's name is all there is. Entries that name no backend are ignored, and backends the hub
+  does not know are counted (`backend_name`).
 * status: `response.response_code`.
 * latency: `time_to_last_upstream_rx_byte - time_to_first_upstream_tx_byte`, the time the backend
   had the request. The downstream total (`time_to_last_downstream_tx_byte`, else `duration`)
@@ -40,6 +42,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import grpc
@@ -86,29 +89,38 @@ _FINAL_TYPES = frozenset(
 )
 
 
-# The clusters Istio makes for a service's port and subset: `outbound|PORT|SUBSET|HOST`.
-_ISTIO_DIRECTIONS = ("outbound", "inbound")
+def _from_cluster(cluster: str) -> str | None:
+    if cluster.startswith(BACKEND_CLUSTER_PREFIX) and len(cluster) > len(BACKEND_CLUSTER_PREFIX):
+        return cluster[len(BACKEND_CLUSTER_PREFIX) :]
+    # Istio's cluster of a service port and subset; an inbound cluster names no subset.
+    parts = cluster.split("|")
+    if len(parts) == 4 and parts[0] == "outbound" and parts[2]:
+        return parts[2]
+    return None
 
 
-def backend_name(cluster: str, route: str) -> str | None:
+def _from_route(route: str) -> str | None:
+    name = route.removeprefix(BACKEND_CLUSTER_PREFIX)
+    return name or None
+
+
+def backend_name(cluster: str, route: str, known: Callable[[str], bool] | None = None) -> str | None:
     """The backend an access-log entry is about, or None.
 
     From the cluster Envoy picked: `backend-NAME` in `envoy-config`'s bootstrap, or, in an Istio
     mesh, `outbound|PORT|SUBSET|HOST`, where the DestinationRule subset names the backend (as in
-    mesh/). Without a cluster (no healthy host: Envoy fills it only once a host was picked), or
-    with an Istio cluster without a subset, from the route's name: `backend-NAME` in the
-    bootstrap, or the VirtualService route's name in a mesh (mesh/ names each route after its
-    backend). A name the telemetry hub does not know is counted there and otherwise ignored."""
-    if cluster.startswith(BACKEND_CLUSTER_PREFIX) and len(cluster) > len(BACKEND_CLUSTER_PREFIX):
-        return cluster[len(BACKEND_CLUSTER_PREFIX) :]
-    parts = cluster.split("|")
-    if len(parts) == 4 and parts[0] in _ISTIO_DIRECTIONS and parts[2]:
-        return parts[2]
-    if cluster and len(parts) != 4:
-        return None  # a cluster of another naming scheme: not a backend policy-engine routes to
-    if route.startswith(BACKEND_CLUSTER_PREFIX):
-        return route[len(BACKEND_CLUSTER_PREFIX) :] or None
-    return route or None
+    mesh/); else from the route's name: `backend-NAME` in the bootstrap, or the VirtualService
+    route's name in a mesh (mesh/ names each route after its backend). The cluster is the
+    only source when Envoy picked a host (it has none on `no_healthy_upstream`) and a route can
+    hold several backends (a weighted canary route). With `known`, the first of the two that it
+    knows wins (a backend whose name cannot be a subset name, `llama-3.1-8b`, is found by its
+    route), and otherwise the first found: the hub counts names it does not know."""
+    names = [name for name in (_from_cluster(cluster), _from_route(route)) if name is not None]
+    if known is not None:
+        for name in names:
+            if known(name):
+                return name
+    return names[0] if names else None
 
 
 def _ms(message: Any, name: str) -> float | None:
@@ -228,14 +240,14 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
     def __init__(
         self,
         hub: TelemetryHub,
-        backend_of: BackendOf = backend_name,
+        backend_of: BackendOf | None = None,
         charge: Callable[[Sequence[Any]], Awaitable[int]] | None = None,
     ) -> None:
         """`charge`: called with the `AccessLogCommon`s of up to ENTRIES_PER_TURN entries at a
         time, after the telemetry took them (token usage charged from the log,
         policy_engine.envoy.usage_charge); a failure counts all of them as failed."""
         self._hub = hub
-        self._backend_of = backend_of
+        self._backend_of = backend_of or partial(backend_name, known=hub.knows)
         self._charge = charge
         self._charging: set[asyncio.Future[None]] = set()
         self.counters = IngestCounters()

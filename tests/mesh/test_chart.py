@@ -299,7 +299,11 @@ def test_the_authorization_policy_matches_each_host_with_any_port() -> None:
     objects = render("--set", "istio.enabled=true", "--set", hosts)
     (policy,) = by_kind(objects, "AuthorizationPolicy")
     (operation,) = [o["operation"] for rule in policy["spec"]["rules"] for o in rule["to"]]
-    assert operation["hosts"] == ["models.example.com", "models.example.com:*", "b.example.com:8443"]
+    names = ["models.example.com", "models.example.com:*", "b.example.com", "b.example.com:*"]
+    assert operation["hosts"] == names
+    # A wildcard could not match the host with a port: refused, with why.
+    wildcard = helm("template", "pe", str(CHART), "--set", "istio.hosts={*.example.com}")
+    assert wildcard.returncode != 0 and "istio.hosts.0: Does not match pattern" in wildcard.stderr
 
 
 def test_a_gateway_elsewhere_is_selected_everywhere_and_may_call_the_service() -> None:
@@ -348,32 +352,49 @@ def test_tracing_gives_the_service_the_otel_settings_its_tracer_reads() -> None:
 
 
 def test_prometheus_can_scrape_the_service_under_strict_mtls() -> None:
-    """Two ways, both rendered: the prometheus.io annotations, which Istio's metrics merging
-    turns into a scrape of the sidecar's plain-text port 15020 (admitted by the NetworkPolicy);
-    and, for the ServiceMonitor, the metrics port alone accepting plain text."""
-    objects = render(*VALUE_SETS["everything"])
+    """Without the ServiceMonitor, the prometheus.io annotations, which Istio's metrics merging
+    turns into a scrape of the sidecar's plain-text port 15020 (admitted only as the metrics port
+    is, by metricsFrom); with it, the metrics port alone accepting plain text, and no annotation
+    (a second, discovered scrape)."""
+    scrapers = 'networkPolicy.metricsFrom=[{"podSelector":{}}]'
+    objects = render("--set", "istio.enabled=true", "--set-json", scrapers)
     (deployment,) = by_kind(objects, "Deployment")
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "9090"
     (policy,) = by_kind(objects, "NetworkPolicy")
-    ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
-    assert 15020 in ports
-    (peer,) = by_kind(objects, "PeerAuthentication")
+    rules = policy["spec"]["ingress"]
+    (metrics,) = [rule for rule in rules if {"port": 9090, "protocol": "TCP"} in rule["ports"]]
+    assert {"port": 15020, "protocol": "TCP"} in metrics["ports"] and metrics["from"] == [{"podSelector": {}}]
+    assert by_kind(objects, "PeerAuthentication") == []
+    monitored = render(*VALUE_SETS["everything"])
+    (deployment,) = by_kind(monitored, "Deployment")
+    assert "prometheus.io/scrape" not in deployment["spec"]["template"]["metadata"]["annotations"]
+    (peer,) = by_kind(monitored, "PeerAuthentication")
     assert peer["spec"]["portLevelMtls"] == {9090: {"mode": "PERMISSIVE"}}
     assert "mtls" not in peer["spec"]  # every other port keeps the namespace's mode
     assert peer["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
-    assert by_kind(render(), "PeerAuthentication") == []
+    # podAnnotations given win, and an empty one renders.
+    own = render("--set-json", 'podAnnotations={"prometheus.io/scrape":"false"}')
+    (deployment,) = by_kind(own, "Deployment")
+    assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "false"
+    assert by_kind(render("--set", "podAnnotations=null"), "Deployment")
 
 
-def test_the_gateway_keeps_the_telemetry_providers_it_is_told_to() -> None:
-    """The chart's Telemetry replaces the gateway's default providers; extra ones are kept."""
-    objects = render(
-        "--set", "istio.enabled=true",
-        "--set-json", 'istio.telemetry.extraAccessLogProviders=["envoy"]',
-        "--set-json", 'istio.telemetry.extraTracingProviders=["zipkin"]',
-    )  # fmt: skip
+def test_with_istio_the_sidecar_drains_as_long_as_the_service() -> None:
+    (deployment,) = by_kind(render("--set", "istio.enabled=true"), "Deployment")
+    config = deployment["spec"]["template"]["metadata"]["annotations"]["proxy.istio.io/config"]
+    assert json.loads(config) == {"terminationDrainDuration": "25s"}  # the grace period less 5 s
+    (plain,) = by_kind(render(), "Deployment")
+    assert "proxy.istio.io/config" not in plain["spec"]["template"]["metadata"]["annotations"]
+
+
+def test_the_gateway_keeps_the_access_log_providers_it_is_told_to() -> None:
+    """The chart's Telemetry replaces the gateway's default access-log providers; extra ones are
+    kept. Tracing takes one provider (Istio's Telemetry API)."""
+    extra = 'istio.telemetry.extraAccessLogProviders=["envoy"]'
+    objects = render("--set", "istio.enabled=true", "--set-json", extra)
     (telemetry,) = by_kind(objects, "Telemetry")
     (logging,) = telemetry["spec"]["accessLogging"]
     assert logging["providers"] == [{"name": "policy-engine-als"}, {"name": "envoy"}]
     (tracing,) = telemetry["spec"]["tracing"]
-    assert tracing["providers"] == [{"name": "policy-engine-otel"}, {"name": "zipkin"}]
+    assert tracing["providers"] == [{"name": "policy-engine-otel"}]

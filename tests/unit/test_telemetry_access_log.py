@@ -136,12 +136,12 @@ HOST = "llama-8b.models.svc.cluster.local"
         ("backend-llama-8b-a", "", "llama-8b-a"),  # envoy-config's bootstrap
         (f"outbound|8000|llama-8b-a|{HOST}", "x", "llama-8b-a"),  # Istio: the subset names it
         (f"outbound|8000||{HOST}", "llama-8b-a", "llama-8b-a"),  # no subset: the route names it
-        ("inbound|8000|v1|", "", "v1"),
+        ("inbound|8000||", "default", "default"),  # a sidecar's inbound cluster names nothing
         ("", "backend-llama-8b-a", "llama-8b-a"),  # no host picked, in the bootstrap
         ("", "llama-8b-a", "llama-8b-a"),  # no host picked, in a mesh: the VirtualService route
         ("", "", None),
         ("backend-", "", None),
-        ("policy-engine", "backend-a", None),  # another scheme's cluster is not a backend
+        ("policy-engine", "", None),
         (f"outbound|8000||{HOST}", "", None),
     ],
 )
@@ -153,6 +153,22 @@ def test_the_backend_of_an_entry_from_its_cluster_or_route(
     log.common_properties.route_name = route
     observation = parse_entry(log)
     assert (observation.backend if observation is not None else None) == backend
+
+
+def test_the_first_name_the_hub_knows_wins() -> None:
+    """A backend named `llama-3.1-8b` cannot be a subset (DNS labels have no dots): its route
+    finds it; and the subset wins over a route holding several backends (a canary's)."""
+    hub = TelemetryHub(["llama-3.1-8b", "llama-70b-v2"], clock=FakeClock())
+    assert backend_name(f"outbound|8000|v318b|{HOST}", "llama-3.1-8b", hub.knows) == "llama-3.1-8b"
+    canary = f"outbound|8000|llama-70b-v2|{HOST}"
+    assert backend_name(canary, "llama-70b-rollout", hub.knows) == "llama-70b-v2"
+    # Neither known: the first found, which the hub then counts as unknown.
+    assert backend_name(f"outbound|8000|v318b|{HOST}", "other", hub.knows) == "v318b"
+    service = AccessLogService(hub)
+    log = entry(cluster=f"outbound|8000|v318b|{HOST}")
+    log.common_properties.route_name = "llama-3.1-8b"
+    assert service.ingest(message(log)) == 1
+    assert hub.snapshot(force=True).backends["llama-3.1-8b"].error_rate == 0.0
 
 
 def test_parse_ignores_what_is_not_about_a_backend() -> None:
