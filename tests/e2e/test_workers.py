@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 
@@ -107,8 +108,28 @@ def worker_pids(pid: int) -> set[int]:
     return found
 
 
+def listens(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a socket listening on `port` (from /proc: its socket inodes
+    against the kernel's table of listening sockets)."""
+    try:
+        inodes = {
+            os.readlink(f"/proc/{pid}/fd/{fd}")[len("socket:[") : -1]
+            for fd in os.listdir(f"/proc/{pid}/fd")
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")
+        }
+    except OSError:
+        return False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table, encoding="ascii") as handle:
+            for line in handle.readlines()[1:]:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port and inode in inodes:
+                    return True
+    return False
+
+
 def test_a_killed_worker_is_replaced_while_the_other_serves(tmp_path: object) -> None:
-    import os
     import signal
 
     backend = BackendServer("model-a").start()
@@ -116,7 +137,13 @@ def test_a_killed_worker_is_replaced_while_the_other_serves(tmp_path: object) ->
     service = start_service(TOKEN_POLICIES, backends=["model-a"], workers=2, extra_args=["--no-reload"])
     envoy = start_envoy(service.port, {"model-a": backend.port})
     try:
-        wait_until(lambda: len(worker_pids(service.process.pid)) == 2, 30, "two workers")
+        # Both serving before one is killed (the health check that start_service waits for
+        # reaches only one of them): the survivor must already take connections.
+        wait_until(
+            lambda: [listens(pid, service.port) for pid in worker_pids(service.process.pid)] == [True, True],
+            30,
+            "two workers listening",
+        )
         before = worker_pids(service.process.pid)
         victim = min(before)
         os.kill(victim, signal.SIGKILL)  # what the OOM killer does
