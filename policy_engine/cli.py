@@ -401,6 +401,8 @@ def serve(
 ) -> None:
     """Run the decision service: ext_authz Check and the rate-limit service on one gRPC port.
 
+    Every setting is also an environment variable PE_<NAME>, some only that (PE_GRACE_S,
+    PE_MAX_BODY_BYTES, PE_REDIS_TIMEOUT_S, ...): the table with defaults is in docs/operations.md.
     Decision spans: set OTEL_TRACES_EXPORTER=otlp (or console) and OTEL_EXPORTER_OTLP_ENDPOINT.
     """
     from pydantic import ValidationError
@@ -451,6 +453,11 @@ def serve(
     except ValueError as error:
         err.print(f"invalid tracing settings: {error}", markup=False)
         raise typer.Exit(2) from None
+    from policy_engine.config import unknown_settings
+
+    for name, near in unknown_settings(os.environ):
+        hint = f" (did you mean {near}?)" if near else ""
+        err.print(f"warning: no setting reads {name}; it is ignored{hint}", markup=False)
     try:
         from policy_engine.server import backend_specs
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import urllib.parse
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -118,3 +120,16 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+
+# PE_* variables read by other commands than `serve`.
+_OTHER_COMMANDS_ENV = frozenset({"PE_ISTIO_CRDS"})
+
+
+def unknown_settings(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """PE_* variables no setting reads (a misspelling is otherwise silently ignored), each with
+    the setting it most resembles, if any."""
+    known = {f"PE_{name.upper()}" for name in Settings.model_fields}
+    read = known | _OTHER_COMMANDS_ENV
+    unknown = sorted(name for name in environ if name.startswith("PE_") and name not in read)
+    return [(name, next(iter(difflib.get_close_matches(name, known, n=1)), None)) for name in unknown]

@@ -255,6 +255,18 @@ def test_mesh_validate_never_falls_back_from_a_named_crd_file() -> None:
     assert "valid" not in result.stdout
 
 
+def test_serve_warns_of_a_misspelled_setting_in_the_environment() -> None:
+    """A PE_* variable no setting reads would otherwise be ignored without a word."""
+    result = subprocess.run(
+        [*CLI, "serve", "--policies", "/nonexistent-policies"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
+        env={**os.environ, "PE_DECISON_LOG": "-", "PE_GRACE_S": "3"},
+    )  # fmt: skip
+    warning = "warning: no setting reads PE_DECISON_LOG; it is ignored (did you mean PE_DECISION_LOG?)"
+    assert warning in result.stderr
+    assert "PE_GRACE_S" not in result.stderr  # a setting read from the environment only
+
+
 def test_serve_rejects_a_redis_url_the_store_cannot_use_without_showing_its_password() -> None:
     for args, reason in [
         (["--redis-url", "redis://user:s3cret@127.0.0.1:1/0?foo=1"], "not supported by the quota store: foo"),
