@@ -194,43 +194,37 @@ async def serve(settings: Settings, worker: int = 0) -> None:
     registry = CollectorRegistry(auto_describe=True)
     metrics = Metrics(registry)
 
-    warned: set[str] = set()  # bundle versions already checked
+    checked: set[str] = set()  # bundle versions already checked
 
-    def warn_unforwarded() -> None:
-        version = holder.pipeline.bundle.version
-        if settings.http_port is not None and worker == 0 and version not in warned:
-            warned.add(version)
-            dropped = unforwarded_headers(holder.pipeline.bundle)
-            if dropped:
-                log.warning(
-                    "the HTTP ext_authz transport forwards only x-pe-* headers upstream; "
-                    "these headers the policies set will not reach the backends that way: %s",
-                    ", ".join(dropped),
-                )
-
-    def warn_unknown_backends() -> None:
-        # Checked per bundle like the headers above: a route whose backends the service was not
-        # given never routes (they count as stale), and nothing else would say why.
-        version = holder.pipeline.bundle.version
-        if worker == 0 and version not in warned_backends:
-            warned_backends.add(version)
-            unknown = unknown_backends(holder.pipeline.bundle, hub)
-            if unknown:
-                log.warning(
-                    "the policies name backends this service was not given (--backend, "
-                    "--backends-file; the chart's `backends`): %s; they count as stale, so routes "
-                    "that need them answer 503 no_backend_available",
-                    ", ".join(unknown),
-                )
+    def check_bundle() -> None:
+        # What nothing else would say about a bundle, once per version (worker 0 speaks for all).
+        bundle = holder.pipeline.bundle
+        if worker != 0 or bundle.version in checked:
+            return
+        checked.add(bundle.version)
+        dropped = unforwarded_headers(bundle) if settings.http_port is not None else []
+        if dropped:
+            log.warning(
+                "the HTTP ext_authz transport forwards only x-pe-* headers upstream; "
+                "these headers the policies set will not reach the backends that way: %s",
+                ", ".join(dropped),
+            )
+        # A route whose backends the service was not given never routes (they count as stale).
+        unknown = unknown_backends(bundle, hub)
+        if unknown:
+            log.warning(
+                "the policies name backends this service was not given (--backend, "
+                "--backends-file; the chart's `backends`): %s; they count as stale, so routes "
+                "that need them answer 503 no_backend_available",
+                ", ".join(unknown),
+            )
 
     def reloaded(result: ReloadResult) -> None:
         metrics.reloaded(result.ok, result.version, time.time())
         if result.ok:
-            warn_unforwarded()
-            warn_unknown_backends()
+            check_bundle()
 
     holder = BundleHolder(settings.policies, on_reload=reloaded)
-    warn_unforwarded()
     metrics.set_bundle(holder.version)
     metrics.reload_ok.set(1)
     metrics.reload_time.set(time.time())
@@ -240,8 +234,7 @@ async def serve(settings: Settings, worker: int = 0) -> None:
         stale_after_s=settings.stale_after_s,
         half_life_s=settings.half_life_s,
     )
-    warned_backends: set[str] = set()  # bundle versions already checked
-    warn_unknown_backends()
+    check_bundle()
     scraper = MetricsScraper(hub, interval_s=settings.scrape_interval_s)
     store = _store(settings)
     quota = QuotaService(store, lambda: holder.pipeline.bundle, metrics)
