@@ -20,7 +20,7 @@ from policy_engine.envoy.options import CHARGING_HELP, USAGE_HELP, Charging, Usa
 from policy_engine.policy.bundle import Bundle
 from policy_engine.policy.compiler import BundleError, load_bundle
 from policy_engine.policy.schema import json_schema
-from policy_engine.policy.testing import DecisionInput, TestFile, TestReport, run_tests
+from policy_engine.policy.testing import DecisionInput, TestReport, run_tests, schema_of_test_files
 
 app = typer.Typer(
     help="Policy decision service for LLM traffic: CEL policies for access, moderation, routing, quotas "
@@ -155,7 +155,9 @@ def evaluate(
     directory: PolicyDir = Path("policies"),
     input_file: Annotated[
         Path,
-        typer.Option("--input", "-i", help="JSON or YAML file: request, source, telemetry, quota, time."),
+        typer.Option(
+            "--input", "-i", help="JSON or YAML file: request, source, telemetry, quota, tenant, time."
+        ),
     ] = Path("-"),
     json_output: Annotated[bool, typer.Option("--json", help="Print the decision as JSON.")] = False,
 ) -> None:
@@ -304,7 +306,7 @@ def schema(
     tests: Annotated[bool, typer.Option("--tests", help="Schema of *_test.yaml files instead.")] = False,
 ) -> None:
     """Print the JSON Schema of policy documents (for editors: yaml-language-server)."""
-    data = TestFile.model_json_schema() if tests else json_schema()
+    data = schema_of_test_files() if tests else json_schema()
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 

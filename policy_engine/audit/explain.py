@@ -19,7 +19,7 @@ from policy_engine.cel.source_text import code_positions
 from policy_engine.decide.attributes import Peer, RequestAttributes
 from policy_engine.decide.decision import Decision
 from policy_engine.decide.pipeline import Pipeline
-from policy_engine.decide.tenants import Tenant, TenantRegistry
+from policy_engine.decide.tenants import FixedTenant, Tenant, TenantRegistry
 from policy_engine.policy import bundle as b
 from policy_engine.quota.view import StaticUsage
 from policy_engine.telemetry.snapshot import BackendStats, TelemetrySnapshot
@@ -117,17 +117,6 @@ def display(value: Any, limit: int = 80) -> str:
 
 
 # --- replay --------------------------------------------------------------------------------
-
-
-class _ReplayTenants(TenantRegistry):
-    """The logged tenant, whatever the (redacted) headers say: its key is not in the log."""
-
-    def __init__(self, tenant: Tenant) -> None:
-        super().__init__(())
-        self._tenant = tenant
-
-    def resolve(self, headers: Mapping[str, str], principal: str) -> Tenant:
-        return self._tenant
 
 
 class _Capturing(Pipeline):
@@ -287,7 +276,7 @@ def explain(record: Mapping[str, Any], bundle: b.Bundle) -> Explanation:
     tenant, warning = tenant_of(record, bundle.tenants)
     if warning:
         warnings.append(warning)
-    pipeline = _Capturing(replace(bundle, tenants=_ReplayTenants(tenant)))
+    pipeline = _Capturing(replace(bundle, tenants=FixedTenant(tenant, bundle.tenants.key_headers)))
     decision = pipeline.decide(attributes_of(record), snapshot_of(record), usage_of(record))
     outcome = "allow" if decision.allowed else "deny"
     logged_fired = [str(f.get("rule")) for f in record.get("fired") or [] if isinstance(f, dict)]

@@ -127,3 +127,18 @@ class TenantRegistry:
         if known is not None:
             return _tenant(known, "principal")
         return ANONYMOUS
+
+
+class FixedTenant(TenantRegistry):
+    """Resolves every request to one tenant, whatever its credentials say: a replayed
+    decision's (the key is not in the decision log) or a policy test's stub (policies deployed
+    with tenants of their own, the chart's, have no TenantSet to resolve against). Keeps the key
+    headers of the registry it stands in for, which stay secrets to redact."""
+
+    def __init__(self, tenant: Tenant, key_headers: tuple[str, ...]) -> None:
+        super().__init__(())
+        self._tenant = tenant
+        self._key_headers = key_headers
+
+    def resolve(self, headers: Mapping[str, str], principal: str) -> Tenant:
+        return self._tenant

@@ -6,18 +6,20 @@ import dataclasses
 import json
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from policy_engine.decide.attributes import Peer, RequestAttributes
 from policy_engine.decide.decision import Decision
 from policy_engine.decide.pipeline import Pipeline
+from policy_engine.decide.tenants import FixedTenant, Tenant
 from policy_engine.policy.bundle import Bundle
 from policy_engine.policy.compiler import is_hidden, is_test_file
+from policy_engine.policy.schema import Name
 from policy_engine.policy.source import Issue, Position, SourceError, parse_documents
 from policy_engine.quota.view import StaticUsage
 from policy_engine.telemetry.snapshot import BackendStats, TelemetrySnapshot
@@ -67,6 +69,30 @@ else:
     BackendInput = _backend_input()
 
 
+class TenantInput(_Strict):
+    """The tenant the request resolves to, in place of the policies' TenantSets: a TenantSet
+    entry's fields, and how the request proved it. For policies whose tenants live elsewhere
+    (the chart's `tenants` values), and for rules on a tier or label no example key has."""
+
+    id: Name
+    tier: str = "free"
+    models: list[str] = Field(default_factory=lambda: ["*"], description="Allowed models (globs).")
+    labels: dict[str, str] = Field(default_factory=dict)
+    credential: Literal["api_key", "principal"] = "api_key"
+    key_id: str = Field("", description="The API key's id (tenant.key_id).")
+
+    def resolved(self) -> Tenant:
+        return Tenant(
+            id=self.id,
+            tier=self.tier,
+            authenticated=True,
+            key_id=self.key_id,
+            credential=self.credential,
+            models=tuple(self.models),
+            labels=dict(self.labels),
+        )
+
+
 class TelemetryInput(_Strict):
     load: float | None = None
     backends: dict[str, BackendInput] = Field(default_factory=dict)
@@ -84,6 +110,10 @@ class DecisionInput(_Strict):
         default_factory=dict, description="Usage so far by 'policy/limit' → {requests|input_tokens|...: n}."
     )
     canary_weights: dict[str, int] = Field(default_factory=dict)
+    tenant: TenantInput | None = Field(
+        None,
+        description="Who the request resolves to, whatever its key or principal (unset: the TenantSets).",
+    )
     time: datetime = Field(default_factory=lambda: datetime(2026, 1, 1, 12, 0, tzinfo=UTC))
 
     def attributes(self) -> RequestAttributes:
@@ -119,6 +149,10 @@ class DecisionInput(_Strict):
         return TelemetrySnapshot(backends=backends, load=self.telemetry.load)
 
     def decide(self, pipeline: Pipeline) -> Decision:
+        if self.tenant is not None:
+            bundle = pipeline.bundle
+            stub = FixedTenant(self.tenant.resolved(), bundle.tenants.key_headers)
+            pipeline = Pipeline(replace(bundle, tenants=stub))
         return pipeline.decide(
             self.attributes(), self.snapshot(), StaticUsage(self.quota), self.canary_weights
         )
@@ -152,6 +186,25 @@ class TestFile(_Strict):
         default_factory=dict, description="Input merged under each test's input."
     )
     tests: list[TestCase] = Field(min_length=1)
+
+
+def schema_of_test_files() -> dict[str, Any]:
+    """The JSON Schema of test files, for editors. A test's `input` and the file's `defaults`
+    are merged before they are read as a decision input, so each is a partial one: the fields
+    of DecisionInput, unknown ones refused, none required."""
+    schema = TestFile.model_json_schema()
+    partial = DecisionInput.model_json_schema()
+    definitions: dict[str, Any] = {**partial.pop("$defs", {}), "DecisionInput": partial}
+    for definition in definitions.values():
+        definition.pop("required", None)
+    schema["$defs"].update(definitions)
+    reference = {"$ref": "#/$defs/DecisionInput"}
+    schema["$defs"]["TestCase"]["properties"]["input"] = {
+        **reference,
+        "description": "Merged over the defaults.",
+    }
+    schema["properties"]["defaults"] = {**reference, "description": "Input merged under each test's input."}
+    return schema
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

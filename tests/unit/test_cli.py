@@ -124,6 +124,21 @@ def test_eval_explains_a_decision_without_telemetry(tmp_path: Path) -> None:
     assert "the input gives no telemetry" in result.stderr
 
 
+def test_eval_takes_a_stubbed_tenant(tmp_path: Path) -> None:
+    body = {"model": "llama-3-70b-instruct", "messages": [{"role": "user", "content": "hi"}]}
+    request = {
+        "request": {"body": body},
+        "tenant": {"id": "eurobank", "tier": "pro", "labels": {"region": "eu"}},
+        "telemetry": {"backends": {"llama-70b-eu": {}, "llama-70b-a100-a": {}}},
+    }
+    path = tmp_path / "input.yaml"
+    path.write_text(json.dumps(request))
+    result = run("eval", "--json", "-i", str(path), str(POLICIES))
+    assert result.returncode == 0, result.stderr
+    decision = json.loads(result.stdout)
+    assert (decision["tenant"], decision["route"]) == ("eurobank", "llama-70b-eu"), decision
+
+
 def test_eval_rejects_bad_input(tmp_path: Path) -> None:
     path = tmp_path / "input.json"
     path.write_text(json.dumps({"request": {"methd": "GET"}}))

@@ -1,0 +1,126 @@
+"""Policy unit tests (`*_test.yaml`) and `eval` inputs that stub the tenant instead of resolving it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from policy_engine.decide.pipeline import TENANT_HEADER, Pipeline
+from policy_engine.policy.compiler import load_bundle
+from policy_engine.policy.testing import DecisionInput, run_tests, schema_of_test_files
+from tests.conftest import POLICIES
+
+CHAT_70B = {"model": "llama-3-70b-instruct", "messages": [{"role": "user", "content": "Hello"}]}
+BACKENDS = {"llama-70b-h100-a": {}, "llama-70b-eu": {}, "llama-70b-a100-a": {}}
+
+
+@pytest.fixture
+def without_tenant_set(policy_copy: Path) -> Path:
+    """The example policies deployed as the chart deploys them: tenants come from elsewhere."""
+    (policy_copy / "tenants.yaml").unlink()
+    for test in policy_copy.glob("*_test.yaml"):
+        test.unlink()
+    return policy_copy
+
+
+def write_tests(directory: Path, tests: list[dict[str, object]]) -> None:
+    suite = {
+        "name": "stubs",
+        "defaults": {"request": {"body": CHAT_70B}, "telemetry": {"backends": BACKENDS}},
+    }
+    (directory / "stubs_test.yaml").write_text(yaml.safe_dump({**suite, "tests": tests}))
+
+
+def test_a_stubbed_tenant_is_decided_on_without_a_tenant_set(without_tenant_set: Path) -> None:
+    write_tests(
+        without_tenant_set,
+        [
+            {
+                "name": "a premium tenant gets the H100s",
+                "input": {"tenant": {"id": "acme", "tier": "premium"}},
+                "expect": {
+                    "allowed": True,
+                    "tenant": "acme",
+                    "route": "llama-70b-h100-a",
+                    "headers": {TENANT_HEADER: "acme"},
+                    "fired": ["api-access/known-tenant", "model-routing/premium-70b"],
+                },
+            },
+            {
+                "name": "a tenant's labels reach the routing",
+                "input": {"tenant": {"id": "eurobank", "tier": "pro", "labels": {"region": "eu"}}},
+                "expect": {"route": "llama-70b-eu", "fired": ["model-routing/eu-residency"]},
+            },
+            {
+                "name": "the stub's plan is checked",
+                "input": {"tenant": {"id": "hobbyist", "models": ["llama-3-8b*"]}},
+                "expect": {"allowed": False, "status": 403, "reason": "model_not_allowed"},
+            },
+            {
+                "name": "without a stub and a TenantSet nobody is known",
+                "input": {"request": {"headers": {"authorization": "Bearer sk-acme-premium-key-0001"}}},
+                "expect": {"allowed": False, "reason": "invalid_api_key"},
+            },
+        ],
+    )
+    report = run_tests(load_bundle(without_tenant_set), without_tenant_set)
+    assert not report.issues
+    assert [(r.name, r.failures) for r in report.results if r.failures] == []
+    assert report.passed == 4
+
+
+def test_a_stub_wins_over_the_tenant_sets_and_the_request(policy_copy: Path) -> None:
+    """With a TenantSet, the stub still decides who calls: a wrong key is not looked up."""
+    bundle = load_bundle(policy_copy)
+    request = {
+        "request": {"headers": {"authorization": "Bearer sk-wrong-key-00000000"}, "body": CHAT_70B},
+        "telemetry": {"backends": BACKENDS},
+    }
+    resolved = DecisionInput.model_validate(request).decide(Pipeline(bundle))
+    assert (resolved.allowed, resolved.reason) == (False, "invalid_api_key")
+    stubbed_input = DecisionInput.model_validate(
+        {**request, "tenant": {"id": "globex", "tier": "pro", "credential": "principal"}}
+    )
+    stubbed = stubbed_input.decide(Pipeline(bundle))
+    assert (stubbed.allowed, stubbed.tenant, stubbed.route) == (True, "globex", "llama-70b-a100-a")
+
+
+def test_a_stub_without_a_tenant_id_fails_its_case(without_tenant_set: Path) -> None:
+    write_tests(
+        without_tenant_set,
+        [
+            {"name": "no id", "input": {"tenant": {"tier": "pro"}}, "expect": {"allowed": True}},
+            {
+                "name": "not a credential",
+                "input": {"tenant": {"id": "a", "credential": "invalid_key"}},
+                "expect": {"allowed": False},
+            },
+        ],
+    )
+    report = run_tests(load_bundle(without_tenant_set), without_tenant_set)
+    failures = {r.name: r.failures for r in report.results}
+    assert any("input tenant.id: Field required" in f for f in failures["no id"]), failures
+    assert any(f.startswith("input tenant.credential:") for f in failures["not a credential"]), failures
+
+
+def test_the_schema_of_test_files_describes_their_inputs() -> None:
+    """An editor given `schema --tests` accepts the example tests and flags a misspelled input."""
+    schema = schema_of_test_files()
+    validator = jsonschema.Draft202012Validator(schema)
+    for path in sorted(POLICIES.glob("*_test.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            assert list(validator.iter_errors(document)) == [], path
+
+    def errors(test_input: dict[str, object]) -> list[str]:
+        document = {"tests": [{"name": "t", "input": test_input, "expect": {"allowed": True}}]}
+        return [error.message for error in validator.iter_errors(document)]
+
+    assert errors({"request": {"heders": {"x": "1"}}}) == [
+        "Additional properties are not allowed ('heders' was unexpected)"
+    ]
+    assert errors({"tenant": {"tier": "pro"}}) == []  # partial: the id may come from the defaults
+    assert errors({"tenant": {"id": "a", "credential": "invalid_key"}}) != []
+    assert errors({"telemetry": {"backends": {"a": {"queue_depth": "deep"}}}}) != []
