@@ -11,6 +11,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from policy_engine import __version__
 from policy_engine.decide.decision import Decision
@@ -29,8 +30,14 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# Without markup: what is printed quotes policies, requests and logs, where "[/INST]" is text.
+out = Console(highlight=False, soft_wrap=True, markup=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+
+
+def labelled(label: str, style: str, text: object) -> Text:
+    return Text.assemble((label, style), " ", str(text))
+
 
 PolicyDir = Annotated[Path, typer.Argument(help="Policy directory.", show_default=True)]
 
@@ -40,7 +47,7 @@ def _load(directory: Path) -> Bundle:
         return load_bundle(directory)
     except BundleError as error:
         for issue in error.issues:
-            err.print(f"[red]error[/red] {issue}", markup=True, soft_wrap=True)
+            err.print(labelled("error", "red", issue))
         err.print(f"{len(error.issues)} error(s) in {directory}")
         raise typer.Exit(1) from None
 
@@ -58,36 +65,36 @@ def check(directory: PolicyDir = Path("policies")) -> None:
     out.print(f"{len(expressions) - len(in_engine)} of {len(expressions)} expressions run as Python")
     for expr in in_engine:
         # Still correct, only slower: see docs/authoring.md on what runs in the engine.
-        out.print(f"  in the CEL engine: {expr.position}: {expr.source}", soft_wrap=True, markup=False)
+        out.print(f"  in the CEL engine: {expr.position}: {expr.source}")
 
 
 def _print_report(report: TestReport, verbose: bool) -> None:
     for issue in report.issues:
-        err.print(f"[red]error[/red] {issue}", soft_wrap=True)
+        err.print(labelled("error", "red", issue))
     for result in report.results:
         if result.passed:
             if verbose:
-                out.print(f"[green]PASS[/green] {result.file}: {result.name}")
+                out.print(labelled("PASS", "green", f"{result.file}: {result.name}"))
             continue
-        out.print(f"[red]FAIL[/red] {result.position}: {result.name}", soft_wrap=True)
+        out.print(labelled("FAIL", "red", f"{result.position}: {result.name}"))
         for failure in result.failures:
-            out.print(f"     {failure}", soft_wrap=True, markup=False)
+            out.print(f"     {failure}")
     table = Table(title="rule coverage", show_lines=False)
     table.add_column("rule")
     table.add_column("fired", justify="right")
     for rule in report.rules:
         count = report.coverage[rule]
         table.add_row(
-            rule if count else f"[yellow]{rule}[/yellow]", str(count) if count else "[yellow]0[/yellow]"
+            Text(rule, style="" if count else "yellow"), Text(str(count), style="" if count else "yellow")
         )
     out.print(table)
     covered = len(report.rules) - len(report.uncovered)
     percent = 100.0 * covered / len(report.rules) if report.rules else 100.0
     out.print(f"coverage: {covered}/{len(report.rules)} rules fired ({percent:.0f}%)")
     if report.uncovered:
-        out.print("never fired: " + ", ".join(report.uncovered), soft_wrap=True)
+        out.print("never fired: " + ", ".join(report.uncovered))
     colour = "green" if report.ok else "red"
-    out.print(f"[{colour}]{report.passed} passed, {report.failed} failed[/{colour}]")
+    out.print(Text(f"{report.passed} passed, {report.failed} failed", style=colour))
 
 
 @app.command()
@@ -127,11 +134,14 @@ def test(
 
 def _explain(decision: Decision) -> None:
     verdict = (
-        "[green]ALLOW[/green]" if decision.allowed else f"[red]DENY {decision.status}[/red] {decision.reason}"
+        Text("ALLOW", style="green")
+        if decision.allowed
+        else Text.assemble((f"DENY {decision.status}", "red"), f" {decision.reason}")
     )
-    out.print(f"decision: {verdict}  route: {decision.route or '-'}  tenant: {decision.tenant or '-'}")
+    where = f"  route: {decision.route or '-'}  tenant: {decision.tenant or '-'}"
+    out.print(Text.assemble("decision: ", verdict, where))
     if decision.message:
-        out.print(f"message: {decision.message}", markup=False)
+        out.print(f"message: {decision.message}")
     table = Table(title="why")
     for column in ("policy", "rule", "effect", "detail"):
         table.add_column(column)
@@ -141,13 +151,13 @@ def _explain(decision: Decision) -> None:
         )
     out.print(table)
     for name, value in {**decision.upstream_headers}.items():
-        out.print(f"upstream header {name}: {value}", markup=False)
+        out.print(f"upstream header {name}: {value}")
     for name, value in decision.response_headers.items():
-        out.print(f"response header {name}: {value}", markup=False)
+        out.print(f"response header {name}: {value}")
     for finding in decision.dry_run:
-        out.print(f"dry run: {finding.id} would {finding.effect} ({finding.detail})", markup=False)
+        out.print(f"dry run: {finding.id} would {finding.effect} ({finding.detail})")
     for error in decision.errors:
-        out.print(f"[yellow]error[/yellow] {error}", soft_wrap=True)
+        out.print(labelled("error", "yellow", error))
 
 
 @app.command("eval")
@@ -173,12 +183,12 @@ def evaluate(
         else:
             text = input_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        err.print(f"cannot read the input {input_file}: {error}", markup=False)
+        err.print(f"cannot read the input {input_file}: {error}")
         raise typer.Exit(2) from None
     try:
         decision_input = DecisionInput.model_validate(yaml.safe_load(text) or {})
     except (ValidationError, yaml.YAMLError) as error:
-        err.print(f"invalid input {input_file}: {error}", markup=False)
+        err.print(f"invalid input {input_file}: {error}")
         raise typer.Exit(2) from None
     decision = decision_input.decide(Pipeline(bundle))
     if json_output:
@@ -222,7 +232,7 @@ def audit(
         skipped: list[q.Skipped] = []
         matches = [r for r in q.read_records(q.open_log(log), skipped) if query.matches(r)]
     except q.LogQueryError as error:
-        err.print(str(error), markup=False)
+        err.print(str(error))
         raise typer.Exit(2) from None
     if limit:
         matches = matches[-limit:]
@@ -239,7 +249,7 @@ def audit(
                 str(record.get("time", ""))[:23],
                 str(record.get("request_id", "")),
                 str(record.get("tenant") or "-"),
-                f"[red]deny {record.get('status')}[/red]" if denied else "[green]allow[/green]",
+                Text(f"deny {record.get('status')}", style="red") if denied else Text("allow", style="green"),
                 str(record.get("reason") or ""),
                 str(record.get("route") or "-"),
                 ", ".join(str(f.get("rule")) for f in record.get("fired", []) if isinstance(f, dict)),
@@ -267,37 +277,36 @@ def explain(
     try:
         record = find_request(log, request_id)
     except LogQueryError as error:
-        err.print(str(error), markup=False)
+        err.print(str(error))
         raise typer.Exit(2) from None
     if record is None:
-        err.print(f"request {request_id!r} is not in {log}", markup=False)
+        err.print(f"request {request_id!r} is not in {log}")
         raise typer.Exit(1)
     explanation = explain_record(record, _load(policies))
     if json_output:
         out.print_json(json.dumps(explanation.to_dict(), default=str))
         return
     for warning in explanation.warnings:
-        err.print(f"warning: {warning}", soft_wrap=True, markup=False)
+        err.print(f"warning: {warning}")
     logged = f"deny {record.get('status')}" if record.get("decision") == "deny" else "allow"
     out.print(
         f"request {request_id} at {record.get('time')}: {logged} {record.get('reason') or ''}  "
         f"tenant: {record.get('tenant') or '-'}  route: {record.get('route') or '-'}  "
-        f"bundle: {record.get('bundle')}",
-        markup=False,
+        f"bundle: {record.get('bundle')}"
     )
 
     def show(part: Part, depth: int) -> None:
         value = f"error: {part.error}" if part.error else display(part.value)
-        out.print(f"{'    ' * depth}{part.text}  =>  {value}", markup=False)
+        out.print(f"{'    ' * depth}{part.text}  =>  {value}")
         for child in part.children:
             show(child, depth + 1)
 
     for fired in explanation.fired:
-        out.print(f"\n{fired.rule} ({fired.effect})", markup=False)
+        out.print(f"\n{fired.rule} ({fired.effect})")
         if not fired.conditions:
             out.print("    (no condition: the policy's default)")
         for role, part in fired.conditions:
-            out.print(f"  {role}:", markup=False)
+            out.print(f"  {role}:")
             show(part, 1)
 
 
@@ -444,7 +453,7 @@ def serve(
         # Without the input: it would show the Redis URL, password and all.
         for problem in error.errors(include_url=False, include_input=False):
             where = ".".join(str(part) for part in problem["loc"])
-            err.print(f"invalid settings: {where + ': ' if where else ''}{problem['msg']}", markup=False)
+            err.print(f"invalid settings: {where + ': ' if where else ''}{problem['msg']}")
         raise typer.Exit(2) from None
     try:
         import os
@@ -453,28 +462,28 @@ def serve(
 
         check_environment(os.environ)
     except ValueError as error:
-        err.print(f"invalid tracing settings: {error}", markup=False)
+        err.print(f"invalid tracing settings: {error}")
         raise typer.Exit(2) from None
     from policy_engine.config import unknown_settings
 
     for name, near in unknown_settings(os.environ):
         hint = f" (did you mean {near}?)" if near else ""
-        err.print(f"warning: no setting reads {name}; it is ignored{hint}", markup=False)
+        err.print(f"warning: no setting reads {name}; it is ignored{hint}")
     try:
         from policy_engine.server import backend_specs
 
         backend_specs(settings.backends, settings.backends_file)
     except (OSError, ValueError) as error:  # pydantic's ValidationError and YAML errors are ValueErrors
-        err.print(f"invalid backends: {error}", markup=False)
+        err.print(f"invalid backends: {error}")
         raise typer.Exit(2) from None
     try:
         run(settings)
     except BundleError as error:
         for issue in error.issues:
-            err.print(f"[red]error[/red] {issue}")
+            err.print(labelled("error", "red", issue))
         raise typer.Exit(1) from None
     except (OSError, WorkersFailing) as error:
-        err.print(f"cannot start: {error}", markup=False)
+        err.print(f"cannot start: {error}")
         raise typer.Exit(1) from None
 
 
@@ -546,7 +555,7 @@ def envoy_config(
         charging=charging.config,
     )
     if (warning := combination_warning(config)) is not None:
-        err.print(f"warning: {warning}", markup=False)
+        err.print(f"warning: {warning}")
     sys.stdout.write(yaml.safe_dump(bootstrap(config), sort_keys=False))
 
 
@@ -586,7 +595,7 @@ def demo(
     try:
         code = Demo(options, out).run()
     except DemoError as error:
-        err.print(f"demo: {error}", markup=False)
+        err.print(f"demo: {error}")
         raise typer.Exit(1) from None
     raise typer.Exit(code)
 

@@ -23,8 +23,9 @@ canary_app = typer.Typer(
     "applies it on its next tick), or run the mesh executor that writes VirtualService weights.",
     no_args_is_help=True,
 )
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# Without markup: messages quote files and user input, where "[x]" is text.
+out = Console(highlight=False, soft_wrap=True, markup=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 T = TypeVar("T")
 
 StateOption = Annotated[
@@ -50,7 +51,7 @@ def _open_store(redis_url: str | None, state: Path, redis_cluster: bool) -> Roll
     try:
         return open_store(redis_url, state, cluster=redis_cluster)
     except StoreError as error:
-        err.print(str(error), markup=False)
+        err.print(str(error))
         raise typer.Exit(1) from None
 
 
@@ -64,7 +65,7 @@ def _run(store: RolloutStore, action: Callable[[RolloutStore], Awaitable[T]]) ->
     try:
         return asyncio.run(main())
     except StoreError as error:
-        err.print(f"canary state: {error}", markup=False)
+        err.print(f"canary state: {error}")
         raise typer.Exit(1) from None
 
 
@@ -203,7 +204,7 @@ def run(
         bundle = load_bundle(policies)
     except BundleError as error:
         for issue in error.issues:
-            err.print(f"error {issue}", markup=False)
+            err.print(f"error {issue}")
         raise typer.Exit(1) from None
     if not any(p.rollout is not None for p in bundle.canary):
         err.print(f"no CanaryPolicy with a rollout in {policies}")
@@ -211,7 +212,7 @@ def run(
     try:
         client = api_client(kubeconfig, context, in_cluster)
     except Exception as error:  # the kubernetes loaders raise several unrelated types
-        err.print(f"cannot configure the Kubernetes client: {error}", markup=False)
+        err.print(f"cannot configure the Kubernetes client: {error}")
         raise typer.Exit(1) from None
     from kubernetes.client import CustomObjectsApi
 
@@ -231,7 +232,7 @@ def run(
         if once:
             for name, rollout in (await controller.tick()).items():
                 line = f"{name}: {rollout.phase} at {rollout.weight}% ({rollout.last_analysis})"
-                out.print(line, markup=False)
+                out.print(line)
             return
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -23,8 +23,9 @@ mesh_app = typer.Typer(
     "and validation of manifests against Istio's CRDs.",
     no_args_is_help=True,
 )
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# Without markup: messages quote files and user input, where "[x]" is text.
+out = Console(highlight=False, soft_wrap=True, markup=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 CHART_FILES: dict[str, Callable[[], str]] = {
     **{name: partial(patches_file, charging) for name, charging in PATCH_FILES.values()},
@@ -102,7 +103,7 @@ def envoyfilter_command(
         config = GatewayConfig(charging=charging.config, usage_extraction=usage_extraction.config)
         resource = envoy_filter(target, config)
         if (warning := combination_warning(config)) is not None:
-            err.print(f"warning: {warning}", markup=False)
+            err.print(f"warning: {warning}")
     except ValueError as error:
         err.print(str(error))
         raise typer.Exit(2) from None

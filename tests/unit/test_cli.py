@@ -48,6 +48,30 @@ def test_check_fails_with_positions(policy_copy: Path) -> None:
     assert f"{path}:7:3: api-access: unknown field 'defualt'" in result.stderr
 
 
+def test_text_in_square_brackets_is_printed_as_it_is(policy_copy: Path) -> None:
+    """Policies, test names and patterns are text: "[/INST]" (Llama's prompt syntax) is no markup."""
+    head = "apiVersion: policy-engine/v1\nkind: AccessPolicy\nmetadata: {name: NAME}\nspec:\n  rules:\n"
+    (policy_copy / "inst.yaml").write_text(
+        head.replace("NAME", "inst")
+        + '    - {name: r, effect: deny, when: \'llm.prompt.contains("[/INST]") && tenant.tierr == "x"\'}\n'
+    )
+    (policy_copy / "upper.yaml").write_text(
+        head.replace("NAME", "upper") + "    - {name: R10, effect: deny}\n"
+    )
+    result = run("check", str(policy_copy))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert 'llm.prompt.contains("[/INST]")' in result.stderr, result.stderr
+    assert "'^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$'" in result.stderr, result.stderr  # the pattern R10 missed
+    (policy_copy / "inst.yaml").unlink()
+    (policy_copy / "upper.yaml").unlink()
+    (policy_copy / "inst_test.yaml").write_text(
+        "tests:\n  - name: '[/INST] tags are [bold]stripped'\n    expect: {allowed: true}\n"
+    )
+    result = run("test", str(policy_copy))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "[/INST] tags are [bold]stripped" in result.stdout
+
+
 def test_example_policy_tests_pass_with_full_coverage() -> None:
     result = run("test", str(POLICIES), "--require-coverage", "--json")
     assert result.returncode == 0, result.stdout + result.stderr
