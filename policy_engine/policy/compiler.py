@@ -8,7 +8,7 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from pydantic import ValidationError
 
@@ -39,7 +39,14 @@ _TERM_LIST_REF = re.compile(
     r"terms\.(?:any|find)\(\s*[^,()]*(?:\([^()]*\))?[^,()]*,\s*(['\"])([^'\"]*)\1\s*\)"
 )
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-T = TypeVar("T")
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+T = TypeVar("T", bound=_Named)
 
 
 def _library_calls(documents: Sequence[tuple[Document, Any]], functions: Sequence[FunctionDef]) -> int:
@@ -211,6 +218,8 @@ class _Compiler:
         canary: list[b.CanaryPolicy] = []
         tenant_sets: list[s.TenantSet] = []
         names: dict[str, Position] = {}
+        tenants: dict[str, Position] = {}
+        principals: dict[str, Position] = {}
         for doc, model in self.documents:
             name = model.metadata.name
             here = doc.position(("metadata", "name"))
@@ -218,6 +227,7 @@ class _Compiler:
                 self.issues.append(Issue(here, f"policy name already used at {names[name]}", name))
             names.setdefault(name, here)
             if isinstance(model, s.TenantSet):
+                self._tenants(doc, model, tenants, principals)
                 tenant_sets.append(model)
                 continue
             compiled = self._policy(doc, model)
@@ -250,6 +260,24 @@ class _Compiler:
             references=frozenset(self.references),
         )
 
+    def _tenants(
+        self, doc: Document, model: s.TenantSet, tenants: dict[str, Position], principals: dict[str, Position]
+    ) -> None:
+        """Tenant ids and principals are unique across TenantSets: otherwise which entry a
+        request resolves to would depend on file order, and a quota keyed on the id would
+        count two tenants as one."""
+        for i, entry in enumerate(model.spec.tenants):
+            here = doc.position(("spec", "tenants", i, "id"))
+            if entry.id in tenants:
+                self.issues.append(Issue(here, f"tenant {entry.id!r} already defined at {tenants[entry.id]}"))
+            tenants.setdefault(entry.id, here)
+            for j, principal in enumerate(entry.principals):
+                at = doc.position(("spec", "tenants", i, "principals", j))
+                if principal in principals:
+                    message = f"principal {principal!r} already given to a tenant at {principals[principal]}"
+                    self.issues.append(Issue(at, message))
+                principals.setdefault(principal, at)
+
     def _policy(self, doc: Document, model: s.PolicyDocument) -> b.Policy | None:
         name = model.metadata.name
         spec = model.spec
@@ -265,8 +293,19 @@ class _Compiler:
             position=doc.position(()),
         )
         result: b.Policy | None = None
+        rule_names: dict[str, Position] = {}
 
         def each(field: str, items: Sequence[T], build: Callable[[NodePath, T], Any]) -> tuple[Any, ...]:
+            # A rule's id (policy/rule) names its coverage, findings and, for a quota limit, its
+            # counters: two rules of one name would share them.
+            for i, item in enumerate(items):
+                rule = item.name
+                here = doc.position(("spec", field, i, "name"))
+                if rule in rule_names:
+                    self.issues.append(
+                        Issue(here, f"rule name already used at {rule_names[rule]}", name, rule)
+                    )
+                rule_names.setdefault(rule, here)
             built = [build(("spec", field, i), item) for i, item in enumerate(items)]
             return tuple(x for x in built if x is not None)
 
@@ -333,8 +372,8 @@ class _Compiler:
                     pick_fallback=self.pick(compiled, compiled.fallback),
                 )
 
-            routes = each("routes", spec.routes, route)
             shedding = each("shedding", spec.shedding, shed_rule)
+            routes = each("routes", spec.routes, route)
             result = b.RoutingPolicy(
                 **common,
                 routes=routes,

@@ -141,6 +141,50 @@ def test_unknown_kind_and_duplicate_names(tmp_path: Path) -> None:
     assert any(e.startswith(f"{tmp_path}/c.yaml:3:18: same: policy name already used at") for e in errors)
 
 
+def test_duplicate_rule_names_in_a_policy(tmp_path: Path) -> None:
+    """Rule ids name coverage and findings, and a limit's id its counters: each is one rule."""
+    access = "kind: AccessPolicy\nmetadata: {name: acc}\nspec:\n  rules:\n"
+    access += "    - {name: r, effect: allow, when: 'true'}\n    - {name: r, effect: deny, when: 'false'}\n"
+    write(tmp_path, "a.yaml", HEADER + access)
+    routing = "kind: RoutingPolicy\nmetadata: {name: rt}\nspec:\n"
+    routing += "  shedding: [{name: x, when: 'false'}]\n  routes: [{name: x, candidates: [b]}]\n"
+    write(tmp_path, "r.yaml", HEADER + routing)
+    quota = "kind: QuotaPolicy\nmetadata: {name: q}\nspec:\n  limits:\n"
+    quota += "    - {name: l, key: 'tenant.id', requests: {limit: 1, window: 1m}}\n" * 2
+    write(tmp_path, "q.yaml", HEADER + quota)
+    other = "kind: AccessPolicy\nmetadata: {name: other}\nspec:\n"
+    other += "  rules: [{name: r, effect: allow, when: 'true'}]\n"
+    write(tmp_path, "o.yaml", HEADER + other)  # the same rule name in another policy is another rule
+    errors = errors_of(tmp_path)
+    assert any(
+        e.startswith(f"{tmp_path}/a.yaml:7:14: acc/r: rule name already used at {tmp_path}/a.yaml:6:14")
+        for e in errors
+    ), errors
+    assert any(e.startswith(f"{tmp_path}/r.yaml:6:19: rt/x: rule name already used at") for e in errors), (
+        errors
+    )
+    assert any(e.startswith(f"{tmp_path}/q.yaml:7:14: q/l: rule name already used at") for e in errors), (
+        errors
+    )
+    assert len(errors) == 3, errors
+
+
+def test_tenant_ids_and_principals_are_unique_across_tenant_sets(tmp_path: Path) -> None:
+    def tenant_set(name: str, tenant: str, principal: str) -> str:
+        spec = f"spec:\n  tenants:\n    - id: {tenant}\n      principals: [{principal}]\n"
+        return HEADER + f"kind: TenantSet\nmetadata: {{name: {name}}}\n" + spec
+
+    write(tmp_path, "a.yaml", tenant_set("a", "acme", "spiffe://x/ns/a/sa/a"))
+    write(tmp_path, "b.yaml", tenant_set("b", "acme", "spiffe://x/ns/b/sa/b"))
+    write(tmp_path, "c.yaml", tenant_set("c", "globex", "spiffe://x/ns/a/sa/a"))
+    errors = errors_of(tmp_path)
+    assert errors == [
+        f"{tmp_path}/b.yaml:6:11: tenant 'acme' already defined at {tmp_path}/a.yaml:6:11",
+        f"{tmp_path}/c.yaml:7:20: principal 'spiffe://x/ns/a/sa/a' already given to a tenant at "
+        f"{tmp_path}/a.yaml:7:20",
+    ]
+
+
 def test_duplicate_yaml_key(tmp_path: Path) -> None:
     write(tmp_path, "a.yaml", HEADER + "kind: AccessPolicy\nkind: AccessPolicy\nmetadata: {name: a}\n")
     assert any("a.yaml:3:1: duplicate key 'kind'" in e for e in errors_of(tmp_path))
