@@ -434,8 +434,12 @@ class Pipeline:
                     header_value = self._eval(run, policy, route.name, expr)
                     if isinstance(header_value, str):
                         headers[name] = header_value
-                    elif header_value is not None:
+                        continue
+                    if header_value is not None:
                         run.errors.append(f"{policy.name}/{route.name}: header {name} is not a string")
+                    # A header the mesh may route or bill on is part of the decision: on_error
+                    # decides, as for a condition, rather than sending the request without it.
+                    self._failed(run, policy, 503)
                 if policy.dry_run:
                     run.dry_run.append(FiredRule(policy.name, route.name, "route", True, backend))
                     break

@@ -72,7 +72,8 @@ Stages run in this order; the first enforced denial ends the run:
 `mode: dry_run` evaluates a policy fully but only records what it would have done (the decision's
 dry-run findings). `on_error` says what a run-time expression error means: `deny` (the default)
 fails closed with reason `policy_error` (403 for access, 400 for moderation, 500 for quota and
-canary, 503 for routing); `allow` treats the failing rule as not fired. A backend named in a
+canary, 503 for routing, a route's `headers` included); `allow` treats the failing rule as not
+fired (a failing route header is left out). A backend named in a
 route but absent from telemetry is treated as unhealthy and stale.
 
 Denials have an OpenAI-style JSON body:

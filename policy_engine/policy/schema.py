@@ -187,7 +187,9 @@ class Route(Strict):
         None, description="Lowest score wins (variable `backend`); without it, the first eligible."
     )
     fallback: list[Name] = Field(
-        default_factory=list, description="Tried in order when no candidate is eligible."
+        default_factory=list,
+        description="When no candidate is eligible: the eligible fallback with the lowest score "
+        "(without a score, the first eligible).",
     )
     headers: dict[HeaderName, CelExpr] = Field(
         default_factory=dict, description="Extra upstream headers: name → CEL string expression."

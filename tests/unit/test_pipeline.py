@@ -111,6 +111,27 @@ def test_on_error_allow_skips_the_rule(tmp_path: Path) -> None:
     assert decision.allowed and decision.errors
 
 
+def test_a_failing_route_header_follows_on_error(tmp_path: Path) -> None:
+    """A header the mesh routes or bills on is part of the decision, as a condition is."""
+    routing = (
+        "kind: RoutingPolicy\nmetadata: {name: rt}\nspec:\nEXTRA  routes:\n"
+        "    - {name: r, candidates: [b1], headers: {x-region: 'request.headers[\"x-region\"]'}}\n"
+    )
+    telemetry = TelemetrySnapshot({"b1": BackendStats("b1")})
+    closed = pipeline(tmp_path, access("a", ALLOW_ALL), routing.replace("EXTRA", "")).decide(
+        chat(), telemetry
+    )
+    assert (closed.allowed, closed.status, closed.reason) == (False, 503, "policy_error")
+    assert closed.errors and "x-region" in closed.errors[0]
+    lenient = routing.replace("EXTRA", "  on_error: allow\n")
+    opened = pipeline(tmp_path, access("a", ALLOW_ALL), lenient).decide(chat(), telemetry)
+    assert (opened.allowed, opened.route) == (True, "b1") and opened.errors
+    assert "x-region" not in opened.upstream_headers
+    given = dataclasses.replace(chat(), headers={"x-region": "eu"})
+    routed = pipeline(tmp_path, access("a", ALLOW_ALL), routing.replace("EXTRA", "")).decide(given, telemetry)
+    assert routed.allowed and routed.upstream_headers["x-region"] == "eu"
+
+
 def test_stage_order_access_before_moderation(tmp_path: Path) -> None:
     moderation = (
         "kind: ModerationPolicy\nmetadata: {name: mod}\nspec:\n  rules:\n    - {name: all, when: 'true'}\n"
