@@ -332,13 +332,22 @@ def hash_key_command(
     key_id: Annotated[str, typer.Option("--id", help="Non-secret id for the key.")] = "key",
 ) -> None:
     """Read an API key on stdin; print the TenantSet entry that stores it as a salted hash."""
+    import yaml
+
     key = sys.stdin.readline().strip()
     try:
-        stored = hash_key(key)
+        stored = hash_key(key, key_id)
+    except ValidationError:
+        err.print(
+            f"--id must be a name (lower-case letters, digits, '-', '_', '.'; at most 63), not {key_id!r}"
+        )
+        raise typer.Exit(2) from None
     except ValueError as error:
         err.print(str(error))
         raise typer.Exit(2) from None
-    sys.stdout.write(f"- id: {key_id}\n  prefix: {stored.prefix}\n  hash: {stored.hash}\n")
+    # Through the YAML writer: a prefix with a space or a quote stays what it is when read back.
+    entry = {"id": stored.id, "prefix": stored.prefix, "hash": stored.hash}
+    sys.stdout.write(yaml.safe_dump([entry], sort_keys=False))
 
 
 @app.command()

@@ -32,13 +32,14 @@ class Tenant:
 ANONYMOUS = Tenant()
 
 
-def hash_key(key: str, salt: str | None = None) -> ApiKey:
-    """The stored form of an API key: its prefix (lookup index) and a salted digest."""
+def hash_key(key: str, key_id: str = "key", salt: str | None = None) -> ApiKey:
+    """The stored form of an API key: its prefix (lookup index) and a salted digest. Raises
+    ValueError (pydantic's ValidationError for a `key_id` that is not a name)."""
     if len(key) < _PREFIX_LENGTH + 8:
         raise ValueError(f"API keys must be at least {_PREFIX_LENGTH + 8} characters")
     salt = salt or secrets.token_hex(16)
     digest = hashlib.sha256(bytes.fromhex(salt) + key.encode()).hexdigest()
-    return ApiKey(id="key", hash=f"sha256${salt}${digest}", prefix=key[:_PREFIX_LENGTH])
+    return ApiKey(id=key_id, hash=f"sha256${salt}${digest}", prefix=key[:_PREFIX_LENGTH])
 
 
 def _verify(key: str, stored: str) -> bool:
@@ -63,6 +64,8 @@ class TenantRegistry:
     """Resolves a tenant from request headers or the mTLS principal."""
 
     def __init__(self, sets: Iterable[TenantSet]) -> None:
+        # By the stored prefix as written (4 to 16 characters; hash-key writes 8): a presented
+        # key is looked up by its first characters at each length some stored prefix has.
         self._by_prefix: dict[str, list[tuple[ApiKey, TenantEntry]]] = {}
         self._by_principal: dict[str, TenantEntry] = {}
         self._by_id: dict[str, TenantEntry] = {}
@@ -74,10 +77,11 @@ class TenantRegistry:
             for entry in tenant_set.spec.tenants:
                 self._by_id.setdefault(entry.id, entry)
                 for key in entry.api_keys:
-                    self._by_prefix.setdefault(key.prefix[:_PREFIX_LENGTH], []).append((key, entry))
+                    self._by_prefix.setdefault(key.prefix, []).append((key, entry))
                 for principal in entry.principals:
                     self._by_principal[principal] = entry
         self._key_headers = tuple(headers) or ("authorization", "x-api-key")
+        self._prefix_lengths = tuple(sorted({len(prefix) for prefix in self._by_prefix}))
         self._verified: dict[bytes, Tenant] = {}
         self._digest_key = secrets.token_bytes(32)
 
@@ -114,7 +118,8 @@ class TenantRegistry:
             known_key = self._verified.get(remembered)
             if known_key is not None:
                 return known_key
-            for stored, entry in self._by_prefix.get(key[:_PREFIX_LENGTH], ()):
+            candidates = (c for n in self._prefix_lengths for c in self._by_prefix.get(key[:n], ()))
+            for stored, entry in candidates:
                 if _verify(key, stored.hash):
                     tenant = _tenant(entry, "api_key", stored.id)
                     if len(self._verified) >= _VERIFIED_KEYS:

@@ -97,3 +97,33 @@ def test_a_plaintext_key_in_a_policy_file_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(BundleError) as raised:
         load_bundle(tmp_path)
     assert "tenants.yaml:8:" in str(raised.value)
+
+
+@pytest.mark.parametrize("length", [4, 7, 12, 16])
+def test_a_prefix_of_any_allowed_length_finds_its_key(length: int) -> None:
+    """The schema takes prefixes of 4 to 16 characters (hash-key writes 8): each one works."""
+    stored = hash_key(KEY)
+    found = registry(stored.model_copy(update={"prefix": KEY[:length]}))
+    assert found.resolve({"x-api-key": KEY}, "").credential == "api_key"
+    assert found.resolve({"x-api-key": KEY[:-1] + "9"}, "").credential == "invalid_key"
+
+
+def test_hash_key_writes_an_entry_the_loader_reads_back_as_it_was(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    def hash_key_cli(key: str, key_id: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "policy_engine", "hash-key", "--id", key_id]
+        return subprocess.run(command, input=key + "\n", capture_output=True, text=True, check=False)
+
+    key = "sk: 'a # quoted key-0001"  # YAML's own characters in the prefix
+    result = hash_key_cli(key, "prod-1")
+    assert result.returncode == 0, result.stderr
+    (entry,) = yaml.safe_load(result.stdout)
+    assert (entry["id"], entry["prefix"]) == ("prod-1", key[:8])
+    tenant = registry(ApiKey.model_validate(entry)).resolve({"x-api-key": key}, "")
+    assert tenant.credential == "api_key"
+    refused = hash_key_cli(KEY, "Prod Key")
+    assert refused.returncode == 2 and "--id must be a name" in refused.stderr and not refused.stdout
