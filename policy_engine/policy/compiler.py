@@ -56,6 +56,12 @@ def _library_calls(documents: Sequence[tuple[Document, Any]], functions: Sequenc
     return sum(len(pattern.findall(text)) for text in texts.values())
 
 
+NO_ACCESS_POLICY = (
+    "no AccessPolicy: every request would be allowed; write one (a rule `{name: all, effect: allow, "
+    "when: 'true'}` allows every request on purpose)"
+)
+
+
 def _one_line(source: str) -> str:
     """An expression quoted in a one-line error message."""
     return " ".join(source.split())
@@ -242,6 +248,11 @@ class _Compiler:
             ):
                 if isinstance(compiled, kind):
                     bucket.append(compiled)  # type: ignore[arg-type]
+        if not access and not self.issues:
+            # Without one every request would be allowed: an emptied directory, a deleted or
+            # half-written access.yaml must not open the gateway (and a reload keeps the last
+            # good bundle instead).
+            self.issues.append(Issue(Position(str(directory), 0, 0), NO_ACCESS_POLICY))
         if self.issues:
             raise BundleError(self.issues)
         return b.Bundle(

@@ -40,6 +40,8 @@ Stages run in this order; the first enforced denial ends the run:
 
 1. **access**: each applicable `AccessPolicy` denies if any deny rule fires (deny overrides allow),
    else allows if any allow rule fired, else applies its `default` (deny unless set otherwise).
+   A directory without an `AccessPolicy` is refused (`check`, start and reload alike): it would
+   allow every request, so an emptied directory or a deleted `access.yaml` never opens access.
 2. **moderation**: the first `deny` rule that fires blocks the request; `flag` rules add
    `x-pe-flags: policy/rule,...` to the upstream request.
 3. **shedding**: the first firing shedding rule of a `RoutingPolicy` answers 503 with `Retry-After`.

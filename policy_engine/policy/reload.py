@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from policy_engine.decide.pipeline import Pipeline
+from policy_engine.policy.bundle import Bundle
 from policy_engine.policy.compiler import BundleError, is_test_file, load_bundle
 from policy_engine.policy.source import Issue
 
@@ -35,19 +36,31 @@ class BundleHolder:
         return self.pipeline.bundle.version
 
     def reload(self) -> ReloadResult:
+        return self._settle(self._attempt())
+
+    def _attempt(self) -> Bundle | ReloadResult:
+        """The directory's bundle, or the failed attempt (logged). Changes nothing, so the
+        watcher runs it in a thread: a slow load does not hold up decisions."""
         try:
-            bundle = load_bundle(self.directory)
+            return load_bundle(self.directory)
         except BundleError as error:
             for issue in error.issues:
                 log.error("policy reload rejected, keeping bundle %s: %s", self.version, issue)
-            result = ReloadResult(False, self.version, tuple(error.issues))
+            return ReloadResult(False, self.version, tuple(error.issues))
         except OSError as error:
             log.error("policy reload failed, keeping bundle %s: %s", self.version, error)
-            result = ReloadResult(False, self.version)
+            return ReloadResult(False, self.version)
+        except Exception:  # a loader bug must not end the watch: later edits still reload
+            log.exception("policy reload failed, keeping bundle %s", self.version)
+            return ReloadResult(False, self.version)
+
+    def _settle(self, outcome: Bundle | ReloadResult) -> ReloadResult:
+        if isinstance(outcome, ReloadResult):
+            result = outcome
         else:
-            if bundle.version != self.version:
-                self.pipeline = Pipeline(bundle)
-                log.info("policy bundle %s active (%d policies)", bundle.version, len(bundle.policies()))
+            if outcome.version != self.version:
+                self.pipeline = Pipeline(outcome)
+                log.info("policy bundle %s active (%d policies)", outcome.version, len(outcome.policies()))
             result = ReloadResult(True, self.version)
         if self._on_reload is not None:
             self._on_reload(result)
@@ -65,4 +78,4 @@ class BundleHolder:
         async for _changes in awatch(
             self.directory, stop_event=stop, watch_filter=relevant, debounce=debounce_ms, recursive=True
         ):
-            self.reload()
+            self._settle(await asyncio.to_thread(self._attempt))

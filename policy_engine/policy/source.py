@@ -20,7 +20,8 @@ class Position:
     column: int  # 1-based
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.column}"
+        # Line 0: the whole file or directory (a problem of what is missing, not of a line).
+        return f"{self.file}:{self.line}:{self.column}" if self.line else self.file
 
 
 @dataclass(frozen=True)
@@ -122,9 +123,23 @@ for _first in "tTfF":
     )
 
 _constructor = yaml.constructor.SafeConstructor()
+# Far above any real policy file (the examples have ~1,000 values; a 260-rule policy ~3,000),
+# far below what exhausts memory: a few lines of nested aliases expand to billions of values.
+MAX_VALUES = 200_000
+MAX_DEPTH = 64
+
+
+class _TooLarge(Exception):
+    def __init__(self, node: Node, message: str) -> None:
+        super().__init__(message)
+        self.node = node
 
 
 def _convert(node: Node, path: Path, nodes: dict[Path, Node], issues: list[Issue], file: str) -> Any:
+    if len(nodes) >= MAX_VALUES:
+        raise _TooLarge(node, f"more than {MAX_VALUES} values in one document (aliases expanding?)")
+    if len(path) > MAX_DEPTH:
+        raise _TooLarge(node, f"nested deeper than {MAX_DEPTH} levels")
     nodes[path] = node
     if isinstance(node, ScalarNode):
         return _constructor.construct_object(node, deep=True)
@@ -172,6 +187,8 @@ def parse_documents(file: str, text: str) -> Iterator[Document]:
     except yaml.YAMLError as error:
         message = " ".join(str(error).split())
         raise SourceError([Issue(Position(file, 1, 1), f"YAML error: {message}")]) from None
+    except RecursionError:  # the YAML reader recurses once per level of nesting
+        raise SourceError([Issue(Position(file, 1, 1), "YAML error: nested too deeply")]) from None
     issues: list[Issue] = []
     documents: list[Document] = []
     for index, root in enumerate(composed):
@@ -184,6 +201,10 @@ def parse_documents(file: str, text: str) -> Iterator[Document]:
             mark = getattr(error, "problem_mark", None)
             position = Position(file, mark.line + 1, mark.column + 1) if mark else Position(file, 1, 1)
             issues.append(Issue(position, f"YAML error: {_yaml_message(error)}"))
+            continue
+        except _TooLarge as error:
+            mark = error.node.start_mark
+            issues.append(Issue(Position(file, mark.line + 1, mark.column + 1), f"YAML error: {error}"))
             continue
         documents.append(Document(file, index, data, nodes, lines))
     if issues:

@@ -197,6 +197,10 @@ def test_hash_key_output_is_accepted_by_the_loader(tmp_path: Path) -> None:
         "spec:\n  tenants:\n    - id: t1\n      api_keys:\n"
         + "".join(f"        {line}\n" for line in entry.splitlines())
     )
+    (tmp_path / "a.yaml").write_text(
+        "apiVersion: policy-engine/v1\nkind: AccessPolicy\nmetadata: {name: a}\n"
+        "spec: {rules: [{name: all, effect: allow, when: 'true'}]}\n"
+    )
     from policy_engine.policy.compiler import load_bundle
 
     bundle = load_bundle(tmp_path)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from policy_engine.policy.compiler import BundleError, load_bundle
+from policy_engine.policy.compiler import NO_ACCESS_POLICY, BundleError, load_bundle
+from policy_engine.policy.source import MAX_DEPTH, MAX_VALUES
 
 HEADER = "apiVersion: policy-engine/v1\n"
 
@@ -183,6 +184,41 @@ def test_tenant_ids_and_principals_are_unique_across_tenant_sets(tmp_path: Path)
         f"{tmp_path}/c.yaml:7:20: principal 'spiffe://x/ns/a/sa/a' already given to a tenant at "
         f"{tmp_path}/a.yaml:7:20",
     ]
+
+
+def test_a_directory_without_an_access_policy_is_refused(tmp_path: Path) -> None:
+    assert errors_of(tmp_path) == [f"{tmp_path}: {NO_ACCESS_POLICY}"]
+    routing = "kind: RoutingPolicy\nmetadata: {name: r}\nspec:\n  routes: [{name: a, candidates: [b]}]\n"
+    write(tmp_path, "r.yaml", HEADER + routing)
+    assert errors_of(tmp_path) == [f"{tmp_path}: {NO_ACCESS_POLICY}"]
+    write(
+        tmp_path,
+        "a.yaml",
+        HEADER
+        + "kind: AccessPolicy\nmetadata: {name: a}\n"
+        + "spec: {rules: [{name: all, effect: allow, when: 'true'}]}\n",
+    )
+    assert load_bundle(tmp_path).access
+
+
+def test_aliases_expanding_without_bound_are_refused(tmp_path: Path) -> None:
+    """A few lines of nested YAML aliases would expand to a million values and exhaust memory."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 7)]
+    path = write(tmp_path, "bomb.yaml", HEADER + "kind: AccessPolicy\n" + "\n".join(lines) + "\n")
+    errors = errors_of(tmp_path)
+    assert len(errors) == 1 and errors[0].startswith(f"{path}:"), errors
+    assert f"YAML error: more than {MAX_VALUES} values in one document (aliases expanding?)" in errors[0]
+
+
+def test_nesting_too_deep_is_refused(tmp_path: Path) -> None:
+    deep = write(tmp_path, "deep.yaml", HEADER + "kind: AccessPolicy\nspec: " + "[" * 100 + "]" * 100 + "\n")
+    deeper = write(
+        tmp_path, "deeper.yaml", HEADER + "kind: AccessPolicy\nspec: " + "[" * 5000 + "]" * 5000 + "\n"
+    )
+    errors = errors_of(tmp_path)
+    assert f"{deep}:3:" in errors[0] and f"nested deeper than {MAX_DEPTH} levels" in errors[0], errors
+    assert errors[1] == f"{deeper}:1:1: YAML error: nested too deeply", errors
 
 
 def test_duplicate_yaml_key(tmp_path: Path) -> None:
