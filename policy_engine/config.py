@@ -26,7 +26,7 @@ class Settings(BaseSettings):
         le=65535,
         description="Port for Envoy's HTTP ext_authz protocol (http_service), on --host; unset = off.",
     )
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str | None = Field(None, description="Metrics listen address; unset: the same as host.")
     metrics_port: int = Field(9090, ge=0, le=65535, description="Prometheus /metrics port; 0 = off.")
     workers: int = Field(1, ge=1, le=64, description="Processes sharing the gRPC port (SO_REUSEPORT).")
     redis_url: str | None = Field(
@@ -85,6 +85,16 @@ class Settings(BaseSettings):
     decision_log_secrets: Literal["hash", "drop"] = Field(
         "hash", description="Credential headers in the log: a sha256 digest prefix, or dropped."
     )
+
+    @model_validator(mode="after")
+    def _workers_share_a_port(self) -> Settings:
+        if self.workers > 1 and self.port == 0:
+            raise ValueError("--workers > 1 needs a fixed --port (the workers share it)")
+        return self
+
+    @property
+    def metrics_address(self) -> str:
+        return self.host if self.metrics_host is None else self.metrics_host
 
     @model_validator(mode="after")
     def _tls_complete(self) -> Settings:

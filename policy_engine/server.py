@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -241,7 +242,9 @@ async def serve(settings: Settings, worker: int = 0) -> None:
     access_log = AccessLogService(hub, charge=UsageCharger(quota.charge_reports).charge)
     canary = start_canary(settings, worker, lambda: holder.pipeline.bundle, hub, registry)
 
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+    # Workers share the port on purpose; one process alone must own it, or a second service
+    # started on the same port would silently take half the connections (gRPC's default is on).
+    server = grpc.aio.server(options=[("grpc.so_reuseport", int(settings.workers > 1))])
     authorization = AuthorizationService(
         lambda: holder.pipeline,
         hub.snapshot,
@@ -266,7 +269,10 @@ async def serve(settings: Settings, worker: int = 0) -> None:
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    port = _listen(server, settings)
+    try:
+        port = _listen(server, settings)
+    except RuntimeError:  # grpc.aio's "failed to bind"; the port was free a moment ago
+        port = 0
     if port == 0:
         raise OSError(f"cannot listen on {settings.host}:{settings.port}: address in use or not permitted")
     if settings.redis_url:
@@ -283,11 +289,11 @@ async def serve(settings: Settings, worker: int = 0) -> None:
         http_server = await serve_http(
             authorization, settings.host, settings.http_port, settings.max_body_bytes, settings.workers > 1
         )
-        log.info("worker %d serving HTTP ext_authz on %s:%d", worker, settings.host, settings.http_port)
+        log.info("worker %d serving HTTP ext_authz on %s:%d", worker, settings.host, http_server.port)
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if worker == 0 and settings.metrics_port and _MULTIPROC_ENV not in os.environ:
-        start_http_server(settings.metrics_port, settings.metrics_host, registry=registry)
+        _serve_metrics(settings, registry)
     if settings.port_file is not None and worker == 0:
         settings.port_file.write_text(str(port))
     log.info("worker %d serving on %s:%d, bundle %s", worker, settings.host, port, holder.version)
@@ -335,11 +341,10 @@ def _worker_main(settings: Settings, worker: int) -> None:
 
 def run(settings: Settings) -> None:
     """Serve with `settings.workers` processes; returns when all have stopped."""
+    _port_free(settings)
     if settings.workers == 1:
         _worker_main(settings, 0)
         return
-    if settings.port == 0:
-        raise ValueError("--workers > 1 needs a fixed --port (the workers must share it)")
     if not settings.redis_url:
         log.warning(
             "%d workers with in-memory quotas: each worker counts separately; use --redis-url",
@@ -422,4 +427,28 @@ def _serve_multiprocess_metrics(settings: Settings) -> None:
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    start_http_server(settings.metrics_port, settings.metrics_host, registry=registry)
+    _serve_metrics(settings, registry)
+
+
+def _serve_metrics(settings: Settings, registry: CollectorRegistry) -> None:
+    try:
+        start_http_server(settings.metrics_port, settings.metrics_address, registry=registry)
+    except OSError as error:
+        address = f"{settings.metrics_address}:{settings.metrics_port}"
+        raise OSError(f"cannot serve metrics on {address}: {error.strerror or error}") from None
+
+
+def _port_free(settings: Settings) -> None:
+    """The workers bind with SO_REUSEPORT, which would let them join another process that
+    holds the port the same way: a plain bind first fails when anything holds it."""
+    for port in (settings.port, settings.http_port):
+        if port is None:
+            continue
+        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # As the servers bind: a port whose last connections are in TIME_WAIT is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((settings.host, port))
+            except OSError as error:
+                raise OSError(f"cannot listen on {settings.host}:{port}: {error.strerror or error}") from None

@@ -167,3 +167,66 @@ def test_a_killed_worker_is_replaced_while_the_other_serves(tmp_path: object) ->
         code = service.stop()
         backend.stop()
     assert code == 0
+
+
+def test_a_port_another_service_holds_is_refused(tmp_path: object) -> None:
+    """gRPC binds with SO_REUSEPORT unless told otherwise: a second service on a taken port
+    would have started and taken half the connections with its own policies."""
+    import sys
+
+    from tests.e2e.harness import ROOT, free_port
+
+    first = start_service(TOKEN_POLICIES, port=free_port())
+    try:
+        for workers in ("1", "2"):
+            args = [
+                sys.executable, "-m", "policy_engine", "serve", "--policies", str(TOKEN_POLICIES),
+                "--host", "127.0.0.1", "--port", str(first.port), "--workers", workers,
+                "--metrics-port", "0", "--canary-state", f"{tmp_path}/canary.json",
+            ]  # fmt: skip
+            result = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=ROOT)
+            assert result.returncode == 1, (workers, result.stderr)
+            assert f"cannot listen on 127.0.0.1:{first.port}" in result.stderr, result.stderr
+            assert "Traceback" not in result.stderr, result.stderr
+        assert listens(first.process.pid, first.port)
+    finally:
+        first.stop()
+
+
+def test_workers_without_a_fixed_port_are_refused_as_a_setting(tmp_path: object) -> None:
+    import sys
+
+    from tests.e2e.harness import ROOT
+
+    args = [
+        sys.executable, "-m", "policy_engine", "serve", "--policies", str(TOKEN_POLICIES),
+        "--port", "0", "--workers", "2", "--canary-state", f"{tmp_path}/canary.json",
+    ]  # fmt: skip
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "--workers > 1 needs a fixed --port" in result.stderr
+
+
+def test_metrics_listen_where_the_service_does(tmp_path: object) -> None:
+    """--host 127.0.0.1 keeps /metrics off other interfaces too, unless PE_METRICS_HOST says otherwise."""
+
+    def metrics_addresses(port: int) -> set[str]:
+        found = set()
+        with open("/proc/net/tcp", encoding="ascii") as handle:
+            for line in handle.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.split(":")
+                if state == "0A" and int(hex_port, 16) == port:
+                    found.add(".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0)))
+        return found
+
+    service = start_service(TOKEN_POLICIES)
+    try:
+        assert metrics_addresses(service.metrics_port) == {"127.0.0.1"}
+    finally:
+        service.stop()
+    service = start_service(TOKEN_POLICIES, env={"PE_METRICS_HOST": "0.0.0.0"})
+    try:
+        assert metrics_addresses(service.metrics_port) == {"0.0.0.0"}
+    finally:
+        service.stop()
