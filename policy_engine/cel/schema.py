@@ -70,7 +70,12 @@ MESSAGES: tuple[MessageType, ...] = (
             Field("model", "string", "Requested model ('' when absent)."),
             Field("kind", "string", "chat, completion, embedding, image, audio or other."),
             Field("stream", "bool", "Streaming response requested."),
-            Field("max_tokens", "int", "max_tokens / max_completion_tokens (0 when absent)."),
+            Field(
+                "max_tokens",
+                "int",
+                "The largest of max_tokens, max_completion_tokens and max_output_tokens, numbers given "
+                "as strings included (0 when absent).",
+            ),
             Field("temperature", "double", "Sampling temperature (0 when absent)."),
             Field("user", "string", "OpenAI 'user' field."),
             Field("messages", "list<ChatMessage>", "Chat messages."),

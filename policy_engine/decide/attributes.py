@@ -191,6 +191,21 @@ def _int(value: Any) -> int:
     return max(-(2**62), min(2**62, int(value)))
 
 
+_OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+
+def _token_limit(value: Any) -> int:
+    """An output-token limit as a backend reads it: a number, or a string of one (OpenAI-style
+    servers validate in lax mode, where "4096" is 4096). Never negative: that would refund."""
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            return 0
+        value = number if number.is_integer() else 0
+    return max(0, _int(value))
+
+
 def _float(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return 0.0
@@ -234,12 +249,15 @@ def llm_request(attrs: RequestAttributes, body: Any, with_messages: bool = True)
     prompt = "\n".join(filter(None, texts))
     model_value = body.get("model")
     user_value = body.get("user")
-    max_tokens = body.get("max_tokens", body.get("max_completion_tokens", body.get("max_output_tokens")))
+    # Every field a backend may read its output limit from, the largest: vLLM takes
+    # max_completion_tokens over max_tokens, and a cap or a reservation read from the other
+    # one would be bypassed by sending both.
+    max_tokens = max(_token_limit(body.get(name)) for name in _OUTPUT_LIMITS)
     return LlmRequest(
         model=model_value if isinstance(model_value, str) else "",
         kind=kind,
         stream=body.get("stream") is True,
-        max_tokens=max(0, _int(max_tokens)),  # a negative budget would refund tokens
+        max_tokens=max_tokens,
         temperature=_float(body.get("temperature")),
         user=user_value if isinstance(user_value, str) else "",
         messages=tuple(messages),
