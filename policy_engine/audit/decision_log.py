@@ -22,9 +22,11 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
 import random
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -269,6 +271,28 @@ def _telemetry(snapshot: TelemetrySnapshot) -> dict[str, Any]:
     return {"version": snapshot.version, "load": snapshot.load, "backends": backends}
 
 
+# What Python's JSON reader takes and strict readers (jq, JSON.parse) refuse: NaN and infinities,
+# and \uD800-\uDFFF escapes (a lone one is no character; pairs match too and are re-encoded).
+_NOT_STRICT = re.compile(rb"NaN|Infinity|\\u[dD][89a-fA-F]")
+
+
+def _text(value: str) -> str:
+    return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _strict(value: Any) -> Any:
+    """The body as every JSON reader takes it: non-finite numbers null, lone surrogates U+FFFD."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return _text(value)
+    if isinstance(value, list):
+        return [_strict(item) for item in value]
+    if isinstance(value, dict):
+        return {_text(key): _strict(item) for key, item in value.items()}
+    return value
+
+
 def _body(attrs: RequestAttributes, body: Any) -> str:
     """The body as JSON text: the parsed body's own bytes when they are UTF-8 (no re-encoding),
     else the body as text."""
@@ -280,10 +304,19 @@ def _body(attrs: RequestAttributes, body: Any) -> str:
             text = attrs.body.decode("utf-8") if plain else ""
         except UnicodeDecodeError:
             plain = False
-        if not plain:
-            return '"body":' + json.dumps(body, separators=(",", ":"))
+        if not plain or _NOT_STRICT.search(attrs.body):
+            try:
+                return '"body":' + json.dumps(_strict(body), separators=(",", ":"), allow_nan=False)
+            except RecursionError:  # nested as deep as the reader allowed: kept as text instead
+                body = None
+        if body is None:
+            return _raw_body(attrs)
         # Outside strings, JSON whitespace; inside, a raw line break is invalid: one line either way.
         return '"body":' + text.replace("\n", " ").replace("\r", " ")
+    return _raw_body(attrs)
+
+
+def _raw_body(attrs: RequestAttributes) -> str:
     if not attrs.body:
         return '"body":null'
     raw = attrs.body[:MAX_RAW_BODY].decode("utf-8", "replace")

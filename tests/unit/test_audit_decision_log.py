@@ -284,3 +284,31 @@ def test_a_stalled_reader_never_blocks_the_caller(tmp_path: Path, monkeypatch: p
     lines = received.decode().splitlines()
     assert len(lines) + sink.dropped == 2000
     assert all(json.loads(text) == {"pad": "x" * 1000} for text in lines)
+
+
+@pytest.mark.parametrize(
+    ("sent", "logged"),
+    [
+        (b'{"model": "m", "temperature": NaN, "top_p": Infinity, "n": -Infinity}', None),
+        (b'{"model": "m", "user": "\\ud800x", "\\udfff": 1}', {"model": "m", "user": "\ufffdx", "\ufffd": 1}),
+        (b'{"model": "m", "user": "\\ud83d\\ude00 NaN"}', {"model": "m", "user": "\U0001f600 NaN"}),
+    ],
+)
+def test_a_line_is_strict_json_whatever_the_body(
+    example_pipeline: Pipeline, tmp_path: Path, sent: bytes, logged: object
+) -> None:
+    """Python's JSON reader takes NaN, Infinity and lone surrogate escapes; jq, JSON.parse and
+    most log pipelines refuse the whole line. The line is checked by jq itself."""
+    import shutil
+    import subprocess
+
+    jq = shutil.which("jq")
+    assert jq, "jq is not installed (scripts/setup installs it)"
+    line = logged_line(example_pipeline, _attrs({}, sent), tmp_path)
+    read = subprocess.run([jq, "-c", ".body"], input=line, capture_output=True, text=True, check=False)
+    assert read.returncode == 0, read.stderr
+    body = json.loads(read.stdout)
+    if logged is None:
+        assert body == {"model": "m", "temperature": None, "top_p": None, "n": None}
+    else:
+        assert body == logged
