@@ -43,7 +43,7 @@ from policy_engine.envoy.ratelimit import RateLimitService
 from policy_engine.envoy.usage_charge import UsageCharger
 from policy_engine.policy.bundle import Bundle
 from policy_engine.policy.compiler import load_bundle
-from policy_engine.policy.reload import BundleHolder, ReloadResult
+from policy_engine.policy.reload import BundleHolder, LastGood, ReloadResult
 from policy_engine.quota.memory import MemoryStore
 from policy_engine.quota.service import QuotaService
 from policy_engine.quota.store import CounterStore, StoreUnavailable
@@ -190,7 +190,7 @@ def _listen(server: grpc.aio.Server, settings: Settings) -> int:
     return server.add_secure_port(address, credentials)
 
 
-async def serve(settings: Settings, worker: int = 0) -> None:
+async def serve(settings: Settings, worker: int = 0, last_good: Path | None = None) -> None:
     """Run one serving process until SIGTERM/SIGINT, then drain in-flight calls."""
     registry = CollectorRegistry(auto_describe=True)
     metrics = Metrics(registry)
@@ -225,9 +225,11 @@ async def serve(settings: Settings, worker: int = 0) -> None:
         if result.ok:
             check_bundle()
 
-    holder = BundleHolder(settings.policies, on_reload=reloaded)
+    holder = BundleHolder(
+        settings.policies, on_reload=reloaded, last_good=LastGood(last_good) if last_good else None
+    )
     metrics.set_bundle(holder.version)
-    metrics.reload_ok.set(1)
+    metrics.reload_ok.set(0 if holder.rejected else 1)
     metrics.reload_time.set(time.time())
     auditor = build_auditor(settings, lambda: holder.pipeline.bundle.tenants)
     hub = TelemetryHub(
@@ -330,13 +332,13 @@ async def serve(settings: Settings, worker: int = 0) -> None:
     await store.close()
 
 
-def _worker_main(settings: Settings, worker: int) -> None:
+def _worker_main(settings: Settings, worker: int, last_good: Path | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s w{worker} %(levelname)s %(name)s: %(message)s"
     )
     # httpx logs every backend scrape at INFO: one line per backend per second.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    asyncio.run(serve(settings, worker))
+    asyncio.run(serve(settings, worker, last_good))
 
 
 def run(settings: Settings) -> None:
@@ -351,12 +353,16 @@ def run(settings: Settings) -> None:
             settings.workers,
         )
     load_bundle(settings.policies)  # a bad directory fails here, not in every worker over and over
-    with tempfile.TemporaryDirectory(prefix="pe-metrics-") as metrics_dir:
+    with (
+        tempfile.TemporaryDirectory(prefix="pe-metrics-") as metrics_dir,
+        tempfile.TemporaryDirectory(prefix="pe-last-good-") as kept,
+    ):
+        last_good = Path(kept)
         os.environ[_MULTIPROC_ENV] = metrics_dir
         context = multiprocessing.get_context("spawn")
         # The metrics port first: when it is taken, fail before any worker exists.
         _serve_multiprocess_metrics(settings)
-        workers = [_worker_process(context, settings, i) for i in range(settings.workers)]
+        workers = [_worker_process(context, settings, i, last_good) for i in range(settings.workers)]
         stopping = False
 
         def forward(signum: int, _frame: object) -> None:
@@ -372,7 +378,7 @@ def run(settings: Settings) -> None:
         try:
             for process in workers:
                 process.start()
-            _supervise(workers, lambda i: _worker_process(context, settings, i), lambda: stopping)
+            _supervise(workers, lambda i: _worker_process(context, settings, i, last_good), lambda: stopping)
         except BaseException:
             forward(signal.SIGTERM, None)
             raise
@@ -386,8 +392,10 @@ class WorkersFailing(RuntimeError):
     """Workers keep exiting right after they start: restarting them would only repeat it."""
 
 
-def _worker_process(context: Any, settings: Settings, index: int) -> Any:
-    return context.Process(target=_worker_main, args=(settings, index), daemon=False, name=f"worker-{index}")
+def _worker_process(context: Any, settings: Settings, index: int, last_good: Path) -> Any:
+    return context.Process(
+        target=_worker_main, args=(settings, index, last_good), daemon=False, name=f"worker-{index}"
+    )
 
 
 def _supervise(workers: list[Any], replacement: Callable[[int], Any], stopping: Callable[[], bool]) -> None:

@@ -446,6 +446,18 @@ class _Compiler:
         return result if len(self.issues) == errors_before else None
 
 
+def _digest(digest: Any, root: Path, path: Path, raw: bytes) -> None:
+    digest.update(path.relative_to(root).as_posix().encode() + b"\0" + raw + b"\0")
+
+
+def content_version(directory: Path) -> str:
+    """The version load_bundle would give the directory's files as they are now."""
+    digest = hashlib.sha256()
+    for path in policy_files(directory):
+        _digest(digest, directory, path, path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def load_bundle(directory: str | Path) -> b.Bundle:
     """Parse, validate and compile a policy directory; BundleError lists every problem."""
     root = Path(directory)
@@ -456,7 +468,7 @@ def load_bundle(directory: str | Path) -> b.Bundle:
     for path in files:
         shown = str(path)
         raw = path.read_bytes()
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + raw + b"\0")
+        _digest(digest, root, path, raw)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as error:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from policy_engine.decide.pipeline import Pipeline
 from policy_engine.policy.bundle import Bundle
-from policy_engine.policy.compiler import BundleError, is_test_file, load_bundle
+from policy_engine.policy.compiler import BundleError, content_version, is_test_file, load_bundle
 from policy_engine.policy.source import Issue
 
 log = logging.getLogger("policy_engine.reload")
@@ -23,13 +26,74 @@ class ReloadResult:
     issues: tuple[Issue, ...] = ()
 
 
+class LastGood:
+    """A copy of the last good policy files, shared by a service's workers: a worker started
+    while the directory holds a broken edit (one replacing a crashed worker) serves what the
+    others serve instead of failing to start, over and over, until the supervisor gives up."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def keep(self, bundle: Bundle) -> None:
+        """Copy the bundle's files, unless an edit since it was loaded changed them."""
+        source, target = Path(bundle.directory), self.root / bundle.version
+        if not target.exists():
+            staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
+            for name in bundle.files:
+                copy = staging / Path(name).relative_to(source)
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                copy.write_bytes(Path(name).read_bytes())
+            if content_version(staging) != bundle.version:
+                shutil.rmtree(staging, ignore_errors=True)
+                return
+            try:
+                staging.rename(target)
+            except OSError:  # another worker kept the same version first
+                shutil.rmtree(staging, ignore_errors=True)
+        link = self.root / f".current-{os.getpid()}"
+        link.unlink(missing_ok=True)
+        link.symlink_to(bundle.version)
+        os.replace(link, self.root / "current")
+
+    def directory(self) -> Path | None:
+        current = self.root / "current"
+        return current.resolve() if current.exists() else None
+
+
 class BundleHolder:
     """Readers take `holder.pipeline` once per request: a plain attribute read, no lock."""
 
-    def __init__(self, directory: Path, on_reload: Callable[[ReloadResult], None] | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        on_reload: Callable[[ReloadResult], None] | None = None,
+        last_good: LastGood | None = None,
+    ) -> None:
         self.directory = directory
-        self.pipeline = Pipeline(load_bundle(directory))  # a bad directory at start-up is fatal
+        self._last_good = last_good
+        self.rejected: tuple[Issue, ...] = ()  # why the directory itself did not load at start
+        try:
+            bundle = load_bundle(directory)
+        except BundleError as error:
+            kept = last_good.directory() if last_good is not None else None
+            if kept is None:
+                raise  # a bad directory at the service's start is fatal
+            bundle = load_bundle(kept)
+            self.rejected = tuple(error.issues)
+            for issue in error.issues:
+                log.error("policies rejected, serving the last good bundle %s: %s", bundle.version, issue)
+        self.pipeline = Pipeline(bundle)
+        if not self.rejected:
+            self._keep(bundle)
         self._on_reload = on_reload
+
+    def _keep(self, bundle: Bundle) -> None:
+        if self._last_good is None:
+            return
+        try:
+            self._last_good.keep(bundle)
+        except OSError as error:  # the copy is a fallback: serving goes on without it
+            log.warning("cannot keep a copy of bundle %s: %s", bundle.version, error)
 
     @property
     def version(self) -> str:
@@ -61,6 +125,7 @@ class BundleHolder:
             if outcome.version != self.version:
                 self.pipeline = Pipeline(outcome)
                 log.info("policy bundle %s active (%d policies)", outcome.version, len(outcome.policies()))
+            self._keep(outcome)
             result = ReloadResult(True, self.version)
         if self._on_reload is not None:
             self._on_reload(result)

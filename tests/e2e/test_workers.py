@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from pathlib import Path
 
 import httpx
 
@@ -230,3 +231,52 @@ def test_metrics_listen_where_the_service_does(tmp_path: object) -> None:
         assert metrics_addresses(service.metrics_port) == {"0.0.0.0"}
     finally:
         service.stop()
+
+
+def test_a_worker_replaced_while_the_policies_are_broken_serves_the_last_good_ones(tmp_path: Path) -> None:
+    """A broken edit is rejected by the running workers; a worker started then (one replacing a
+    crashed worker) used to fail to load, exit and be replaced, until the supervisor stopped
+    the whole service. It serves the last good policies, as the others do."""
+    import shutil
+    import signal
+
+    policies = tmp_path / "policies"
+    shutil.copytree(TOKEN_POLICIES, policies)
+    backend = BackendServer("model-a").start()
+    backend.behaviour.completion_tokens = 1
+    service = start_service(policies, backends=["model-a"], workers=2)
+    envoy = start_envoy(service.port, {"model-a": backend.port})
+    try:
+        wait_until(
+            lambda: [listens(pid, service.port) for pid in worker_pids(service.process.pid)] == [True, True],
+            30,
+            "two workers listening",
+        )
+        policy = policies / "policy.yaml"
+        policy.write_text(policy.read_text() + "\n---\nkind: AccessPolicy\n")
+        wait_until(lambda: "policy reload rejected" in service.output(), 30, "the broken edit rejected")
+        before = worker_pids(service.process.pid)
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)
+
+        def replaced_and_listening() -> bool:
+            now = worker_pids(service.process.pid)
+            return len(now) == 2 and victim not in now and all(listens(pid, service.port) for pid in now)
+
+        wait_until(replaced_and_listening, 60, "a new worker listening in place of the killed one")
+        assert re.search(
+            r"w\d ERROR policy_engine.reload: policies rejected, serving the last good", service.output()
+        )
+        assert service.process.poll() is None, service.output()
+        with httpx.Client() as client:
+            for _ in range(20):  # new connections spread over both workers
+                answer = client.post(
+                    f"{envoy.url}/v1/chat/completions", json=CHAT, headers={**PRO, "connection": "close"}
+                )
+                assert answer.status_code == 200, answer.text
+        policy.write_text(policy.read_text().replace("\n---\nkind: AccessPolicy\n", ""))
+    finally:
+        envoy.stop()
+        code = service.stop()
+        backend.stop()
+    assert code == 0

@@ -80,3 +80,25 @@ def test_a_loader_failure_is_reported_and_the_watch_goes_on(
             await asyncio.wait_for(watcher, 30)
 
     asyncio.run(scenario())
+
+
+def test_the_last_good_copy_is_what_was_loaded(policy_copy: Path, tmp_path: Path) -> None:
+    """The copy a replacement worker would start from holds the files as they were loaded; an
+    edit between the load and the copy leaves no copy rather than a wrong one."""
+    from policy_engine.policy.compiler import content_version, load_bundle
+    from policy_engine.policy.reload import LastGood
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    last_good = LastGood(kept)
+    bundle = load_bundle(policy_copy)
+    quotas = policy_copy / "quotas.yaml"
+    original = quotas.read_text()
+    quotas.write_text(original.replace("limit: 20,", "limit: 30,", 1))
+    last_good.keep(bundle)
+    assert last_good.directory() is None and [p.name for p in kept.iterdir()] == []
+    quotas.write_text(original)
+    last_good.keep(bundle)
+    copy = last_good.directory()
+    assert copy is not None and content_version(copy) == bundle.version == load_bundle(copy).version
+    assert not (copy / "quotas_test.yaml").exists()  # the policies, not their tests
