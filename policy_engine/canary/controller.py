@@ -30,6 +30,7 @@ from policy_engine.canary.state import HISTORY_LIMIT, Command, Counts, RolloutSt
 from policy_engine.canary.store import RolloutStore, StoreError
 from policy_engine.canary.telemetry import Observation, TelemetryError, TelemetrySource
 from policy_engine.decide.activation import MessageBuilder
+from policy_engine.log_throttle import LogThrottle
 from policy_engine.policy import bundle as b
 
 log = logging.getLogger("policy_engine.canary")
@@ -65,13 +66,16 @@ class CanaryController:
         self._tracer = trace.get_tracer("policy_engine.canary")
         self._owner = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         self._leading: bool | None = None
+        self._warn = LogThrottle(log)  # a store or telemetry outage fails every tick
 
     async def _lead(self) -> bool:
         """Whether this controller drives the rollouts (one per shared store) for the next ticks."""
         try:
             leading = await self._store.lease(self._owner, ttl_s=max(5.0, 4 * self.period()))
         except StoreError as error:
-            log.warning("canary controller: cannot take the lease, skipping this tick: %s", error)
+            self._warn.warning(
+                "lease", "canary controller: cannot take the lease, skipping this tick: %s", error
+            )
             return False
         if leading != self._leading:
             log.info("canary controller %s %s", self._owner, "leads" if leading else "follows another")
@@ -88,7 +92,12 @@ class CanaryController:
             try:
                 state = await self._tick_policy(bundle, policy)
             except StoreError as error:
-                log.warning("canary %s: state store unavailable, retrying next tick: %s", policy.name, error)
+                self._warn.warning(
+                    f"store {policy.name}",
+                    "canary %s: state store unavailable, retrying next tick: %s",
+                    policy.name,
+                    error,
+                )
                 continue
             states[policy.name] = state
             try:
@@ -103,7 +112,12 @@ class CanaryController:
         try:
             return await self._source.observe(policy.stable, policy.canary)
         except TelemetryError as error:
-            log.warning("canary %s: no telemetry this tick (counted as no traffic): %s", policy.name, error)
+            self._warn.warning(
+                f"telemetry {policy.name}",
+                "canary %s: no telemetry this tick (counted as no traffic): %s",
+                policy.name,
+                error,
+            )
             if previous is not None:
                 return Observation(Reading(previous.source, previous.seen), None, None)
             return Observation(Reading(UNAVAILABLE, Counts()), None, None)

@@ -15,6 +15,7 @@ from types import MappingProxyType
 
 from policy_engine.canary.state import RolloutState, revision
 from policy_engine.canary.store import RolloutStore, StoreError
+from policy_engine.log_throttle import LogThrottle
 from policy_engine.policy import bundle as b
 
 log = logging.getLogger("policy_engine.canary")
@@ -65,6 +66,7 @@ async def follow(
     on_states: Callable[[Mapping[str, RolloutState]], None] | None = None,
 ) -> None:
     """Apply the stored weights every `period_s`: how every worker agrees with the controller."""
+    warn = LogThrottle(log)  # a store outage fails every period
     while not stop.is_set():
         current = bundle()
         names = [policy.name for policy in rollout_policies(current)]
@@ -72,7 +74,7 @@ async def follow(
             try:
                 states = current_states(current, await store.load_many(names))
             except StoreError as error:
-                log.warning("canary weights not refreshed: %s", error)
+                warn.warning("refresh", "canary weights not refreshed: %s", error)
             else:
                 executor.replace({name: state.weight for name, state in states.items()})
                 if on_states is not None:

@@ -18,6 +18,7 @@ from policy_engine.decide.attributes import RequestAttributes
 from policy_engine.decide.decision import Decision
 from policy_engine.decide.pipeline import Pipeline
 from policy_engine.envoy.check import attributes, check_response
+from policy_engine.log_throttle import LogThrottle
 from policy_engine.quota.service import QuotaService
 from policy_engine.telemetry.snapshot import TelemetrySnapshot
 
@@ -42,6 +43,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         self._max_body = max_body
         self._auditor = auditor
         self._canary_weights = canary_weights
+        self._warn = LogThrottle(log)  # a policy failing at run time fails on every request
 
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -77,7 +79,8 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         elapsed = time.perf_counter() - start
         self._metrics.observe(decision, elapsed)
         if decision.errors:
-            log.warning("decision %s errors: %s", attrs.id, "; ".join(decision.errors))
+            rule = decision.errors[0].partition(":")[0]  # policy/rule: one line per interval each
+            self._warn.warning(rule, "decision %s errors: %s", attrs.id, "; ".join(decision.errors))
         if self._auditor is not None:
             # The wall-clock start, derived rather than read on every call when audit is off.
             timing = Timing(time.time_ns() - int(elapsed * 1e9), elapsed, evaluated - start)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from policy_engine.audit.metrics import Metrics
 from policy_engine.decide.decision import Decision
 from policy_engine.decide.quota import TOKEN_KINDS, settle, store_failed
+from policy_engine.log_throttle import LogThrottle
 from policy_engine.policy.bundle import Bundle
 from policy_engine.quota.store import Charge, CounterStore, Demand, StoreUnavailable
 from policy_engine.quota.view import parse_counter
@@ -27,6 +28,7 @@ class QuotaService:
         self._latency = {op: metrics.store_latency.labels(op) for op in ("admit", "charge")}
         self._errors = {op: metrics.store_errors.labels(op) for op in ("admit", "charge")}
         self._tokens = {kind: metrics.tokens_charged.labels(kind) for kind in TOKEN_KINDS}
+        self._warn = LogThrottle(log)  # an outage fails every request: a line per interval
 
     async def settle(self, decision: Decision) -> Decision:
         """Charge an allowed decision's counters atomically, or turn it into a 429."""
@@ -49,7 +51,7 @@ class QuotaService:
             admission = await self._store.admit(demands)
         except StoreUnavailable as error:
             self._errors["admit"].inc()
-            log.warning("quota store unavailable: %s", error)
+            self._warn.warning("admit", "quota store unavailable: %s", error)
             return store_failed(decision, str(error), error.kept, error.at)
         finally:
             self._latency["admit"].observe(time.perf_counter() - start)
@@ -86,7 +88,7 @@ class QuotaService:
                 charged[owner] += 1
             else:
                 self._errors["charge"].inc()
-                log.warning("token charge of %s lost: %s", charge.counter, failure)
+                self._warn.warning("charge", "token charge of %s lost: %s", charge.counter, failure)
         for (_, actual, kind), count in zip(reports, charged, strict=True):
             if count:
                 series = self._tokens.get(kind)

@@ -149,8 +149,14 @@ def test_redis_outage_follows_on_error_and_recovers(
     assert closed.json()["error"]["code"] == "quota_unavailable" and closed.headers["retry-after"] == "1"
     opened = httpx.post(url, json=CHAT, headers=PRO)
     assert opened.status_code == 200  # lenient: on_error allow
+    for _ in range(20):
+        assert httpx.post(url, json=CHAT, headers=FREE).status_code == 503
     for service in services:
         assert service.process.poll() is None, "a service died while Redis was down"
+    # Every request during the outage fails the same way: a line per service and interval, not
+    # one per request (22 here).
+    lines = [s.output().count("quota store unavailable") for s in services]
+    assert sum(lines) >= 1 and max(lines) <= 2, lines
     assert (
         sum(
             float(v)
