@@ -308,6 +308,7 @@ async def serve(settings: Settings, worker: int = 0, last_good: Path | None = No
     flusher = asyncio.create_task(_every(auditor.flush, stop)) if auditor is not None else None
     mirroring = asyncio.create_task(_every(mirror.refresh, stop)) if mirror is not None else None
     await stop.wait()
+    deadline = loop.time() + settings.grace_s
     log.info("worker %d draining (grace %.1fs)", worker, settings.grace_s)
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -324,7 +325,7 @@ async def serve(settings: Settings, worker: int = 0, last_good: Path | None = No
         with contextlib.suppress(Exception):
             mirror.refresh()  # what the drained requests added
     if auditor is not None:
-        auditor.close()
+        auditor.close(max(0.5, deadline - loop.time()))
     if watcher is not None:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -163,9 +163,11 @@ class Auditor:
         if self.decision_log is not None:
             self.decision_log.flush()
 
-    def close(self) -> None:
-        """On drain: flush the log and export the spans still queued."""
+    def close(self, timeout_s: float) -> None:
+        """On drain: flush the log and export the spans still queued, for at most `timeout_s`."""
         if self.decision_log is not None:
             self.decision_log.close()
-        if self.tracer is not None:
-            self.tracer.shutdown()
+        if self.tracer is not None and not self.tracer.shutdown(timeout_s):
+            log.warning(
+                "decision spans still queued were dropped: the collector took none within %.1f s", timeout_s
+            )

@@ -11,6 +11,7 @@ decision tracer holds its own.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -103,6 +104,11 @@ class DecisionTracer:
         span.end(end_time=end_ns)
         return span.get_span_context()
 
-    def shutdown(self) -> None:
-        """Export what is queued, then stop the export thread."""
-        self._provider.shutdown()
+    def shutdown(self, timeout_s: float) -> bool:
+        """Export what is queued, then stop the export thread; whether it finished within
+        `timeout_s`. An unreachable collector keeps the exporter retrying for its own timeout:
+        the service must not outlive its grace period (and be killed) waiting for it."""
+        done = threading.Thread(target=self._provider.shutdown, name="span-shutdown", daemon=True)
+        done.start()
+        done.join(timeout_s)
+        return not done.is_alive()

@@ -70,3 +70,35 @@ def test_in_flight_decision_finishes_after_sigterm(transport: str) -> None:
         service.stop()
         backend.stop()
         redis.close()
+
+
+def test_an_unreachable_collector_does_not_hold_the_stop_past_the_grace_period() -> None:
+    """The OTLP exporter retries a collector that does not answer for its own timeout (30 s
+    here); the pod would be killed first. The service stops within its grace period, dropping
+    the spans, and says so."""
+    backend = BackendServer("model-a").start()
+    service = start_service(
+        POLICIES,
+        backends=["model-a"],
+        extra_args=["--no-reload"],
+        env={
+            "PE_GRACE_S": "2",
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+            "OTEL_EXPORTER_OTLP_TIMEOUT": "30",
+            "OTEL_BSP_SCHEDULE_DELAY": "60000",  # the span stays queued until the stop
+        },
+    )
+    envoy = start_envoy(service.port, {"model-a": backend.port})
+    try:
+        assert httpx.post(f"{envoy.url}/v1/chat/completions", json=CHAT, headers=FREE).status_code == 200
+        stopped = time.monotonic()
+        service.process.send_signal(signal.SIGTERM)
+        assert service.process.wait(25) == 0
+        took = time.monotonic() - stopped
+        assert "decision spans still queued were dropped" in service.output(), service.output()[-2000:]
+        assert took < 12, took  # the grace period (2 s) and the process's exit, not the exporter's 30 s
+    finally:
+        envoy.stop()
+        service.stop()
+        backend.stop()
