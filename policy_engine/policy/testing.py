@@ -93,6 +93,15 @@ class TenantInput(_Strict):
         )
 
 
+class UsageInput(_Strict):
+    """A counter's usage so far, by kind."""
+
+    requests: int | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    total_tokens: int | None = None
+
+
 class TelemetryInput(_Strict):
     load: float | None = None
     backends: dict[str, BackendInput] = Field(default_factory=dict)
@@ -106,7 +115,7 @@ class DecisionInput(_Strict):
     destination: PeerInput = Field(default_factory=PeerInput)
     context: dict[str, str] = Field(default_factory=dict)
     telemetry: TelemetryInput = Field(default_factory=TelemetryInput)
-    quota: dict[str, dict[str, int]] = Field(
+    quota: dict[str, UsageInput] = Field(
         default_factory=dict, description="Usage so far by 'policy/limit' → {requests|input_tokens|...: n}."
     )
     canary_weights: dict[str, int] = Field(default_factory=dict)
@@ -154,7 +163,10 @@ class DecisionInput(_Strict):
             stub = FixedTenant(self.tenant.resolved(), bundle.tenants.key_headers)
             pipeline = Pipeline(replace(bundle, tenants=stub))
         return pipeline.decide(
-            self.attributes(), self.snapshot(), StaticUsage(self.quota), self.canary_weights
+            self.attributes(),
+            self.snapshot(),
+            StaticUsage({name: used.model_dump(exclude_none=True) for name, used in self.quota.items()}),
+            self.canary_weights,
         )
 
 
@@ -301,6 +313,38 @@ def test_files(directory: Path) -> list[Path]:
     )
 
 
+def unknown_names(bundle: Bundle, decision_input: DecisionInput, expect: Expect) -> list[str]:
+    """Names a test gives that the policies do not have: a misspelled rule would pass as
+    `not_fired`, and misspelled usage would be silently ignored."""
+    rules = set(bundle.rule_ids())
+    for policy in bundle.policies():
+        rules.add(f"{policy.name}/error")  # on_error: deny's denial (a dry-run finding)
+    rules.update(f"{policy.name}/default" for policy in bundle.access)
+    limits = {rule for policy in bundle.quota for rule in policy.rule_ids()}
+    canaries = {policy.name for policy in bundle.canary}
+    found: list[str] = []
+    for field_name, names in (
+        ("fired", expect.fired),
+        ("not_fired", expect.not_fired),
+        ("dry_run", expect.dry_run),
+    ):
+        found += [
+            f"expect.{field_name}: no rule {name!r} in the policies" for name in names if name not in rules
+        ]
+    found += [f"expect.canary: no CanaryPolicy {name!r}" for name in expect.canary if name not in canaries]
+    found += [
+        f"input quota: no quota limit {name!r} in the policies"
+        for name in decision_input.quota
+        if name not in limits
+    ]
+    found += [
+        f"input canary_weights: no CanaryPolicy {name!r}"
+        for name in decision_input.canary_weights
+        if name not in canaries
+    ]
+    return found
+
+
 def run_tests(bundle: Bundle, directory: Path, name_filter: str = "") -> TestReport:
     report = TestReport(rules=bundle.rule_ids())
     pipeline = Pipeline(bundle)
@@ -338,7 +382,6 @@ def run_tests(bundle: Bundle, directory: Path, name_filter: str = "") -> TestRep
                 for fired in decision.fired:
                     if fired.effect != "error":
                         report.coverage[fired.id] += 1
-                report.results.append(
-                    CaseResult(shown, case.name, position, compare(decision, case.expect), decision)
-                )
+                failures = unknown_names(bundle, decision_input, case.expect) + compare(decision, case.expect)
+                report.results.append(CaseResult(shown, case.name, position, failures, decision))
     return report

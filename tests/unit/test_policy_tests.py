@@ -124,3 +124,37 @@ def test_the_schema_of_test_files_describes_their_inputs() -> None:
     assert errors({"tenant": {"tier": "pro"}}) == []  # partial: the id may come from the defaults
     assert errors({"tenant": {"id": "a", "credential": "invalid_key"}}) != []
     assert errors({"telemetry": {"backends": {"a": {"queue_depth": "deep"}}}}) != []
+
+
+def test_names_the_policies_do_not_have_fail_the_case(policy_copy: Path) -> None:
+    """A misspelled rule passed as not_fired, and misspelled usage was silently ignored."""
+    for test in policy_copy.glob("*_test.yaml"):
+        test.unlink()
+    free = {"request": {"headers": {"authorization": "Bearer sk-hobby-free-key-0003"}}}
+    write_tests(
+        policy_copy,
+        [
+            {"name": "rule", "input": free, "expect": {"not_fired": ["prompt-safety/prompt-injektion"]}},
+            {
+                "name": "limit",
+                "input": {**free, "quota": {"tier-quota/free-requests": {"requests": 20}}},
+                "expect": {},
+            },
+            {
+                "name": "kind",
+                "input": {**free, "quota": {"tier-quotas/free-requests": {"request": 20}}},
+                "expect": {},
+            },
+            {"name": "canary", "input": {**free, "canary_weights": {"llama-70-v2": 100}}, "expect": {}},
+            {"name": "default", "expect": {"fired": ["api-access/default"], "allowed": False}},
+        ],
+    )
+    report = run_tests(load_bundle(policy_copy), policy_copy)
+    failures = {r.name: r.failures for r in report.results}
+    assert failures["rule"] == ["expect.not_fired: no rule 'prompt-safety/prompt-injektion' in the policies"]
+    assert failures["limit"] == ["input quota: no quota limit 'tier-quota/free-requests' in the policies"]
+    assert failures["kind"] and failures["kind"][0].startswith(
+        "input quota.tier-quotas/free-requests.request:"
+    )
+    assert failures["canary"] == ["input canary_weights: no CanaryPolicy 'llama-70-v2'"]
+    assert failures["default"] == []  # a policy's default is a name a test may expect
