@@ -94,7 +94,10 @@ def _print_report(report: TestReport, verbose: bool) -> None:
     if report.uncovered:
         out.print("never fired: " + ", ".join(report.uncovered))
     colour = "green" if report.ok else "red"
-    out.print(Text(f"{report.passed} passed, {report.failed} failed", style=colour))
+    summary = f"{report.passed} passed, {report.failed} failed"
+    if report.issues:  # the tests of a file that does not load did not run: not "0 failed"
+        summary += f", {len(report.issues)} error(s) in test files (their tests did not run)"
+    out.print(Text(summary, style=colour))
 
 
 @app.command()
@@ -127,7 +130,10 @@ def test(
     else:
         _print_report(report, verbose)
     if not report.results and not report.issues:
-        err.print(f"no tests found in {directory} (files named *_test.yaml)")
+        if run:
+            err.print(f"no test in {directory} has a name containing {run!r}")
+        else:
+            err.print(f"no tests found in {directory} (files named *_test.yaml)")
     if not report.ok or (require_coverage and report.uncovered):
         raise typer.Exit(1)
 

@@ -93,6 +93,16 @@ def test_a_failing_policy_test_fails_the_run(policy_copy: Path) -> None:
     assert "x-ratelimit-limit: expected '20', got '25'" in result.stdout
 
 
+def test_the_summary_counts_test_files_that_did_not_load(policy_copy: Path) -> None:
+    (policy_copy / "broken_test.yaml").write_text("tests:\n  - name: x\n    input: {\n")
+    result = run("test", str(policy_copy))
+    assert result.returncode == 1
+    assert "broken_test.yaml:4:1: YAML syntax error" in result.stderr
+    assert result.stdout.rstrip().endswith("0 failed, 1 error(s) in test files (their tests did not run)")
+    nothing = run("test", str(POLICIES), "--run", "no such test")
+    assert nothing.returncode == 1 and "no test in" in nothing.stderr and "'no such test'" in nothing.stderr
+
+
 def test_uncovered_rules_are_listed(policy_copy: Path) -> None:
     (policy_copy / "routing_test.yaml").unlink()
     result = run("test", str(policy_copy), "--require-coverage")
