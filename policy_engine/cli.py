@@ -21,6 +21,7 @@ from policy_engine.envoy.options import CHARGING_HELP, USAGE_HELP, Charging, Usa
 from policy_engine.policy.bundle import Bundle
 from policy_engine.policy.compiler import BundleError, load_bundle
 from policy_engine.policy.schema import json_schema
+from policy_engine.policy.source import SourceError, parse_documents
 from policy_engine.policy.testing import DecisionInput, TestReport, run_tests, schema_of_test_files
 
 app = typer.Typer(
@@ -178,7 +179,6 @@ def evaluate(
     json_output: Annotated[bool, typer.Option("--json", help="Print the decision as JSON.")] = False,
 ) -> None:
     """Decide one request and show which rules fired and why."""
-    import yaml
 
     bundle = _load(directory)
     try:
@@ -191,10 +191,24 @@ def evaluate(
     except (OSError, UnicodeDecodeError) as error:
         err.print(f"cannot read the input {input_file}: {error}")
         raise typer.Exit(2) from None
+    shown = "<stdin>" if str(input_file) == "-" else str(input_file)
     try:
-        decision_input = DecisionInput.model_validate(yaml.safe_load(text) or {})
-    except (ValidationError, yaml.YAMLError) as error:
-        err.print(f"invalid input {input_file}: {error}")
+        documents = list(parse_documents(shown, text))
+    except SourceError as error:
+        for issue in error.issues:
+            err.print(f"invalid input {issue}")
+        raise typer.Exit(2) from None
+    if len(documents) > 1:
+        err.print(f"invalid input {documents[1].position(())}: one request per input, not several documents")
+        raise typer.Exit(2)
+    document = documents[0] if documents else None
+    try:
+        decision_input = DecisionInput.model_validate(document.data if document is not None else {})
+    except ValidationError as error:
+        for problem in error.errors(include_url=False):
+            loc = tuple(problem["loc"])
+            where = "" if document is None else f"{document.problem_position(loc, problem['type'])}: "
+            err.print(f"invalid input {where}{'.'.join(map(str, loc))}: {problem['msg']}")
         raise typer.Exit(2) from None
     decision = decision_input.decide(Pipeline(bundle))
     if json_output:

@@ -24,6 +24,7 @@ from policy_engine.policy.source import (
     Issue,
     Position,
     SourceError,
+    decode,
     parse_documents,
 )
 from policy_engine.policy.source import (
@@ -470,12 +471,7 @@ def load_bundle(directory: str | Path) -> b.Bundle:
         raw = path.read_bytes()
         _digest(digest, root, path, raw)
         try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            issues.append(Issue(Position(shown, 1, 1), f"not UTF-8: {error}"))
-            continue
-        try:
-            parsed = list(parse_documents(shown, text))
+            parsed = list(parse_documents(shown, decode(shown, raw)))
         except SourceError as error:
             issues.extend(error.issues)
             continue

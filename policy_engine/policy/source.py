@@ -67,6 +67,11 @@ class Document:
             return Position(self.file, node.start_mark.line + 1, node.start_mark.column + 1)
         return self.position(path)
 
+    def problem_position(self, path: Path, kind: str) -> Position:
+        """Where a validation problem of pydantic's `kind` at `path` is: the key of a field
+        the schema does not have, else the value."""
+        return self.key_position(path) if kind == "extra_forbidden" else self.position(path)
+
     def expression_position(self, path: Path, line: int, column: int) -> Position:
         """Map a 1-based line:col inside a CEL string to the file, through YAML's folding."""
         node = self.nodes.get(path)
@@ -172,6 +177,19 @@ def _yaml_message(error: yaml.YAMLError) -> str:
     if isinstance(error, yaml.MarkedYAMLError) and (error.problem or error.context):
         return " ".join(" ".join(p for p in (error.context, error.problem) if p).split())
     return " ".join(str(error).split())
+
+
+def decode(file: str, raw: bytes) -> str:
+    """The file's text; SourceError at the first byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        before = raw[: error.start]
+        line = before.count(b"\n") + 1
+        column = len(before) - (before.rfind(b"\n") + 1) + 1
+        byte = raw[error.start : error.start + 1].hex()
+        message = f"not UTF-8: byte 0x{byte} ({error.reason}); save the file as UTF-8"
+        raise SourceError([Issue(Position(file, line, column), message)]) from None
 
 
 def parse_documents(file: str, text: str) -> Iterator[Document]:

@@ -20,7 +20,7 @@ from policy_engine.decide.tenants import FixedTenant, Tenant
 from policy_engine.policy.bundle import Bundle
 from policy_engine.policy.compiler import is_hidden, is_test_file
 from policy_engine.policy.schema import Name
-from policy_engine.policy.source import Issue, Position, SourceError, parse_documents
+from policy_engine.policy.source import Document, Issue, Position, SourceError, decode, parse_documents
 from policy_engine.quota.view import StaticUsage
 from policy_engine.telemetry.snapshot import BackendStats, TelemetrySnapshot
 
@@ -345,18 +345,26 @@ def unknown_names(bundle: Bundle, decision_input: DecisionInput, expect: Expect)
     return found
 
 
+def _input_position(doc: Document, index: int, loc: tuple[int | str, ...], kind: str) -> Position:
+    """Where a field of a test's input is written: in the test, or in the file's defaults."""
+
+    def written(base: tuple[int | str, ...]) -> int:
+        return max((n for n in range(len(loc) + 1) if (*base, *loc[:n]) in doc.nodes), default=-1)
+
+    case: tuple[int | str, ...] = ("tests", index, "input")
+    base = ("defaults",) if written(("defaults",)) > written(case) else case
+    return doc.problem_position((*base, *loc), kind)
+
+
 def run_tests(bundle: Bundle, directory: Path, name_filter: str = "") -> TestReport:
     report = TestReport(rules=bundle.rule_ids())
     pipeline = Pipeline(bundle)
     for path in test_files(directory):
         shown = str(path)
         try:
-            documents = list(parse_documents(shown, path.read_text(encoding="utf-8")))
-        except (SourceError, UnicodeDecodeError) as error:
-            issues = (
-                error.issues if isinstance(error, SourceError) else [Issue(Position(shown, 1, 1), str(error))]
-            )
-            report.issues.extend(issues)
+            documents = list(parse_documents(shown, decode(shown, path.read_bytes())))
+        except SourceError as error:
+            report.issues.extend(error.issues)
             continue
         for doc in documents:
             try:
@@ -375,7 +383,11 @@ def run_tests(bundle: Bundle, directory: Path, name_filter: str = "") -> TestRep
                 try:
                     decision_input = DecisionInput.model_validate(deep_merge(suite.defaults, case.input))
                 except ValidationError as error:
-                    failures = [f"input {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()]
+                    failures = [
+                        f"{_input_position(doc, index, e['loc'], e['type'])}: "
+                        f"input {'.'.join(map(str, e['loc']))}: {e['msg']}"
+                        for e in error.errors()
+                    ]
                     report.results.append(CaseResult(shown, case.name, position, failures, None))
                     continue
                 decision = decision_input.decide(pipeline)

@@ -177,7 +177,13 @@ def test_eval_rejects_bad_input(tmp_path: Path) -> None:
     path = tmp_path / "input.json"
     path.write_text(json.dumps({"request": {"methd": "GET"}}))
     result = run("eval", str(POLICIES), "--input", str(path))
-    assert result.returncode == 2 and "methd" in result.stderr
+    assert result.returncode == 2, result.stderr
+    assert f"invalid input {path}:1:14: request.methd: Extra inputs are not permitted" in result.stderr
+    path.write_text("request:\n  path: [\n")
+    result = run("eval", str(POLICIES), "--input", str(path))
+    assert result.returncode == 2 and f"invalid input {path}:3:1: YAML syntax error" in result.stderr
+    result = run("eval", str(POLICIES), stdin="time: yesterday\n")
+    assert result.returncode == 2 and "invalid input <stdin>:1:7: time:" in result.stderr, result.stderr
 
 
 def test_schema_is_json_schema_of_every_kind() -> None:
