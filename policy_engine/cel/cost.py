@@ -47,6 +47,9 @@ class CostReport:
     work: float
     patterns: tuple[str, ...] = ()  # literal matches() patterns, to be compiled once at load
     dynamic_patterns: int = 0  # matches() whose pattern is computed (e.g. from the request)
+    # (function, argument index, literal) of library calls given string literals, or lists of
+    # them: checked once at load (a bad CIDR block or version range would fail every request).
+    literals: tuple[tuple[str, int, str], ...] = ()
 
     @property
     def problem(self) -> str | None:
@@ -72,6 +75,16 @@ class CostReport:
         return None
 
 
+def _string_literals(expr: Any) -> list[str]:
+    """The string literal `expr` is, or the ones a list literal holds."""
+    kind = expr.WhichOneof("expr_kind")
+    if kind == "const_expr" and expr.const_expr.WhichOneof("constant_kind") == "string_value":
+        return [expr.const_expr.string_value]
+    if kind == "list_expr":
+        return [text for element in expr.list_expr.elements for text in _string_literals(element)]
+    return []
+
+
 def _human(value: float) -> str:
     for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if value >= scale:
@@ -88,6 +101,7 @@ class _Estimator:
         self.peak = 0.0  # the largest value built anywhere, not only the result
         self.patterns: list[str] = []
         self.dynamic_patterns = 0
+        self.literals: list[tuple[str, int, str]] = []
 
     def bound(self, expr: Any, scope: Mapping[str, float]) -> Bound:
         result = self._bound(expr, scope)
@@ -160,6 +174,9 @@ class _Estimator:
                 self.patterns.append(pattern.const_expr.string_value)
             else:
                 self.dynamic_patterns += 1
+        if "." in function and not call.HasField("target"):  # a namespaced library function
+            for index, arg in enumerate(call.args):
+                self.literals.extend((function, index, text) for text in _string_literals(arg))
         if not self._sized(expr.id):
             return Bound(SCALAR, work + 1)
         if function == "_+_" and len(args) == 2:
@@ -215,4 +232,5 @@ def estimate(checked: Any) -> CostReport:
         work=bound.work,
         patterns=tuple(estimator.patterns),
         dynamic_patterns=estimator.dynamic_patterns,
+        literals=tuple(dict.fromkeys(estimator.literals)),
     )

@@ -205,3 +205,35 @@ def library_functions(term_lists: Mapping[str, library.TermMatcher]) -> list[Fun
             "Shell-style glob match ('llama-3-*'); a list matches when any pattern does.",
         ),
     ]
+
+
+def _version(text: str) -> object:
+    return library.semver_compare(text, "0.0.0")
+
+
+def _constraint(text: str) -> object:
+    return library.semver_satisfies("0.0.0", text)
+
+
+# Arguments that, given as a literal, can be checked once at load: a bad one would make every
+# evaluation fail (and with on_error: deny, deny every request the rule sees).
+_LITERAL_CHECKS: dict[tuple[str, int], Callable[[str], object]] = {
+    ("net.in_cidr", 0): lambda text: library.in_cidr(text, "0.0.0.0/0"),
+    ("net.in_cidr", 1): lambda text: library.in_cidr("0.0.0.0", text),
+    ("semver.compare", 0): _version,
+    ("semver.compare", 1): _version,
+    ("semver.satisfies", 0): _version,
+    ("semver.satisfies", 1): _constraint,
+}
+
+
+def literal_problem(function: str, index: int, text: str) -> str | None:
+    """Why a library function would fail on this literal argument every time, or None."""
+    check = _LITERAL_CHECKS.get((function, index))
+    if check is None:
+        return None
+    try:
+        check(text)
+    except ValueError as error:
+        return f"{function}(): {error}"
+    return None

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from policy_engine.cel import library
 from policy_engine.cel.engine import CelCompileError, Environment, FunctionDef, Program
-from policy_engine.cel.functions import library_functions
+from policy_engine.cel.functions import library_functions, literal_problem
 from policy_engine.cel.schema import BACKEND_VARIABLE, PACKAGE, VARIABLES, Variable
 from policy_engine.decide.tenants import TenantRegistry
 from policy_engine.policy import bundle as b
@@ -182,6 +182,7 @@ class _Compiler:
         report = program.cost()
         bad_patterns = filter(None, map((env or self.env).pattern_error, report.patterns))
         problem = report.problem or next((f"bad matches() pattern: {e}" for e in bad_patterns), None)
+        problem = problem or next(filter(None, (literal_problem(*call) for call in report.literals)), None)
         if problem is not None:
             where = doc.expression_position(path, 1, 1)
             self.issues.append(Issue(where, f"{problem} in `{path[-1]}`: {_one_line(source)}", policy, rule))

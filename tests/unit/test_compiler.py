@@ -236,6 +236,30 @@ def test_numbers_are_read_as_yaml_1_2_reads_them(policy_copy: Path) -> None:
     assert [budget.limit for budget in premium.budgets if budget.kind == "total_tokens"] == [5_000_000]
 
 
+def test_a_literal_argument_a_function_would_always_refuse_is_a_load_error(policy_copy: Path) -> None:
+    """It would fail every evaluation: with on_error: deny, deny every request the rule sees."""
+    rules = {
+        "cidr": 'net.in_cidr(source.address, "10.0.0.0/33")',
+        "cidrs": 'net.in_cidr(source.address, ["10.0.0.0/8", "nope"])',
+        "range": 'semver.satisfies("1.2.3", ">=1.0, <2")',
+        "version": 'semver.compare(request.headers[?"x-v"].orValue("1.0.0"), "banana") > 0',
+        "fine": 'semver.satisfies(request.headers[?"x-v"].orValue("1.0.0"), ">=1.0.0, <2.0.0")',
+    }
+    text = HEADER + "kind: AccessPolicy\nmetadata: {name: lit}\nspec:\n  rules:\n"
+    text += "".join(
+        f"    - name: {name}\n      effect: deny\n      when: '{when}'\n" for name, when in rules.items()
+    )
+    write(policy_copy, "lit.yaml", text)
+    errors = [e.split(" in `when`")[0] for e in errors_of(policy_copy)]
+    assert errors == [
+        f"{policy_copy}/lit.yaml:8:14: lit/cidr: net.in_cidr(): invalid CIDR block: '10.0.0.0/33'",
+        f"{policy_copy}/lit.yaml:11:14: lit/cidrs: net.in_cidr(): invalid CIDR block: 'nope'",
+        f"{policy_copy}/lit.yaml:14:14: lit/range: semver.satisfies(): invalid semantic version: '1.0' in "
+        "constraint '>=1.0, <2'",
+        f"{policy_copy}/lit.yaml:17:14: lit/version: semver.compare(): invalid semantic version: 'banana'",
+    ]
+
+
 def test_duplicate_yaml_key(tmp_path: Path) -> None:
     write(tmp_path, "a.yaml", HEADER + "kind: AccessPolicy\nkind: AccessPolicy\nmetadata: {name: a}\n")
     assert any("a.yaml:3:1: duplicate key 'kind'" in e for e in errors_of(tmp_path))
