@@ -163,8 +163,13 @@ class _Estimator:
         target = self.bound(call.target, scope) if call.HasField("target") else None
         args = [self.bound(a, scope) for a in call.args]
         operands = ([target] if target else []) + args
-        work = sum(o.work for o in operands) + sum(o.size for o in operands)
         function = call.function
+        if function in ("_==_", "_!=_") and len(operands) == 2:
+            # Lengths first, then at most the shorter: `llm.model == "m"` is no pass over the
+            # request, and a chain of them is no loop.
+            work = sum(o.work for o in operands) + min(o.size for o in operands)
+        else:
+            work = sum(o.work for o in operands) + sum(o.size for o in operands)
         if function == "matches" and call.args:
             pattern = call.args[-1]
             if (

@@ -15,6 +15,7 @@ from policy_engine.cel.cost import INPUT, MAX_VALUE, MAX_WORK
 from policy_engine.cel.engine import CelCompileError, CelEvalError, Environment
 from policy_engine.cel.functions import library_functions
 from policy_engine.cel.schema import VARIABLES
+from policy_engine.policy.bundle import Bundle
 from policy_engine.policy.compiler import BundleError, load_bundle
 
 HEADER = "apiVersion: policy-engine/v1\n"
@@ -140,3 +141,12 @@ def test_the_canary_variable_is_only_known_in_routes(tmp_path: Path) -> None:
     assert len(errors) == 1
     assert "a/early: the `canary` variable is only known in routing routes" in errors[0]
     assert ":8:14:" in errors[0]
+
+
+def test_a_long_chain_of_comparisons_with_literals_is_cheap(example_bundle: Bundle) -> None:
+    """Equality compares lengths first, then at most the shorter side: 260 `llm.model == "mN"`
+    terms are no loop over the request (they were refused as 260 passes over it)."""
+    chain = " || ".join(f'llm.model == "m{i}"' for i in range(260))
+    assert example_bundle.env.compile(chain, "bool").cost().problem is None
+    square = "request.body.messages.all(m, request.body.messages.exists(n, n.content == m.content))"
+    assert "grow with the square" in (example_bundle.env.compile(square, "bool").cost().problem or "")
