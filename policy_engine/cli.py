@@ -568,7 +568,12 @@ def envoy_config(
         if not sep or not name:
             err.print(f"--backend must be NAME=HOST:PORT, not {item!r}")
             raise typer.Exit(2)
+        if name in backends:
+            err.print(f"--backend {name} is given twice; a backend has one address")
+            raise typer.Exit(2)
         backends[name] = upstream(address, "--backend")
+    if not backends:
+        err.print("warning: no --backend: the gateway routes no request to a model")
     config = GatewayConfig(
         listen_port=listen_port,
         listen_address=listen_address,

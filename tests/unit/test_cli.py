@@ -268,7 +268,7 @@ def test_envoy_config_warns_of_native_readers_with_rate_limit_charging() -> None
     assert "warning: with --usage-extraction native, --charging rate-limit" in warned.stderr
     assert "json_to_metadata" in warned.stdout
     for arguments in (["--usage-extraction", "native"], ["--charging", "rate-limit"]):
-        quiet = run("envoy-config", *arguments)
+        quiet = run("envoy-config", "--backend", "a=127.0.0.1:8000", *arguments)
         assert quiet.returncode == 0 and "warning" not in quiet.stderr, arguments
 
 
@@ -290,6 +290,15 @@ def test_the_mesh_envoy_filter_takes_the_gateways_charging_and_usage_choices() -
     assert "envoy.filters.http.ratelimit" not in default.stdout
     refused = run("mesh-config", "envoyfilter", "--charging", "per-request")
     assert refused.returncode == 2 and "access-log" in refused.stderr
+
+
+def test_envoy_config_refuses_a_backend_given_twice_and_warns_of_none() -> None:
+    twice = run("envoy-config", "--backend", "a=127.0.0.1:1", "--backend", "a=127.0.0.1:2")
+    assert twice.returncode == 2 and "--backend a is given twice" in twice.stderr and not twice.stdout
+    none = run("envoy-config")
+    assert (
+        none.returncode == 0 and "warning: no --backend" in none.stderr and "static_resources" in none.stdout
+    )
 
 
 def test_envoy_config_refuses_what_envoy_would_reject() -> None:
