@@ -408,16 +408,21 @@ def serve(
         typer.Option(help="YAML backends with metrics URL, capacity, region, ... (env PE_BACKENDS_FILE)."),
     ] = None,
     no_reload: Annotated[
-        bool, typer.Option("--no-reload", help="Do not watch the policy directory.")
+        bool, typer.Option("--no-reload", help="Do not watch the policy directory (env PE_RELOAD=false).")
     ] = False,
-    port_file: Annotated[Path | None, typer.Option(help="Write the bound gRPC port to this file.")] = None,
+    port_file: Annotated[
+        Path | None, typer.Option(help="Write the bound gRPC port to this file (env PE_PORT_FILE).")
+    ] = None,
     canary_state: Annotated[
         Path | None,
         typer.Option(help="Rollout state file if no --redis-url (env PE_CANARY_STATE).", show_default=False),
     ] = None,
     no_canary_controller: Annotated[
         bool,
-        typer.Option("--no-canary-controller", help="Only follow stored weights (`canary run` drives them)."),
+        typer.Option(
+            "--no-canary-controller",
+            help="Only follow stored weights (`canary run` drives them; env PE_CANARY_CONTROLLER=false).",
+        ),
     ] = False,
     decision_log: Annotated[
         str | None,
@@ -425,7 +430,9 @@ def serve(
     ] = None,
     decision_log_sample: Annotated[
         float | None,
-        typer.Option(help="Fraction 0..1 of allowed decisions logged; denials are always kept."),
+        typer.Option(
+            help="Fraction 0..1 of allowed decisions logged; denials always are (env PE_DECISION_LOG_SAMPLE)."
+        ),
     ] = None,
     decision_log_only: Annotated[
         str | None, typer.Option(help="Log only: all | deny | allow (env PE_DECISION_LOG_ONLY).")
@@ -480,8 +487,13 @@ def serve(
         settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as error:
         # Without the input: it would show the Redis URL, password and all.
+        flags = {**dict.fromkeys(given), "backends": "backend", "reload": "no-reload"}
+        flags["canary_controller"] = "no-canary-controller"
         for problem in error.errors(include_url=False, include_input=False):
-            where = ".".join(str(part) for part in problem["loc"])
+            field = str(problem["loc"][0]) if problem["loc"] else ""
+            # As the user wrote it: the flag and the variable, not pydantic's field name.
+            named = (flags[field] or field).replace("_", "-") if field in flags else ""
+            where = f"--{named} / PE_{field.upper()}" if named else (f"PE_{field.upper()}" if field else "")
             err.print(f"invalid settings: {where + ': ' if where else ''}{problem['msg']}")
         raise typer.Exit(2) from None
     try:

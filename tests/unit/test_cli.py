@@ -323,6 +323,17 @@ def test_mesh_validate_never_falls_back_from_a_named_crd_file() -> None:
     assert "valid" not in result.stdout
 
 
+def test_serve_names_a_bad_setting_as_the_user_gave_it() -> None:
+    flag = run("serve", "--decision-log-sample", "2")
+    assert flag.returncode == 2
+    assert "invalid settings: --decision-log-sample / PE_DECISION_LOG_SAMPLE: Input should be" in flag.stderr
+    variable = subprocess.run(
+        [*CLI, "serve"], capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
+        env={**os.environ, "PE_GRACE_S": "-1"},
+    )  # fmt: skip
+    assert variable.returncode == 2 and "invalid settings: PE_GRACE_S: Input should be" in variable.stderr
+
+
 def test_serve_warns_of_a_misspelled_setting_in_the_environment() -> None:
     """A PE_* variable no setting reads would otherwise be ignored without a word."""
     result = subprocess.run(
