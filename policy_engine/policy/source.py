@@ -90,7 +90,7 @@ class Document:
                 index -= 1 if literal else max(1, previous_blank)
             previous_blank = 0
             if index < len(text) or number == len(segments) - 1:
-                return Position(self.file, row + 1, start + max(0, index) + 1)
+                return Position(self.file, row + 1, start + _raw_offset(text, max(0, index), node.style) + 1)
             index -= len(text)
         return self.position(path)
 
@@ -112,6 +112,27 @@ class Document:
             begin = start.column + quote if row == start.line else len(text) - len(text.lstrip())
             segments.append((row, begin, text[begin:]))
         return segments
+
+
+_ESCAPE_LENGTHS = {"x": 4, "u": 6, "U": 10}  # \xHH, \uHHHH, \UHHHHHHHH; any other escape is 2
+
+
+def _raw_offset(text: str, index: int, style: str | None) -> int:
+    """Where the value's `index`-th character is written in a line of a quoted scalar: an escape
+    (`\"` in double quotes, `''` in single ones) is one character of the value, more of the file."""
+    if style not in ('"', "'"):
+        return index
+    raw = 0
+    for _ in range(index):
+        if raw >= len(text):
+            break
+        if style == '"' and text[raw] == "\\":
+            raw += _ESCAPE_LENGTHS.get(text[raw + 1 : raw + 2], 2)
+        elif style == "'" and text.startswith("''", raw):
+            raw += 2
+        else:
+            raw += 1
+    return raw
 
 
 class _Loader(yaml.SafeLoader):

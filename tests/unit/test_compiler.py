@@ -311,3 +311,20 @@ def test_test_files_are_not_policies(policy_copy: Path) -> None:
 def test_missing_directory(tmp_path: Path) -> None:
     errors = errors_of(tmp_path / "nope")
     assert errors == [f"{tmp_path / 'nope'}:1:1: not a directory"]
+
+
+@pytest.mark.parametrize(
+    "quoted",
+    [
+        r'"llm.model == \"a\" && tenant.tierr == \"x\""',
+        r'"llm.model == \u0022a\u0022 && tenant.tierr == \"x\""',
+        "'llm.model == ''a'' && tenant.tierr == ''x'''",
+    ],
+)
+def test_an_error_in_a_quoted_expression_with_escapes(policy_copy: Path, quoted: str) -> None:
+    """Escapes are one character of the expression and several of the file."""
+    path = policy_copy / "routing.yaml"
+    replace_in(path, 'when: llm.model == "llama-3-70b-v2"', f"when: {quoted}")
+    line, column = line_col(path, "tenant.tierr", offset=6)
+    (error,) = errors_of(policy_copy)
+    assert f"{path}:{line}:{column}: model-routing/pinned-v2: undefined field 'tierr'" in error, error
