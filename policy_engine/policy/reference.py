@@ -32,7 +32,8 @@ spec: {...}
 ```
 
 Unknown fields are errors. Durations are seconds or strings such as `500ms`, `30s`, `1m`, `2h`, `1d`.
-Only `true` and `false` are booleans (YAML 1.2): `no`, `on` and `off` stay strings.
+Only `true` and `false` are booleans (YAML 1.2): `no`, `on` and `off` stay strings. Numbers
+follow YAML 1.1 (PyYAML's): write `5000000` or `5.0e+6`, not `5e6`, which is a string.
 
 ## How a request is decided
 

@@ -148,11 +148,6 @@ for _first in "tTfF":
         0, ("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"))
     )
 
-# YAML 1.2's floats, some of which PyYAML (YAML 1.1) reads as strings: `5e6`, `1.5e3`.
-_FLOAT = re.compile(r"^(?=.*[.eE])[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$")
-for _first in "-+.0123456789":
-    _Loader.yaml_implicit_resolvers.setdefault(_first, []).insert(0, ("tag:yaml.org,2002:float", _FLOAT))
-
 _constructor = yaml.constructor.SafeConstructor()
 # Far above any real policy file (the examples have ~1,000 values; a 260-rule policy ~3,000),
 # far below what exhausts memory: a few lines of nested aliases expand to billions of values.

@@ -221,21 +221,6 @@ def test_nesting_too_deep_is_refused(tmp_path: Path) -> None:
     assert errors[1] == f"{deeper}:1:1: YAML error: nested too deeply", errors
 
 
-def test_numbers_are_read_as_yaml_1_2_reads_them(policy_copy: Path) -> None:
-    """PyYAML reads `5e6` and `1.5e3` as strings (YAML 1.1): a budget written so was refused."""
-    path = policy_copy / "quotas.yaml"
-    text = path.read_text()
-    start = text.index("premium-tokens")
-    total = text.index("total: ", start)
-    end = text.index(",", total)
-    path.write_text(text[:total] + "total: 5e6" + text[end:])
-    bundle = load_bundle(policy_copy)
-    (premium,) = [
-        limit for policy in bundle.quota for limit in policy.limits if limit.name == "premium-tokens"
-    ]
-    assert [budget.limit for budget in premium.budgets if budget.kind == "total_tokens"] == [5_000_000]
-
-
 def test_a_literal_argument_a_function_would_always_refuse_is_a_load_error(policy_copy: Path) -> None:
     """It would fail every evaluation: with on_error: deny, deny every request the rule sees."""
     rules = {

@@ -11,6 +11,7 @@ from policy_engine.decide import tenants
 from policy_engine.decide.tenants import TenantRegistry, hash_key
 from policy_engine.policy.compiler import BundleError, load_bundle
 from policy_engine.policy.schema import ApiKey, TenantEntry, TenantSet, TenantSpec
+from policy_engine.policy.source import parse_documents
 
 KEY = "sk-test-tenant-key-0001"
 
@@ -112,16 +113,18 @@ def test_hash_key_writes_an_entry_the_loader_reads_back_as_it_was(tmp_path: Path
     import subprocess
     import sys
 
-    import yaml
-
     def hash_key_cli(key: str, key_id: str) -> subprocess.CompletedProcess[str]:
         command = [sys.executable, "-m", "policy_engine", "hash-key", "--id", key_id]
         return subprocess.run(command, input=key + "\n", capture_output=True, text=True, check=False)
 
     key = "sk: 'a # quoted key-0001"  # YAML's own characters in the prefix
+    for numeric in ("12345e67-key-0001", "1234.567-key-0001", "00000000-key-0001", "yes-key-no-0001"):
+        (read,) = next(iter(parse_documents("hash-key", hash_key_cli(numeric, "k").stdout))).data
+        assert read["prefix"] == numeric[:8], read  # a prefix YAML could read as a number stays text
     result = hash_key_cli(key, "prod-1")
     assert result.returncode == 0, result.stderr
-    (entry,) = yaml.safe_load(result.stdout)
+    (document,) = parse_documents("hash-key", result.stdout)  # as the policy loader reads it
+    (entry,) = document.data
     assert (entry["id"], entry["prefix"]) == ("prod-1", key[:8])
     tenant = registry(ApiKey.model_validate(entry)).resolve({"x-api-key": key}, "")
     assert tenant.credential == "api_key"
