@@ -431,10 +431,13 @@ class Pipeline:
                 self._fire(run, policy, route.name, "route", backend)
                 headers = {}
                 for name, expr in route.headers:
+                    errors = len(run.errors)
                     header_value = self._eval(run, policy, route.name, expr)
                     if isinstance(header_value, str):
                         headers[name] = header_value
                         continue
+                    if header_value is None and len(run.errors) == errors:
+                        continue  # null: the header is left out (the reference says so)
                     if header_value is not None:
                         run.errors.append(f"{policy.name}/{route.name}: header {name} is not a string")
                     # A header the mesh may route or bill on is part of the decision: on_error

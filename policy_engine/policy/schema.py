@@ -192,7 +192,8 @@ class Route(Strict):
         "(without a score, the first eligible).",
     )
     headers: dict[HeaderName, CelExpr] = Field(
-        default_factory=dict, description="Extra upstream headers: name → CEL string expression."
+        default_factory=dict,
+        description="Extra upstream headers: name → CEL string expression (null: the header is left out).",
     )
     explore: float = Field(
         0.0,

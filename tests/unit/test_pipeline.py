@@ -130,6 +130,11 @@ def test_a_failing_route_header_follows_on_error(tmp_path: Path) -> None:
     given = dataclasses.replace(chat(), headers={"x-region": "eu"})
     routed = pipeline(tmp_path, access("a", ALLOW_ALL), routing.replace("EXTRA", "")).decide(given, telemetry)
     assert routed.allowed and routed.upstream_headers["x-region"] == "eu"
+    # null is no error: the header is left out
+    nullable = routing.replace("EXTRA", "").replace('request.headers["x-region"]', "request.body.team")
+    team = dataclasses.replace(chat(), body=json.dumps({"model": "m", "messages": [], "team": None}).encode())
+    left_out = pipeline(tmp_path, access("a", ALLOW_ALL), nullable).decide(team, telemetry)
+    assert (left_out.allowed, left_out.errors) == (True, ()) and "x-region" not in left_out.upstream_headers
 
 
 def test_stage_order_access_before_moderation(tmp_path: Path) -> None:
