@@ -106,7 +106,7 @@ def main() -> None:
         cells = " | ".join(f"{row[label]:.1f}" for label in ("decide", *auditors))
         print(f"| {name} | {cells} |")
     for auditor in auditors.values():
-        auditor.close()
+        auditor.close(timeout_s=30.0)
     decide = statistics.median(overall["decide"])
     print(f"\nmedian over scenarios: decide {decide:.1f} µs; audit off adds one `is None` test per call")
     for label in auditors:

@@ -35,8 +35,11 @@ class LastGood:
         self.root = root
 
     def keep(self, bundle: Bundle) -> None:
-        """Copy the bundle's files, unless an edit since it was loaded changed them."""
+        """Make the bundle's files the current copy (the only one kept), unless the directory
+        changed since they were loaded: a slower worker must not bring back an older version."""
         source, target = Path(bundle.directory), self.root / bundle.version
+        if content_version(source) != bundle.version:
+            return
         if not target.exists():
             staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
             for name in bundle.files:
@@ -54,6 +57,10 @@ class LastGood:
         link.unlink(missing_ok=True)
         link.symlink_to(bundle.version)
         os.replace(link, self.root / "current")
+        # Older copies go (the directory is in memory in the chart, /tmp an emptyDir).
+        for entry in self.root.iterdir():
+            if entry.name not in (bundle.version, "current") and not entry.name.startswith("."):
+                shutil.rmtree(entry, ignore_errors=True)
 
     def directory(self) -> Path | None:
         current = self.root / "current"
@@ -103,10 +110,11 @@ class BundleHolder:
         return self._settle(self._attempt())
 
     def _attempt(self) -> Bundle | ReloadResult:
-        """The directory's bundle, or the failed attempt (logged). Changes nothing, so the
-        watcher runs it in a thread: a slow load does not hold up decisions."""
+        """The directory's bundle (its copy kept for the other workers), or the failed attempt
+        (logged). Changes nothing the decisions read, so the watcher runs it in a thread: the
+        event loop keeps answering while it compiles (more slowly: the GIL is shared)."""
         try:
-            return load_bundle(self.directory)
+            bundle = load_bundle(self.directory)
         except BundleError as error:
             for issue in error.issues:
                 log.error("policy reload rejected, keeping bundle %s: %s", self.version, issue)
@@ -117,6 +125,8 @@ class BundleHolder:
         except Exception:  # a loader bug must not end the watch: later edits still reload
             log.exception("policy reload failed, keeping bundle %s", self.version)
             return ReloadResult(False, self.version)
+        self._keep(bundle)
+        return bundle
 
     def _settle(self, outcome: Bundle | ReloadResult) -> ReloadResult:
         if isinstance(outcome, ReloadResult):
@@ -125,7 +135,6 @@ class BundleHolder:
             if outcome.version != self.version:
                 self.pipeline = Pipeline(outcome)
                 log.info("policy bundle %s active (%d policies)", outcome.version, len(outcome.policies()))
-            self._keep(outcome)
             result = ReloadResult(True, self.version)
         if self._on_reload is not None:
             self._on_reload(result)

@@ -102,3 +102,23 @@ def test_the_last_good_copy_is_what_was_loaded(policy_copy: Path, tmp_path: Path
     copy = last_good.directory()
     assert copy is not None and content_version(copy) == bundle.version == load_bundle(copy).version
     assert not (copy / "quotas_test.yaml").exists()  # the policies, not their tests
+
+
+def test_only_the_current_copy_is_kept_and_an_older_load_does_not_replace_it(
+    policy_copy: Path, tmp_path: Path
+) -> None:
+    from policy_engine.policy.compiler import load_bundle
+    from policy_engine.policy.reload import LastGood
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    last_good = LastGood(kept)
+    older = load_bundle(policy_copy)
+    last_good.keep(older)
+    quotas = policy_copy / "quotas.yaml"
+    quotas.write_text(quotas.read_text().replace("limit: 20,", "limit: 30,", 1))
+    newer = load_bundle(policy_copy)
+    last_good.keep(newer)
+    assert sorted(p.name for p in kept.iterdir()) == sorted(["current", newer.version])
+    last_good.keep(older)  # a slow worker's load, finished after the directory changed
+    assert last_good.directory() == kept / newer.version
