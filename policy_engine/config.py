@@ -93,8 +93,18 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def bind_host(self) -> str:
+        """The listen address as sockets take it (`[::]`, gRPC's form, is `::`)."""
+        return _bare(self.host)
+
+    @property
+    def grpc_address(self) -> str:
+        host = self.bind_host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    @property
     def metrics_address(self) -> str:
-        return self.host if self.metrics_host is None else self.metrics_host
+        return self.bind_host if self.metrics_host is None else _bare(self.metrics_host)
 
     @model_validator(mode="after")
     def _tls_complete(self) -> Settings:
@@ -130,6 +140,10 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+
+def _bare(host: str) -> str:
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
 # PE_* variables read by other commands than `serve`.

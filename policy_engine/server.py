@@ -178,7 +178,7 @@ async def _every(action: Callable[[], None], stop: asyncio.Event, interval_s: fl
 
 def _listen(server: grpc.aio.Server, settings: Settings) -> int:
     """Plaintext inside a mesh (the sidecar does mTLS); TLS, optionally mutual, outside one."""
-    address = f"{settings.host}:{settings.port}"
+    address = settings.grpc_address
     if settings.tls_cert is None or settings.tls_key is None:
         return server.add_insecure_port(address)
     client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
@@ -289,7 +289,11 @@ async def serve(settings: Settings, worker: int = 0, last_good: Path | None = No
     http_server = None
     if settings.http_port is not None:
         http_server = await serve_http(
-            authorization, settings.host, settings.http_port, settings.max_body_bytes, settings.workers > 1
+            authorization,
+            settings.bind_host,
+            settings.http_port,
+            settings.max_body_bytes,
+            settings.workers > 1,
         )
         log.info("worker %d serving HTTP ext_authz on %s:%d", worker, settings.host, http_server.port)
     for name in ("", *SERVICE_NAMES):
@@ -453,11 +457,11 @@ def _port_free(settings: Settings) -> None:
     for port in (settings.port, settings.http_port):
         if port is None:
             continue
-        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+        family = socket.AF_INET6 if ":" in settings.bind_host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             # As the servers bind: a port whose last connections are in TIME_WAIT is free.
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                probe.bind((settings.host, port))
+                probe.bind((settings.bind_host, port))
             except OSError as error:
                 raise OSError(f"cannot listen on {settings.host}:{port}: {error.strerror or error}") from None

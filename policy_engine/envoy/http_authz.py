@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -317,7 +318,23 @@ async def serve_http(
     """Listen for Envoy's HTTP authorization requests; the caller drains the server."""
     loop = asyncio.get_running_loop()
     connections = _Connections()
-    server = await loop.create_server(
-        lambda: HttpAuthorization(service, max_body, connections), host, port, reuse_port=reuse_port or None
-    )
+
+    def protocol() -> HttpAuthorization:
+        return HttpAuthorization(service, max_body, connections)
+
+    if host == "::":
+        # Both stacks, as gRPC binds "[::]" (asyncio would bind "::" for IPv6 only).
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(("::", port))
+        except OSError:
+            sock.close()
+            raise
+        server = await loop.create_server(protocol, sock=sock)
+    else:
+        server = await loop.create_server(protocol, host, port, reuse_port=reuse_port or None)
     return HttpAuthorizationServer(server, connections)

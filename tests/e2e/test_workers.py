@@ -280,3 +280,19 @@ def test_a_worker_replaced_while_the_policies_are_broken_serves_the_last_good_on
         code = service.stop()
         backend.stop()
     assert code == 0
+
+
+def test_an_ipv6_wildcard_host_in_grpc_form_serves_every_port() -> None:
+    """`--host [::]` is how gRPC is told the IPv6 wildcard; the HTTP port, the metrics port and
+    the start-up probe take it too (dual stack: reached here over 127.0.0.1)."""
+    from tests.e2e.harness import free_port
+
+    http_port = free_port()
+    service = start_service(TOKEN_POLICIES, extra_args=["--host", "[::]", "--http-port", str(http_port)])
+    try:
+        assert httpx.get(f"http://127.0.0.1:{service.metrics_port}/metrics").status_code == 200
+        for address in ("127.0.0.1", "[::1]"):
+            answer = httpx.post(f"http://{address}:{http_port}/v1/chat/completions", json=CHAT)
+            assert answer.status_code in (401, 403), answer.text  # decided: no key
+    finally:
+        service.stop()
