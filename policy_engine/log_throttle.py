@@ -31,6 +31,7 @@ class LogThrottle:
             seen.left_out += 1
             return
         left_out = seen.left_out if seen is not None else 0
+        self._kinds.pop(kind, None)  # re-inserted last: the oldest kind is the one evicted
         self._kinds[kind] = _Kind(now)
         if len(self._kinds) > 1024:  # kinds named after data (a counter, a policy): bounded
             del self._kinds[next(iter(self._kinds))]

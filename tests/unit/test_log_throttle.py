@@ -24,3 +24,19 @@ def test_a_repeated_warning_is_logged_once_per_interval_per_kind(caplog: pytest.
         "store down: error 20 (and 9 more like it in the last 10 s)",
     ]
     assert sum(r.getMessage().startswith("rule failed") for r in caplog.records) == 3
+
+
+def test_the_kind_evicted_is_the_one_least_recently_logged(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    throttle = LogThrottle(logging.getLogger("test.evict"), every_s=10.0, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="test.evict"):
+        throttle.warning("admit", "admit failed")
+        for index in range(1023):
+            throttle.warning(f"kind {index}", "other")
+        now[0] = 20.0
+        throttle.warning("admit", "admit failed")  # logged again: now the most recent kind
+        now[0] = 21.0
+        throttle.warning("one more", "other")  # over 1,024 kinds: the least recent goes
+        now[0] = 22.0
+        throttle.warning("admit", "admit failed")  # within 10 s of the last: left out
+    assert sum(r.getMessage() == "admit failed" for r in caplog.records) == 2
