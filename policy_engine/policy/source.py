@@ -89,9 +89,10 @@ class Document:
             if number > 0:
                 index -= 1 if literal else max(1, previous_blank)
             previous_blank = 0
-            if index < len(text) or number == len(segments) - 1:
+            length = _value_length(text, node.style)
+            if index < length or number == len(segments) - 1:
                 return Position(self.file, row + 1, start + _raw_offset(text, max(0, index), node.style) + 1)
-            index -= len(text)
+            index -= length
         return self.position(path)
 
     def _segments(self, node: ScalarNode) -> list[tuple[int, int, str]]:
@@ -117,12 +118,12 @@ class Document:
 _ESCAPE_LENGTHS = {"x": 4, "u": 6, "U": 10}  # \xHH, \uHHHH, \UHHHHHHHH; any other escape is 2
 
 
-def _raw_offset(text: str, index: int, style: str | None) -> int:
-    """Where the value's `index`-th character is written in a line of a quoted scalar: an escape
-    (`\"` in double quotes, `''` in single ones) is one character of the value, more of the file."""
+def _raw_offset(text: str, index: int, style: str | None, raw: int = 0) -> int:
+    """Where the value's `index`-th character (counted from `raw`) is written in a line of a
+    quoted scalar: an escape (a backslash one in double quotes, `''` in single ones) is one
+    character of the value and more of the file."""
     if style not in ('"', "'"):
-        return index
-    raw = 0
+        return raw + index
     for _ in range(index):
         if raw >= len(text):
             break
@@ -133,6 +134,17 @@ def _raw_offset(text: str, index: int, style: str | None) -> int:
         else:
             raw += 1
     return raw
+
+
+def _value_length(text: str, style: str | None) -> int:
+    """How many characters of the value a line of a (quoted) scalar holds."""
+    if style not in ('"', "'"):
+        return len(text)
+    count = raw = 0
+    while raw < len(text):
+        raw = _raw_offset(text, 1, style, raw)
+        count += 1
+    return count
 
 
 class _Loader(yaml.SafeLoader):
@@ -202,7 +214,8 @@ def decode(file: str, raw: bytes) -> str:
     except UnicodeDecodeError as error:
         before = raw[: error.start]
         line = before.count(b"\n") + 1
-        column = len(before) - (before.rfind(b"\n") + 1) + 1
+        # In characters, as every other column: the line's text before the byte, decoded.
+        column = len(before[before.rfind(b"\n") + 1 :].decode("utf-8", "replace")) + 1
         byte = raw[error.start : error.start + 1].hex()
         message = f"not UTF-8: byte 0x{byte} ({error.reason}); save the file as UTF-8"
         raise SourceError([Issue(Position(file, line, column), message)]) from None

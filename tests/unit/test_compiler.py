@@ -313,3 +313,26 @@ def test_an_error_in_a_quoted_expression_with_escapes(policy_copy: Path, quoted:
     line, column = line_col(path, "tenant.tierr", offset=6)
     (error,) = errors_of(policy_copy)
     assert f"{path}:{line}:{column}: model-routing/pinned-v2: undefined field 'tierr'" in error, error
+
+
+def test_an_error_on_a_later_line_of_a_quoted_expression_with_escapes(policy_copy: Path) -> None:
+    path = policy_copy / "routing.yaml"
+    replace_in(
+        path,
+        'when: llm.model == "llama-3-70b-v2"',
+        'when: "llm.model == \\u0022a\\u0022 ||\n        llm.model == \\"b\\" && tenant.tierr == \\"x\\""',
+    )
+    line, column = line_col(path, "tenant.tierr", offset=6)
+    (error,) = errors_of(policy_copy)
+    assert f"{path}:{line}:{column}: model-routing/pinned-v2: undefined field 'tierr'" in error, error
+
+
+def test_a_column_after_other_characters_counts_characters(policy_copy: Path) -> None:
+    """A byte that is not UTF-8, after 'é' (two bytes, one character) on its line."""
+    path = policy_copy / "access.yaml"
+    lines = path.read_bytes().split(b"\n")
+    lines[2] += " # é".encode() + b" \xff"
+    path.write_bytes(b"\n".join(lines))
+    (error,) = errors_of(policy_copy)
+    column = len(lines[2].decode("utf-8", "replace"))  # the byte is the line's last character
+    assert error.startswith(f"{path}:3:{column}: not UTF-8: byte 0xff"), error
