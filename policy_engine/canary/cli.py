@@ -201,7 +201,7 @@ def run(
         raise typer.Exit(2)
     mode: Literal["replace", "patch"] = "patch" if write == "patch" else "replace"
     try:
-        bundle = load_bundle(policies)
+        bundle = load_bundle(policies, deciding=False)
     except BundleError as error:
         for issue in error.issues:
             err.print(f"error {issue}")

@@ -218,7 +218,7 @@ class _Compiler:
             parts.append(f"cel.bind(backend, {backend}, (\n{route.require.source}\n) ? [{score}] : [])")
         return self.batch(parts)
 
-    def compile(self, directory: Path, files: Sequence[Path], digest: str) -> b.Bundle:
+    def compile(self, directory: Path, files: Sequence[Path], digest: str, deciding: bool) -> b.Bundle:
         access: list[b.AccessPolicy] = []
         moderation: list[b.ModerationPolicy] = []
         routing: list[b.RoutingPolicy] = []
@@ -250,7 +250,7 @@ class _Compiler:
             ):
                 if isinstance(compiled, kind):
                     bucket.append(compiled)  # type: ignore[arg-type]
-        if not access and not self.issues:
+        if deciding and not access and not self.issues:
             # Without one every request would be allowed: an emptied directory, a deleted or
             # half-written access.yaml must not open the gateway (and a reload keeps the last
             # good bundle instead).
@@ -460,8 +460,10 @@ def content_version(directory: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_bundle(directory: str | Path) -> b.Bundle:
-    """Parse, validate and compile a policy directory; BundleError lists every problem."""
+def load_bundle(directory: str | Path, *, deciding: bool = True) -> b.Bundle:
+    """Parse, validate and compile a policy directory; BundleError lists every problem.
+    `deciding=False` for readers that make no access decision (the canary controller): a
+    directory of CanaryPolicies alone is then complete."""
     root = Path(directory)
     files = policy_files(root)
     issues: list[Issue] = []
@@ -492,4 +494,4 @@ def load_bundle(directory: str | Path) -> b.Bundle:
     compiler = _Compiler(documents)
     issues.extend(compiler.issues)
     compiler.issues = issues
-    return compiler.compile(root, files, digest.hexdigest()[:16])
+    return compiler.compile(root, files, digest.hexdigest()[:16], deciding)
