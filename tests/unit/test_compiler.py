@@ -191,6 +191,7 @@ def test_a_directory_without_an_access_policy_is_refused(tmp_path: Path) -> None
     routing = "kind: RoutingPolicy\nmetadata: {name: r}\nspec:\n  routes: [{name: a, candidates: [b]}]\n"
     write(tmp_path, "r.yaml", HEADER + routing)
     assert errors_of(tmp_path) == [f"{tmp_path}: {NO_ACCESS_POLICY}"]
+    assert load_bundle(tmp_path, deciding=False).routing  # the canary controller decides no access
     write(
         tmp_path,
         "a.yaml",
