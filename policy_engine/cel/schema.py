@@ -76,6 +76,12 @@ MESSAGES: tuple[MessageType, ...] = (
                 "The largest of max_tokens, max_completion_tokens and max_output_tokens, numbers given "
                 "as strings included (0 when absent).",
             ),
+            Field(
+                "choices",
+                "int",
+                "Completions asked for: the largest of n and best_of (1 when absent); an output "
+                "reservation is max_tokens times this.",
+            ),
             Field("temperature", "double", "Sampling temperature (0 when absent)."),
             Field("user", "string", "OpenAI 'user' field."),
             Field("messages", "list<ChatMessage>", "Chat messages."),

@@ -152,6 +152,7 @@ class MessageBuilder:
             kind=llm.kind,
             stream=llm.stream,
             max_tokens=llm.max_tokens,
+            choices=llm.choices,
             temperature=llm.temperature,
             user=llm.user,
             messages=[self._chat(role=m.role, content=m.content) for m in llm.messages]

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 import orjson
 
@@ -80,6 +80,7 @@ class LlmRequest:
     kind: str = "other"
     stream: bool = False
     max_tokens: int = 0
+    choices: int = 1
     temperature: float = 0.0
     user: str = ""
     messages: tuple[ChatMessage, ...] = ()
@@ -99,6 +100,10 @@ _KINDS = (
 
 
 def request_kind(path: str) -> str:
+    # As the backend's server reads the path (percent-decoded; a proxy may merge slashes), not
+    # as written: `/v1/chat%2Fcompletions` is a chat request to it.
+    if "%" in path or "//" in path:
+        path = re.sub("/+", "/", unquote(path))
     for suffix, kind in _KINDS:
         if suffix in path:
             return kind
@@ -109,6 +114,9 @@ def parse_body(attrs: RequestAttributes) -> Any:
     """The JSON body, or None when absent, truncated or not JSON."""
     if not attrs.body or attrs.body_truncated:
         return None
+    if json.detect_encoding(attrs.body) != "utf-8":
+        # A BOM, or UTF-16/32: the standard parser reads them, as the backend's would.
+        return _standard(attrs.body)
     head = attrs.body.lstrip()[:1]
     if head not in (b"{", b"["):
         return None
@@ -120,8 +128,12 @@ def parse_body(attrs: RequestAttributes) -> Any:
         return orjson.loads(attrs.body)
     except orjson.JSONDecodeError:
         pass
+    return _standard(attrs.body)
+
+
+def _standard(raw: bytes) -> Any:
     try:
-        body = json.loads(attrs.body)
+        body = json.loads(raw)
     except (ValueError, RecursionError):
         return None
     # The standard parser lets lone surrogates through, escaped ("\\ud800") or as raw UTF-8
@@ -129,7 +141,7 @@ def parse_body(attrs: RequestAttributes) -> Any:
     # hold it, so each lone half becomes U+FFFD, as a decoder would make it.
     # Only bodies that can hold one are walked: a surrogate escaped or in UTF-8 bytes, or any
     # UTF-16/32 body (NUL bytes, which UTF-8 JSON cannot contain).
-    if b"\x00" in attrs.body or _SURROGATE.search(attrs.body):
+    if b"\x00" in raw or _SURROGATE.search(raw):
         body = _without_lone_surrogates(body)
     return body
 
@@ -189,6 +201,15 @@ def _int(value: Any) -> int:
     if value != value or value in (float("inf"), float("-inf")):
         return 0
     return max(-(2**62), min(2**62, int(value)))
+
+
+_TRUE_STRINGS = frozenset({"true", "1", "yes", "on", "t", "y"})
+
+
+def _truthy(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in _TRUE_STRINGS
+    return not isinstance(value, bool) and isinstance(value, int | float) and value == 1
 
 
 _OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
@@ -253,11 +274,15 @@ def llm_request(attrs: RequestAttributes, body: Any, with_messages: bool = True)
     # max_completion_tokens over max_tokens, and a cap or a reservation read from the other
     # one would be bypassed by sending both.
     max_tokens = max(_token_limit(body.get(name)) for name in _OUTPUT_LIMITS)
+    # n completions (best_of generated, n returned) each up to max_tokens: all are generated.
+    choices = min(max(1, _token_limit(body.get("n")), _token_limit(body.get("best_of"))), 2**16)
     return LlmRequest(
         model=model_value if isinstance(model_value, str) else "",
         kind=kind,
-        stream=body.get("stream") is True,
+        # As a lax validator reads it (vLLM's pydantic models): "true" streams too.
+        stream=body.get("stream") is True or _truthy(body.get("stream")),
         max_tokens=max_tokens,
+        choices=choices,
         temperature=_float(body.get("temperature")),
         user=user_value if isinstance(user_value, str) else "",
         messages=tuple(messages),

@@ -356,9 +356,9 @@ class Pipeline:
         elif kind == "input_tokens":
             cost = max(llm.prompt_tokens, 0)
         elif kind == "output_tokens":
-            cost = max(llm.max_tokens, 0)
+            cost = max(llm.max_tokens * llm.choices, 0)
         else:
-            cost = max(llm.prompt_tokens + llm.max_tokens, 0)
+            cost = max(llm.prompt_tokens + llm.max_tokens * llm.choices, 0)
         exceeded, remaining = outcome(budget.kind, budget.limit, usage.used, cost)
         return QuotaCheck(
             counter=str(counter),

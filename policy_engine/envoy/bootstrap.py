@@ -557,6 +557,11 @@ def bootstrap(config: GatewayConfig) -> dict[str, Any]:
     manager: dict[str, Any] = {
         "@type": _HCM_TYPE,
         "stat_prefix": "gateway",
+        # The service and the backends see one path: /v1//chat%2Fcompletions is a chat
+        # request to the backend (its server decodes it), so it must be one to the policies.
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "UNESCAPE_AND_FORWARD",
         "route_config": {
             "name": "models",
             "virtual_hosts": [{"name": "models", "domains": ["*"], "routes": routes}],

@@ -118,7 +118,7 @@ def test_hash_key_writes_an_entry_the_loader_reads_back_as_it_was(tmp_path: Path
         return subprocess.run(command, input=key + "\n", capture_output=True, text=True, check=False)
 
     key = "sk: 'a # quoted key-0001"  # YAML's own characters in the prefix
-    for numeric in ("12345e67-key-0001", "1234.567-key-0001", "00000000-key-0001", "yes-key-no-0001"):
+    for numeric in ("12345e67-key-0001", "1234.567-key-0001", "00000000-key-0001", "yes-key-no-000001"):
         (read,) = next(iter(parse_documents("hash-key", hash_key_cli(numeric, "k").stdout))).data
         assert read["prefix"] == numeric[:8], read  # a prefix YAML could read as a number stays text
     result = hash_key_cli(key, "prod-1")
