@@ -128,8 +128,8 @@ def test_malformed_body_gets_a_decision(example_gateway: Gateway) -> None:
         content=b'{"model": "llama-3-8b-instruct", "messages": [',
         headers={**PRO, "content-type": "application/json"},
     )
-    # No model could be read, so no route matched: a defined 404, not a 5xx.
-    assert response.status_code == 404
+    # No model could be read: a defined 400 from the access policy, not a 5xx.
+    assert response.status_code == 400 and response.json()["error"]["code"] == "model_required"
 
 
 def clear_of_a_minute_boundary(margin_s: float = 15.0) -> None:
