@@ -85,7 +85,12 @@ MESSAGES: tuple[MessageType, ...] = (
             Field("temperature", "double", "Sampling temperature (0 when absent)."),
             Field("user", "string", "OpenAI 'user' field."),
             Field("messages", "list<ChatMessage>", "Chat messages."),
-            Field("prompt", "string", "All prompt text joined (messages, prompt, input)."),
+            Field(
+                "prompt",
+                "string",
+                "All text the model is given, joined: system/instructions, message contents (text "
+                "and refusal parts), tool-call arguments, tool names and descriptions, prompt, input.",
+            ),
             Field("prompt_tokens", "int", "Estimated prompt tokens (tokens.estimate of prompt)."),
         ),
     ),

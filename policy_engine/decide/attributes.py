@@ -189,10 +189,36 @@ def _text(value: Any) -> str:
         for part in value:
             if isinstance(part, str):
                 parts.append(part)
-            elif isinstance(part, dict) and isinstance(part.get("text"), str):
-                parts.append(part["text"])
+            elif isinstance(part, dict):
+                # text (chat, Responses API input_text/output_text), refusal (an assistant part
+                # a template renders back to the model)
+                parts.extend(part[key] for key in ("text", "refusal") if isinstance(part.get(key), str))
         return "\n".join(parts)
     return ""
+
+
+def _tool_text(tools: Any) -> list[str]:
+    """Tool names and descriptions: a chat template renders them to the model too."""
+    found: list[str] = []
+    if isinstance(tools, list):
+        for tool in tools:
+            function = tool.get("function") if isinstance(tool, dict) else None
+            if isinstance(function, dict):
+                found.extend(
+                    function[key] for key in ("name", "description") if isinstance(function.get(key), str)
+                )
+    return found
+
+
+def _call_arguments(calls: Any) -> list[str]:
+    """The arguments of an assistant message's tool calls (rendered back to the model)."""
+    found: list[str] = []
+    if isinstance(calls, list):
+        for call in calls:
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                found.append(function["arguments"])
+    return found
 
 
 def _int(value: Any) -> int:
@@ -258,15 +284,24 @@ def llm_request(attrs: RequestAttributes, body: Any, with_messages: bool = True)
                 if with_messages:
                     messages.append(ChatMessage(role if type(role) is str else "", text))
                 texts.append(text)
+                if "tool_calls" in item:
+                    texts.extend(_call_arguments(item["tool_calls"]))
     for key in ("prompt", "input"):
         value = body.get(key)
         if isinstance(value, str):
             texts.append(value)
         elif isinstance(value, list):
-            texts.extend(v for v in value if isinstance(v, str))
-    system = body.get("system")
-    if isinstance(system, str | list):
-        texts.insert(0, _text(system))
+            for item in value:
+                if isinstance(item, str):
+                    texts.append(item)
+                elif isinstance(item, dict):  # Responses API: messages as input items
+                    texts.append(_text(item.get("content")))
+    if "tools" in body:
+        texts.extend(_tool_text(body["tools"]))
+    for key in ("system", "instructions"):  # Anthropic's system, the Responses API's instructions
+        system = body.get(key)
+        if isinstance(system, str | list):
+            texts.insert(0, _text(system))
     prompt = "\n".join(filter(None, texts))
     model_value = body.get("model")
     user_value = body.get("user")
