@@ -19,7 +19,10 @@ import orjson
 from policy_engine.cel.library import estimate_tokens
 
 _SPIFFE = re.compile(r"^spiffe://[^/]+/ns/([^/]+)/sa/([^/]+)")
-_MULTIPART_MODEL = re.compile(rb'name="model"\r?\n\r?\n([^\r\n]{1,200})')
+_BOUNDARY = re.compile(r'boundary="?([^";]{1,200})"?', re.IGNORECASE)
+_MODEL_PART = re.compile(
+    rb'^content-disposition:[^\n]*;\s*name="?model"?\s*(;|\r?$)', re.IGNORECASE | re.MULTILINE
+)
 
 
 # Slotted, not frozen, for speed as in decision.py: values all the same, never assigned to.
@@ -259,6 +262,28 @@ def _float(value: Any) -> float:
     return float(value) if value == value else 0.0
 
 
+def multipart_model(attrs: RequestAttributes) -> str:
+    """The `model` field of a multipart form (audio, image edits), parsed as a form server does:
+    by the boundary the content-type names, headers before the part's blank line. Empty when
+    there is no such field, or more than one (which the backend takes is not ours to guess)."""
+    content_type = attrs.headers.get("content-type", "")
+    boundary = _BOUNDARY.search(content_type) if "multipart/" in content_type.lower() else None
+    if boundary is None or not attrs.body:
+        return ""
+    values: list[bytes] = []
+    for part in attrs.body.split(b"--" + boundary.group(1).encode("latin-1", "replace"))[1:]:
+        if part.startswith(b"--"):
+            break  # the closing delimiter
+        head, separator, content = part.partition(b"\r\n\r\n")
+        if not separator:
+            head, separator, content = part.partition(b"\n\n")
+        if separator and _MODEL_PART.search(head):
+            values.append(content[:-2] if content.endswith(b"\r\n") else content.removesuffix(b"\n"))
+    if len(values) != 1 or len(values[0]) > 200:
+        return ""
+    return values[0].decode("utf-8", "replace").strip()
+
+
 def llm_request(attrs: RequestAttributes, body: Any, with_messages: bool = True) -> LlmRequest:
     """What the request asks of the model, from an OpenAI-compatible path and body.
 
@@ -267,11 +292,7 @@ def llm_request(attrs: RequestAttributes, body: Any, with_messages: bool = True)
     """
     kind = request_kind(attrs.path_only)
     if not isinstance(body, dict):
-        model = ""
-        match = _MULTIPART_MODEL.search(attrs.body[:65536]) if attrs.body else None
-        if match:
-            model = match.group(1).decode("utf-8", "replace").strip()
-        return LlmRequest(model=model, kind=kind)
+        return LlmRequest(model=multipart_model(attrs), kind=kind)
     messages: list[ChatMessage] = []
     texts: list[str] = []
     raw_messages = body.get("messages")

@@ -123,3 +123,37 @@ def test_prompt_text_in_any_field_a_template_renders_is_moderated(
     assert INJECTION in llm_request(attrs, parse_body(attrs)).prompt
     decision = example_pipeline.decide(attrs, TelemetrySnapshot({"llama-8b-a": BackendStats("llama-8b-a")}))
     assert (decision.allowed, decision.reason) == (False, "prompt_injection"), decision.fired_ids()
+
+
+def form(*parts: tuple[str, str, bytes], boundary: str = "b0undary") -> RequestAttributes:
+    body = b""
+    for name, extra, value in parts:
+        body += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"{extra}\r\n'.encode()
+        body += b"\r\n" + value + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    headers = {**FREE, "content-type": f"multipart/form-data; boundary={boundary}"}
+    return RequestAttributes(method="POST", path="/v1/audio/transcriptions", headers=headers, body=body)
+
+
+@pytest.mark.parametrize(
+    ("attrs", "model"),
+    [
+        (form(("model", "", b"whisper-1")), "whisper-1"),
+        (form(("file", '; filename="a.wav"', b"\x00" * 100_000), ("model", "", b"whisper-1")), "whisper-1"),
+        # a content-type line before the value: the regex this replaced read no model
+        (form(("model", "\r\nContent-Type: text/plain", b"whisper-1")), "whisper-1"),
+        # a decoy inside the file's bytes, the real field after it: the regex read the decoy
+        (
+            form(
+                ("file", '; filename="a.wav"', b'name="model"\r\n\r\ntext-embedding-3-small'),
+                ("model", "", b"whisper-1"),
+            ),
+            "whisper-1",
+        ),
+        # two model fields: which one the backend takes is not for us to guess
+        (form(("model", "", b"whisper-1"), ("model", "", b"gpt-4o-transcribe")), ""),
+        (form(("modelx", "", b"whisper-1")), ""),
+    ],
+)
+def test_a_forms_model_field_is_read_as_a_form_server_reads_it(attrs: RequestAttributes, model: str) -> None:
+    assert llm_request(attrs, parse_body(attrs)).model == model
