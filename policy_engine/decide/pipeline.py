@@ -355,10 +355,11 @@ class Pipeline:
             cost = 1
         elif kind == "input_tokens":
             cost = max(llm.prompt_tokens, 0)
-        elif kind == "output_tokens":
-            cost = max(llm.max_tokens * llm.choices, 0)
         else:
-            cost = max(llm.prompt_tokens + llm.max_tokens * llm.choices, 0)
+            # Without a limit the backend may generate up to its context length: the policy says
+            # what to reserve for that (and a stream that reports no usage is charged it).
+            output = (llm.max_tokens or budget.unlimited_output) * llm.choices
+            cost = min(max(output if kind == "output_tokens" else llm.prompt_tokens + output, 0), 2**62)
         exceeded, remaining = outcome(budget.kind, budget.limit, usage.used, cost)
         return QuotaCheck(
             counter=str(counter),

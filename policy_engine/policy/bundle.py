@@ -73,6 +73,7 @@ class Budget:
     kind: Literal["requests", "input_tokens", "output_tokens", "total_tokens"]
     limit: int
     window: float
+    unlimited_output: int = 0  # output tokens reserved per completion when max_tokens is unset
 
 
 @dataclass(frozen=True)

@@ -411,7 +411,9 @@ class _Compiler:
                         ("total_tokens", q.tokens.total),
                     ):
                         if value is not None:
-                            budgets.append(b.Budget(kind, value, q.tokens.window))  # type: ignore[arg-type]
+                            budgets.append(
+                                b.Budget(kind, value, q.tokens.window, q.tokens.unlimited_output)  # type: ignore[arg-type]
+                            )
                 if not w or not key:
                     return None
                 return b.QuotaLimit(q.name, w, key, tuple(budgets), q.algorithm, denial(q))

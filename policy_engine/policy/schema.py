@@ -252,6 +252,13 @@ class TokenLimit(Strict):
     output: int | None = Field(None, gt=0, description="Completion tokens per window.")
     total: int | None = Field(None, gt=0, description="Prompt plus completion tokens per window.")
     window: Duration
+    unlimited_output: int = Field(
+        0,
+        ge=0,
+        description="Output tokens reserved per completion for a request that sets no max_tokens "
+        "(a backend then generates up to its context length): what a stream that reports no usage is "
+        "charged. 0 reserves none.",
+    )
 
     _duration = field_validator("window", mode="before")(parse_duration)
 
