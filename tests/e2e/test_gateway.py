@@ -161,10 +161,13 @@ def test_a_providers_own_rate_limit_headers_give_way_to_the_tenants(fresh_exampl
 
 def test_request_quota_gives_429_with_rate_limit_headers(fresh_example_gateway: Gateway) -> None:
     url = f"{fresh_example_gateway.url}/v1/chat/completions"
+    # With a max_tokens, as clients of a metered tier send: without one each request reserves
+    # the tier's cap until its usage is charged, and the token budget would be the tighter.
+    chat = {**CHAT, "max_tokens": 64}
     clear_of_a_minute_boundary()
     remaining = []
     for _ in range(20):
-        ok = httpx.post(url, json=CHAT, headers=FREE)
+        ok = httpx.post(url, json=chat, headers=FREE)
         assert ok.status_code == 200, ok.text
         assert ok.headers["x-ratelimit-limit"] == "20"
         remaining.append(int(ok.headers["x-ratelimit-remaining"]))
@@ -173,7 +176,7 @@ def test_request_quota_gives_429_with_rate_limit_headers(fresh_example_gateway: 
         assert ok.headers["x-ratelimit-limit-tokens"] == "20000"
         assert re.fullmatch(r"([0-9]+m)?[0-9.]+s|[0-9]+ms", ok.headers["x-ratelimit-reset-requests"])
     assert remaining == list(range(19, -1, -1))
-    refused = httpx.post(url, json=CHAT, headers=FREE)
+    refused = httpx.post(url, json=chat, headers=FREE)
     assert refused.status_code == 429
     assert refused.headers["x-ratelimit-limit"] == "20"
     assert refused.headers["x-ratelimit-remaining"] == "0"
