@@ -11,7 +11,7 @@ import httpx
 
 from policy_engine.demo.backend import BackendServer
 from tests.e2e.conftest import PRO, TOKEN_POLICIES
-from tests.e2e.harness import start_envoy, start_service, wait_until
+from tests.e2e.harness import ServiceProcess, start_envoy, start_service, wait_until
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -130,6 +130,16 @@ def listens(pid: int, port: int) -> bool:
     return False
 
 
+def both_workers_listening(service: ServiceProcess) -> None:
+    """Wait until both workers take connections: the health check start_service waits for
+    reaches only one of them."""
+    wait_until(
+        lambda: [listens(pid, service.port) for pid in worker_pids(service.process.pid)] == [True, True],
+        30,
+        "two workers listening",
+    )
+
+
 def test_a_killed_worker_is_replaced_while_the_other_serves(tmp_path: object) -> None:
     import signal
 
@@ -138,13 +148,8 @@ def test_a_killed_worker_is_replaced_while_the_other_serves(tmp_path: object) ->
     service = start_service(TOKEN_POLICIES, backends=["model-a"], workers=2, extra_args=["--no-reload"])
     envoy = start_envoy(service.port, {"model-a": backend.port})
     try:
-        # Both serving before one is killed (the health check that start_service waits for
-        # reaches only one of them): the survivor must already take connections.
-        wait_until(
-            lambda: [listens(pid, service.port) for pid in worker_pids(service.process.pid)] == [True, True],
-            30,
-            "two workers listening",
-        )
+        # Both serving before one is killed: the survivor must already take connections.
+        both_workers_listening(service)
         before = worker_pids(service.process.pid)
         victim = min(before)
         os.kill(victim, signal.SIGKILL)  # what the OOM killer does
@@ -247,11 +252,7 @@ def test_a_worker_replaced_while_the_policies_are_broken_serves_the_last_good_on
     service = start_service(policies, backends=["model-a"], workers=2)
     envoy = start_envoy(service.port, {"model-a": backend.port})
     try:
-        wait_until(
-            lambda: [listens(pid, service.port) for pid in worker_pids(service.process.pid)] == [True, True],
-            30,
-            "two workers listening",
-        )
+        both_workers_listening(service)
         policy = policies / "policy.yaml"
         policy.write_text(policy.read_text() + "\n---\nkind: AccessPolicy\n")
         wait_until(lambda: "policy reload rejected" in service.output(), 30, "the broken edit rejected")
