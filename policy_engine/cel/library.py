@@ -18,6 +18,7 @@ import itertools
 import math
 import re
 import string
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from types import MappingProxyType
 from typing import Final, NamedTuple
@@ -99,11 +100,22 @@ def _lowered(text: str) -> str:
     return text.lower()
 
 
+# Characters a model reads past and a term match would not: zero-width spaces and joiners, the
+# soft hyphen, direction marks, the word joiner and invisible operators, variation selectors.
+_INVISIBLE = re.compile("[\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufe00-\ufe0f\ufeff]")
+
+
+def fold(text: str) -> str:
+    """Text as terms are matched in it: invisible characters removed, compatibility forms
+    (fullwidth letters, ligatures) as their plain letters (NFKC), case folded."""
+    return unicodedata.normalize("NFKC", _INVISIBLE.sub("", text)).casefold()
+
+
 @functools.lru_cache(maxsize=4)
 def _casefolded(text: str) -> str:
     # ASCII text casefolds as it lowers: the term lists then share the injection
     # heuristics' lower-cased copy (and lower() is twice as fast).
-    return _lowered(text) if text.isascii() else text.casefold()
+    return _lowered(text) if text.isascii() else fold(text)
 
 
 # ---------------------------------------------------------------------------
@@ -653,7 +665,7 @@ class TermMatcher:
             words = term.split()
             if not words:
                 continue
-            key = " ".join(words).casefold()
+            key = fold(" ".join(words))
             display.setdefault(key, " ".join(words).lower())
         self._display: Final = MappingProxyType(display)
         self._terms: Final = tuple(display.values())
