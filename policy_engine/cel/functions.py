@@ -129,7 +129,7 @@ def library_functions(term_lists: Mapping[str, library.TermMatcher]) -> list[Fun
                 ),
             ),
             "Text contains a term of the named term list (or of an inline list); case-insensitive, "
-            "whole words.",
+            "whole words, through invisible characters and fullwidth forms (NFKC).",
         ),
         FunctionDef(
             "terms.find",
