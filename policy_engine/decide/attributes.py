@@ -200,27 +200,15 @@ def _text(value: Any) -> str:
     return ""
 
 
-def _tool_text(tools: Any) -> list[str]:
-    """Tool names and descriptions: a chat template renders them to the model too."""
+def _function_text(items: Any, keys: tuple[str, ...]) -> list[str]:
+    """The strings under `keys` of each item's `function`: a chat template renders them to the
+    model (a tool's name and description, the arguments of an assistant's tool call)."""
     found: list[str] = []
-    if isinstance(tools, list):
-        for tool in tools:
-            function = tool.get("function") if isinstance(tool, dict) else None
+    if isinstance(items, list):
+        for item in items:
+            function = item.get("function") if isinstance(item, dict) else None
             if isinstance(function, dict):
-                found.extend(
-                    function[key] for key in ("name", "description") if isinstance(function.get(key), str)
-                )
-    return found
-
-
-def _call_arguments(calls: Any) -> list[str]:
-    """The arguments of an assistant message's tool calls (rendered back to the model)."""
-    found: list[str] = []
-    if isinstance(calls, list):
-        for call in calls:
-            function = call.get("function") if isinstance(call, dict) else None
-            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                found.append(function["arguments"])
+                found.extend(function[key] for key in keys if isinstance(function.get(key), str))
     return found
 
 
@@ -236,9 +224,10 @@ _TRUE_STRINGS = frozenset({"true", "1", "yes", "on", "t", "y"})
 
 
 def _truthy(value: Any) -> bool:
+    """A bool as a lax validator reads it (vLLM's pydantic models): true, 1, "true", "yes", ..."""
     if isinstance(value, str):
         return value.strip().lower() in _TRUE_STRINGS
-    return not isinstance(value, bool) and isinstance(value, int | float) and value == 1
+    return value is True or (not isinstance(value, bool) and isinstance(value, int | float) and value == 1)
 
 
 _OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
@@ -306,7 +295,7 @@ def llm_request(attrs: RequestAttributes, body: Any, with_messages: bool = True)
                     messages.append(ChatMessage(role if type(role) is str else "", text))
                 texts.append(text)
                 if "tool_calls" in item:
-                    texts.extend(_call_arguments(item["tool_calls"]))
+                    texts.extend(_function_text(item["tool_calls"], ("arguments",)))
     for key in ("prompt", "input"):
         value = body.get(key)
         if isinstance(value, str):
@@ -318,7 +307,7 @@ def llm_request(attrs: RequestAttributes, body: Any, with_messages: bool = True)
                 elif isinstance(item, dict):  # Responses API: messages as input items
                     texts.append(_text(item.get("content")))
     if "tools" in body:
-        texts.extend(_tool_text(body["tools"]))
+        texts.extend(_function_text(body["tools"], ("name", "description")))
     for key in ("system", "instructions"):  # Anthropic's system, the Responses API's instructions
         system = body.get(key)
         if isinstance(system, str | list):
@@ -335,8 +324,7 @@ def llm_request(attrs: RequestAttributes, body: Any, with_messages: bool = True)
     return LlmRequest(
         model=model_value if isinstance(model_value, str) else "",
         kind=kind,
-        # As a lax validator reads it (vLLM's pydantic models): "true" streams too.
-        stream=body.get("stream") is True or _truthy(body.get("stream")),
+        stream=_truthy(body.get("stream")),
         max_tokens=max_tokens,
         choices=choices,
         temperature=_float(body.get("temperature")),
