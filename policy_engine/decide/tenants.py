@@ -48,7 +48,8 @@ def _verify(key: str, stored: str) -> bool:
     return hmac.compare_digest(actual, digest)
 
 
-def _tenant(entry: TenantEntry, credential: str, key_id: str = "") -> Tenant:
+def resolved_tenant(entry: TenantEntry, credential: str, key_id: str = "") -> Tenant:
+    """The tenant a request proved to be `entry` through `credential`."""
     return Tenant(
         id=entry.id,
         tier=entry.tier,
@@ -93,7 +94,7 @@ class TenantRegistry:
     def known(self, tenant_id: str, credential: str, key_id: str = "") -> Tenant | None:
         """The tenant with this id as it would resolve through `credential` (for replays)."""
         entry = self._by_id.get(tenant_id)
-        return None if entry is None else _tenant(entry, credential, key_id)
+        return None if entry is None else resolved_tenant(entry, credential, key_id)
 
     def presented_key(self, headers: Mapping[str, str]) -> str:
         for name in self._key_headers:
@@ -121,7 +122,7 @@ class TenantRegistry:
             candidates = (c for n in self._prefix_lengths for c in self._by_prefix.get(key[:n], ()))
             for stored, entry in candidates:
                 if _verify(key, stored.hash):
-                    tenant = _tenant(entry, "api_key", stored.id)
+                    tenant = resolved_tenant(entry, "api_key", stored.id)
                     if len(self._verified) >= _VERIFIED_KEYS:
                         del self._verified[next(iter(self._verified))]  # the oldest
                     self._verified[remembered] = tenant
@@ -130,7 +131,7 @@ class TenantRegistry:
             return Tenant(credential="invalid_key")
         known = self._by_principal.get(principal) if principal else None
         if known is not None:
-            return _tenant(known, "principal")
+            return resolved_tenant(known, "principal")
         return ANONYMOUS
 
 

@@ -16,10 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from policy_engine.decide.attributes import Peer, RequestAttributes
 from policy_engine.decide.decision import Decision
 from policy_engine.decide.pipeline import Pipeline
-from policy_engine.decide.tenants import FixedTenant, Tenant
+from policy_engine.decide.tenants import FixedTenant, Tenant, resolved_tenant
 from policy_engine.policy.bundle import Bundle
 from policy_engine.policy.compiler import is_hidden, is_test_file
-from policy_engine.policy.schema import Name
+from policy_engine.policy.schema import Name, TenantEntry
 from policy_engine.policy.source import Document, Issue, Position, SourceError, decode, parse_documents
 from policy_engine.quota.view import StaticUsage
 from policy_engine.telemetry.snapshot import BackendStats, TelemetrySnapshot
@@ -82,15 +82,8 @@ class TenantInput(_Strict):
     key_id: str = Field("", description="The API key's id (tenant.key_id).")
 
     def resolved(self) -> Tenant:
-        return Tenant(
-            id=self.id,
-            tier=self.tier,
-            authenticated=True,
-            key_id=self.key_id,
-            credential=self.credential,
-            models=tuple(self.models),
-            labels=dict(self.labels),
-        )
+        entry = TenantEntry(id=self.id, tier=self.tier, models=self.models, labels=self.labels)
+        return resolved_tenant(entry, self.credential, self.key_id)
 
 
 class UsageInput(_Strict):
@@ -313,36 +306,50 @@ def test_files(directory: Path) -> list[Path]:
     )
 
 
-def unknown_names(bundle: Bundle, decision_input: DecisionInput, expect: Expect) -> list[str]:
-    """Names a test gives that the policies do not have: a misspelled rule would pass as
-    `not_fired`, and misspelled usage would be silently ignored."""
-    rules = set(bundle.rule_ids())
-    for policy in bundle.policies():
-        rules.add(f"{policy.name}/error")  # on_error: deny's denial (a dry-run finding)
-    rules.update(f"{policy.name}/default" for policy in bundle.access)
-    limits = {rule for policy in bundle.quota for rule in policy.rule_ids()}
-    canaries = {policy.name for policy in bundle.canary}
-    found: list[str] = []
-    for field_name, names in (
-        ("fired", expect.fired),
-        ("not_fired", expect.not_fired),
-        ("dry_run", expect.dry_run),
-    ):
+@dataclass(frozen=True)
+class KnownNames:
+    """The names a test may give, from the bundle under test: read once per run."""
+
+    rules: frozenset[str]
+    limits: frozenset[str]
+    canaries: frozenset[str]
+
+    @classmethod
+    def of(cls, bundle: Bundle) -> KnownNames:
+        rules = set(bundle.rule_ids())
+        rules.update(f"{policy.name}/error" for policy in bundle.policies())  # on_error: deny's denial
+        rules.update(f"{policy.name}/default" for policy in bundle.access)
+        limits = {rule for policy in bundle.quota for rule in policy.rule_ids()}
+        return cls(frozenset(rules), frozenset(limits), frozenset(policy.name for policy in bundle.canary))
+
+    def unknown(self, decision_input: DecisionInput, expect: Expect) -> list[str]:
+        """Names a test gives that the policies do not have: a misspelled rule would pass as
+        `not_fired`, and misspelled usage would be silently ignored."""
+        found: list[str] = []
+        for field_name, names in (
+            ("fired", expect.fired),
+            ("not_fired", expect.not_fired),
+            ("dry_run", expect.dry_run),
+        ):
+            found += [
+                f"expect.{field_name}: no rule {name!r} in the policies"
+                for name in names
+                if name not in self.rules
+            ]
         found += [
-            f"expect.{field_name}: no rule {name!r} in the policies" for name in names if name not in rules
+            f"expect.canary: no CanaryPolicy {name!r}" for name in expect.canary if name not in self.canaries
         ]
-    found += [f"expect.canary: no CanaryPolicy {name!r}" for name in expect.canary if name not in canaries]
-    found += [
-        f"input quota: no quota limit {name!r} in the policies"
-        for name in decision_input.quota
-        if name not in limits
-    ]
-    found += [
-        f"input canary_weights: no CanaryPolicy {name!r}"
-        for name in decision_input.canary_weights
-        if name not in canaries
-    ]
-    return found
+        found += [
+            f"input quota: no quota limit {name!r} in the policies"
+            for name in decision_input.quota
+            if name not in self.limits
+        ]
+        found += [
+            f"input canary_weights: no CanaryPolicy {name!r}"
+            for name in decision_input.canary_weights
+            if name not in self.canaries
+        ]
+        return found
 
 
 def _input_position(doc: Document, index: int, loc: tuple[int | str, ...], kind: str) -> Position:
@@ -359,6 +366,7 @@ def _input_position(doc: Document, index: int, loc: tuple[int | str, ...], kind:
 def run_tests(bundle: Bundle, directory: Path, name_filter: str = "") -> TestReport:
     report = TestReport(rules=bundle.rule_ids())
     pipeline = Pipeline(bundle)
+    known = KnownNames.of(bundle)
     for path in test_files(directory):
         shown = str(path)
         try:
@@ -394,6 +402,6 @@ def run_tests(bundle: Bundle, directory: Path, name_filter: str = "") -> TestRep
                 for fired in decision.fired:
                     if fired.effect != "error":
                         report.coverage[fired.id] += 1
-                failures = unknown_names(bundle, decision_input, case.expect) + compare(decision, case.expect)
+                failures = known.unknown(decision_input, case.expect) + compare(decision, case.expect)
                 report.results.append(CaseResult(shown, case.name, position, failures, decision))
     return report
