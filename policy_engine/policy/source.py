@@ -212,13 +212,16 @@ def decode(file: str, raw: bytes) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        before = raw[: error.start]
-        line = before.count(b"\n") + 1
-        # In characters, as every other column: the line's text before the byte, decoded.
-        column = len(before[before.rfind(b"\n") + 1 :].decode("utf-8", "replace")) + 1
+        # In characters, as every other column: the text before the byte, decoded.
+        position = _position_after(file, raw[: error.start].decode("utf-8", "replace"))
         byte = raw[error.start : error.start + 1].hex()
         message = f"not UTF-8: byte 0x{byte} ({error.reason}); save the file as UTF-8"
-        raise SourceError([Issue(Position(file, line, column), message)]) from None
+        raise SourceError([Issue(position, message)]) from None
+
+
+def _position_after(file: str, before: str) -> Position:
+    """The position of the character that follows `before`, the file's text up to it."""
+    return Position(file, before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1)
 
 
 def parse_documents(file: str, text: str) -> Iterator[Document]:
@@ -231,8 +234,7 @@ def parse_documents(file: str, text: str) -> Iterator[Document]:
         position = Position(file, mark.line + 1, mark.column + 1) if mark else Position(file, 1, 1)
         raise SourceError([Issue(position, f"YAML syntax error: {_yaml_message(error)}")]) from None
     except yaml.reader.ReaderError as error:  # a character YAML forbids: located by its offset
-        before = text[: error.position]
-        position = Position(file, before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1)
+        position = _position_after(file, text[: error.position])
         character = f"#x{error.character:04x}" if isinstance(error.character, int) else repr(error.character)
         message = f"YAML error: unacceptable character {character}: {error.reason}"
         raise SourceError([Issue(position, message)]) from None
