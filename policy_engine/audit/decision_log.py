@@ -272,24 +272,19 @@ def _telemetry(snapshot: TelemetrySnapshot) -> dict[str, Any]:
 
 
 # What Python's JSON reader takes and strict readers (jq, JSON.parse) refuse: NaN and infinities,
-# and \uD800-\uDFFF escapes (a lone one is no character; pairs match too and are re-encoded).
+# and \uD800-\uDFFF escapes (a lone one is no character; pairs match too). A body holding any is
+# written from its parsed form, where parse_body has made each lone surrogate U+FFFD already.
 _NOT_STRICT = re.compile(rb"NaN|Infinity|\\u[dD][89a-fA-F]")
 
 
-def _text(value: str) -> str:
-    return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-
-
-def _strict(value: Any) -> Any:
-    """The body as every JSON reader takes it: non-finite numbers null, lone surrogates U+FFFD."""
+def _finite(value: Any) -> Any:
+    """The parsed body with its non-finite numbers (JSON has none) as null."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
-    if isinstance(value, str):
-        return _text(value)
     if isinstance(value, list):
-        return [_strict(item) for item in value]
+        return [_finite(item) for item in value]
     if isinstance(value, dict):
-        return {_text(key): _strict(item) for key, item in value.items()}
+        return {key: _finite(item) for key, item in value.items()}
     return value
 
 
@@ -306,7 +301,7 @@ def _body(attrs: RequestAttributes, body: Any) -> str:
             plain = False
         if not plain or _NOT_STRICT.search(attrs.body):
             try:
-                return '"body":' + json.dumps(_strict(body), separators=(",", ":"), allow_nan=False)
+                return '"body":' + json.dumps(_finite(body), separators=(",", ":"), allow_nan=False)
             except RecursionError:  # nested as deep as the reader allowed: kept as text instead
                 body = None
         if body is None:
